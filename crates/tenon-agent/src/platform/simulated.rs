@@ -1,0 +1,381 @@
+//! A simulated device: one JSON file (DESIGN.md section 7) that the agent reads facts from and
+//! writes effects back into. Fields the agent does not know are kept as they are.
+//!
+//! Each call reads the file afresh and each change rewrites it atomically, so a test (or a person
+//! running a demo) can edit the device between syncs.
+
+use super::*;
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+pub struct SimulatedPlatform {
+    path: PathBuf,
+}
+
+impl SimulatedPlatform {
+    /// Opens a device file, which must exist and hold a JSON object.
+    pub fn open(path: &Path) -> PResult<Self> {
+        let p = Self { path: path.to_path_buf() };
+        p.load()?;
+        Ok(p)
+    }
+
+    fn err(&self, detail: impl Into<String>) -> PlatformError {
+        PlatformError::DeviceFile { path: self.path.display().to_string(), detail: detail.into() }
+    }
+
+    fn load(&self) -> PResult<Map<String, Value>> {
+        let text = std::fs::read_to_string(&self.path).map_err(|e| self.err(format!("cannot read it: {e}")))?;
+        match serde_json::from_str(&text) {
+            Ok(Value::Object(m)) => Ok(m),
+            Ok(_) => Err(self.err("it must hold a JSON object")),
+            Err(e) => Err(self.err(format!("it is not valid JSON: {e}"))),
+        }
+    }
+
+    /// Reads, lets `f` change the device, and writes it back atomically.
+    fn update<T>(&self, f: impl FnOnce(&mut Map<String, Value>) -> PResult<T>) -> PResult<T> {
+        let mut dev = self.load()?;
+        let out = f(&mut dev)?;
+        let text = serde_json::to_string_pretty(&Value::Object(dev)).expect("JSON values serialise");
+        let tmp = self.path.with_extension("tmp-write");
+        std::fs::write(&tmp, text).map_err(|e| self.err(format!("cannot write it: {e}")))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| self.err(format!("cannot replace it: {e}")))?;
+        Ok(out)
+    }
+
+    fn field<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> PResult<T> {
+        let dev = self.load()?;
+        match dev.get(name) {
+            None | Some(Value::Null) => Ok(T::default()),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| self.err(format!("field {name:?}: {e}"))),
+        }
+    }
+
+    fn registry_key<'m>(dev: &'m mut Map<String, Value>, key: &str) -> &'m mut Map<String, Value> {
+        let reg = obj_entry(dev, "registry");
+        // Registry paths compare case-insensitively, as on Windows.
+        let existing = reg.keys().find(|k| k.eq_ignore_ascii_case(key)).cloned();
+        obj_entry(reg, existing.as_deref().unwrap_or(key))
+    }
+
+    fn volume<'m>(dev: &'m mut Map<String, Value>, mount: &str) -> PResult<&'m mut Map<String, Value>> {
+        dev.get_mut("volumes")
+            .and_then(Value::as_array_mut)
+            .and_then(|vols| {
+                vols.iter_mut()
+                    .filter_map(Value::as_object_mut)
+                    .find(|v| v.get("mount").and_then(Value::as_str).is_some_and(|m| m.eq_ignore_ascii_case(mount)))
+            })
+            .ok_or(PlatformError::Invalid { what: "volume", detail: format!("no volume {mount}") })
+    }
+
+    fn network(&self) -> PResult<Option<(IpAddr, [u8; 6])>> {
+        #[derive(Deserialize, Default)]
+        struct Net {
+            gateway_ip: Option<String>,
+            gateway_mac: Option<String>,
+        }
+        let net: Net = self.field("network")?;
+        let (Some(ip), Some(mac)) = (net.gateway_ip, net.gateway_mac) else { return Ok(None) };
+        let ip: IpAddr = ip.parse().map_err(|_| self.err(format!("network.gateway_ip {ip:?} is not an IP address")))?;
+        let mac = parse_mac(&mac).ok_or_else(|| self.err(format!("network.gateway_mac {mac:?} is not a MAC like 00:11:22:33:44:55")))?;
+        Ok(Some((ip, mac)))
+    }
+}
+
+fn obj_entry<'m>(m: &'m mut Map<String, Value>, key: &str) -> &'m mut Map<String, Value> {
+    let slot = m.entry(key.to_string()).or_insert_with(|| json!({}));
+    if !slot.is_object() {
+        *slot = json!({});
+    }
+    slot.as_object_mut().expect("just made an object")
+}
+
+/// Parses `00:11:22:aa:bb:cc` or `00-11-22-AA-BB-CC`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+impl Platform for SimulatedPlatform {
+    fn hostname(&self) -> PResult<String> {
+        let h: Option<String> = self.field("hostname")?;
+        Ok(h.unwrap_or_else(|| "SIMULATED".to_string()))
+    }
+
+    fn reg_get(&self, key: &str, name: &str) -> PResult<Option<RegValue>> {
+        let mut dev = self.load()?;
+        let k = Self::registry_key(&mut dev, key);
+        match k.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            None => Ok(None),
+            Some((_, v)) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| self.err(format!("registry value {key}\\{name}: {e}"))),
+        }
+    }
+
+    fn reg_set(&self, key: &str, name: &str, value: &RegValue) -> PResult<()> {
+        self.update(|dev| {
+            let k = Self::registry_key(dev, key);
+            let existing = k.keys().find(|n| n.eq_ignore_ascii_case(name)).cloned();
+            k.insert(existing.unwrap_or_else(|| name.to_string()), serde_json::to_value(value).expect("serialises"));
+            Ok(())
+        })
+    }
+
+    fn reg_delete(&self, key: &str, name: &str) -> PResult<bool> {
+        self.update(|dev| {
+            let k = Self::registry_key(dev, key);
+            let existing = k.keys().find(|n| n.eq_ignore_ascii_case(name)).cloned();
+            Ok(existing.and_then(|n| k.remove(&n)).is_some())
+        })
+    }
+
+    fn routes(&self) -> PResult<Vec<Route>> {
+        Ok(self
+            .network()?
+            .map(|(gw, _)| Route {
+                destination: if gw.is_ipv4() { "0.0.0.0/0".into() } else { "::/0".into() },
+                prefix_len: 0,
+                gateway: gw,
+                metric: 25,
+                interface_index: 1,
+            })
+            .into_iter()
+            .collect())
+    }
+
+    fn neighbours(&self) -> PResult<Vec<Neighbour>> {
+        Ok(self.network()?.map(|(ip, mac)| Neighbour { ip, mac, interface_index: 1 }).into_iter().collect())
+    }
+
+    fn resolve_mac(&self, ip: IpAddr, _interface_index: u32) -> PResult<Option<[u8; 6]>> {
+        Ok(self.network()?.filter(|(gw, _)| *gw == ip).map(|(_, mac)| mac))
+    }
+
+    fn machine_env(&self, name: &str) -> PResult<Option<String>> {
+        let env: Map<String, Value> = self.field("env")?;
+        Ok(env
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+    }
+
+    fn computer_system(&self) -> PResult<ComputerSystem> {
+        let vm: Option<ComputerSystem> = self.field("vm")?;
+        Ok(vm.unwrap_or_default())
+    }
+
+    fn tpm(&self) -> PResult<TpmState> {
+        self.field("tpm")
+    }
+
+    fn is_multi_session(&self) -> PResult<bool> {
+        self.field("multi_session")
+    }
+
+    fn entra_join(&self) -> PResult<EntraJoin> {
+        let joined: bool = self.field("entra_joined")?;
+        Ok(EntraJoin { joined, tenant_id: None })
+    }
+
+    fn volumes(&self) -> PResult<Vec<Volume>> {
+        #[derive(Deserialize)]
+        struct SimProtector {
+            id: String,
+            #[serde(alias = "type")]
+            kind: String,
+        }
+        #[derive(Deserialize)]
+        struct SimVolume {
+            mount: String,
+            #[serde(default = "none_state")]
+            encryption: VolumeEncryption,
+            #[serde(default)]
+            percent_encrypted: Option<u8>,
+            #[serde(default)]
+            protectors: Vec<SimProtector>,
+        }
+        fn none_state() -> VolumeEncryption {
+            VolumeEncryption::None
+        }
+        let vols: Vec<SimVolume> = self.field("volumes")?;
+        Ok(vols
+            .into_iter()
+            .map(|v| Volume {
+                is_os_volume: v.mount.eq_ignore_ascii_case("C:"),
+                percent_encrypted: v.percent_encrypted.unwrap_or(match v.encryption {
+                    VolumeEncryption::Encrypted => 100,
+                    _ => 0,
+                }),
+                encryption: v.encryption,
+                protectors: v.protectors.into_iter().map(|p| Protector { id: p.id, kind: p.kind }).collect(),
+                mount: v.mount,
+            })
+            .collect())
+    }
+
+    fn add_recovery_password(&self, mount: &str) -> PResult<(String, String)> {
+        let _ = mount;
+        Err(PlatformError::Unavailable { what: "BitLocker on the simulated platform", detail: "not modelled yet".into() })
+    }
+
+    fn add_tpm_protector(&self, mount: &str) -> PResult<String> {
+        let _ = mount;
+        Err(PlatformError::Unavailable { what: "BitLocker on the simulated platform", detail: "not modelled yet".into() })
+    }
+
+    fn delete_protector(&self, mount: &str, protector_id: &str) -> PResult<()> {
+        self.update(|dev| {
+            let vol = Self::volume(dev, mount)?;
+            if let Some(list) = vol.get_mut("protectors").and_then(Value::as_array_mut) {
+                list.retain(|p| p.get("id").and_then(Value::as_str) != Some(protector_id));
+            }
+            Ok(())
+        })
+    }
+
+    fn encrypt(&self, mount: &str) -> PResult<()> {
+        let _ = mount;
+        Err(PlatformError::Unavailable { what: "BitLocker on the simulated platform", detail: "not modelled yet".into() })
+    }
+
+    fn backup_to_entra(&self, mount: &str, protector_id: &str) -> PResult<()> {
+        let _ = (mount, protector_id);
+        Err(PlatformError::Unavailable { what: "Entra escrow on the simulated platform", detail: "not modelled yet".into() })
+    }
+
+    fn signed_in_users(&self) -> PResult<Vec<SessionUser>> {
+        let upns: Vec<String> = self.field("signed_in_users")?;
+        Ok(upns
+            .into_iter()
+            .enumerate()
+            .map(|(i, upn)| SessionUser { upn, sid: None, session_id: Some(i as u32 + 1) })
+            .collect())
+    }
+
+    fn local_group_members(&self, group: &str) -> PResult<Vec<Account>> {
+        let groups: Map<String, Value> = self.field("local_groups")?;
+        let members = groups
+            .iter()
+            .find(|(g, _)| g.eq_ignore_ascii_case(group))
+            .and_then(|(_, v)| v.as_array())
+            .map(|a| a.iter().filter_map(Value::as_str).map(|n| Account { name: n.to_string(), sid: None }).collect())
+            .unwrap_or_default();
+        Ok(members)
+    }
+
+    fn add_local_group_member(&self, group: &str, account: &Account) -> PResult<()> {
+        self.update(|dev| {
+            let groups = obj_entry(dev, "local_groups");
+            let name = groups.keys().find(|g| g.eq_ignore_ascii_case(group)).cloned().unwrap_or_else(|| group.to_string());
+            let slot = groups.entry(name).or_insert_with(|| json!([]));
+            let list = slot.as_array_mut().ok_or(PlatformError::Invalid { what: "local group", detail: format!("{group} is not a list") })?;
+            if !list.iter().any(|m| m.as_str().is_some_and(|m| m.eq_ignore_ascii_case(&account.name))) {
+                list.push(Value::String(account.name.clone()));
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_local_group_member(&self, group: &str, account: &Account) -> PResult<()> {
+        self.update(|dev| {
+            let groups = obj_entry(dev, "local_groups");
+            if let Some(list) = groups.iter_mut().find(|(g, _)| g.eq_ignore_ascii_case(group)).and_then(|(_, v)| v.as_array_mut()) {
+                list.retain(|m| !m.as_str().is_some_and(|m| m.eq_ignore_ascii_case(&account.name)));
+            }
+            Ok(())
+        })
+    }
+
+    fn profile_dir(&self, user: &SessionUser) -> PResult<PathBuf> {
+        let dir: Option<String> = self.field("profiles_dir")?;
+        let dir = dir.ok_or_else(|| self.err("profiles_dir is not set, so user profiles cannot be located"))?;
+        Ok(PathBuf::from(dir).join(&user.upn))
+    }
+
+    fn notify_user(&self, user: &SessionUser, title: &str, message: &str) -> PResult<()> {
+        self.update(|dev| {
+            let slot = dev.entry("notifications").or_insert_with(|| json!([]));
+            if !slot.is_array() {
+                *slot = json!([]);
+            }
+            slot.as_array_mut()
+                .expect("just made an array")
+                .push(json!({"user": user.upn, "title": title, "message": message}));
+            Ok(())
+        })
+    }
+
+    fn wrap_secret(&self, plain: &[u8]) -> PResult<Vec<u8>> {
+        // Off Windows the key file's 0600 mode is the protection (DESIGN.md section 2).
+        Ok(plain.to_vec())
+    }
+
+    fn unwrap_secret(&self, wrapped: &[u8]) -> PResult<Vec<u8>> {
+        Ok(wrapped.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(json: Value) -> (tempfile::TempDir, SimulatedPlatform) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("device.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        let p = SimulatedPlatform::open(&path).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn keeps_unknown_fields_and_writes_registry() {
+        let (dir, p) = device(json!({"hostname": "PC1", "custom": {"x": 1}, "signed_in_users": ["a@x.com"]}));
+        assert_eq!(p.hostname().unwrap(), "PC1");
+        assert_eq!(p.signed_in_users().unwrap()[0].upn, "a@x.com");
+        p.reg_set("HKLM\\SOFTWARE\\T", "V", &RegValue::Dword(2)).unwrap();
+        assert_eq!(p.reg_get("hklm\\software\\t", "v").unwrap(), Some(RegValue::Dword(2)));
+        let raw: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap();
+        assert_eq!(raw["custom"], json!({"x": 1}));
+        assert_eq!(raw["registry"]["HKLM\\SOFTWARE\\T"]["V"], json!({"type": "REG_DWORD", "value": 2}));
+        assert!(p.reg_delete("HKLM\\SOFTWARE\\T", "V").unwrap());
+        assert!(!p.reg_delete("HKLM\\SOFTWARE\\T", "V").unwrap());
+    }
+
+    #[test]
+    fn network_and_groups() {
+        let (_d, p) = device(json!({"network": {"gateway_ip": "192.0.2.1", "gateway_mac": "AA-bb-cc-00-11-22"}}));
+        let r = p.routes().unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(r[0].is_default());
+        assert_eq!(p.neighbours().unwrap()[0].mac, [0xaa, 0xbb, 0xcc, 0, 0x11, 0x22]);
+        let acct = Account { name: "AzureAD\\a@x.com".into(), sid: None };
+        p.add_local_group_member("Administrators", &acct).unwrap();
+        p.add_local_group_member("Administrators", &acct).unwrap();
+        assert_eq!(p.local_group_members("administrators").unwrap(), vec![acct.clone()]);
+        p.remove_local_group_member("Administrators", &acct).unwrap();
+        assert!(p.local_group_members("Administrators").unwrap().is_empty());
+        assert!(p.tpm().unwrap() == TpmState::default());
+    }
+
+    #[test]
+    fn bad_files_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.json");
+        std::fs::write(&path, "[1]").unwrap();
+        assert!(matches!(SimulatedPlatform::open(&path), Err(PlatformError::DeviceFile { .. })));
+        assert!(SimulatedPlatform::open(&dir.path().join("missing.json")).is_err());
+    }
+}
