@@ -9,9 +9,7 @@ use sha2::{Digest, Sha256};
 
 /// Numbers that JCS cannot represent (they are not finite IEEE 754 doubles).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "number {0} cannot be represented in canonical JSON; use a value within IEEE 754 double range"
-)]
+#[error("number {0} cannot be represented in canonical JSON; use a value within IEEE 754 double range")]
 pub struct NotCanonicalizable(pub String);
 
 /// The canonical bytes of `value`.
@@ -82,10 +80,7 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) -> Result<(), NotCano
             return Ok(());
         }
     }
-    let f = n
-        .as_f64()
-        .filter(|f| f.is_finite())
-        .ok_or_else(|| NotCanonicalizable(n.to_string()))?;
+    let f = n.as_f64().filter(|f| f.is_finite()).ok_or_else(|| NotCanonicalizable(n.to_string()))?;
     if f == 0.0 {
         // -0 serialises as 0.
         out.push(b'0');
@@ -135,23 +130,13 @@ mod tests {
 
     fn check(input: &str, expected: &str) {
         let v: Value = serde_json::from_str(input).unwrap();
-        assert_eq!(
-            String::from_utf8(to_canonical(&v).unwrap()).unwrap(),
-            expected,
-            "input {input}"
-        );
+        assert_eq!(String::from_utf8(to_canonical(&v).unwrap()).unwrap(), expected, "input {input}");
     }
 
     #[test]
     fn canonical_forms() {
-        check(
-            r#"{ "b": 1, "a": [true, false, null] }"#,
-            r#"{"a":[true,false,null],"b":1}"#,
-        );
-        check(
-            r#"{"z":{"y":2,"x":1},"a":"s"}"#,
-            r#"{"a":"s","z":{"x":1,"y":2}}"#,
-        );
+        check(r#"{ "b": 1, "a": [true, false, null] }"#, r#"{"a":[true,false,null],"b":1}"#);
+        check(r#"{"z":{"y":2,"x":1},"a":"s"}"#, r#"{"a":"s","z":{"x":1,"y":2}}"#);
         check(r#""\u0001\n\t\"\\/é€""#, "\"\\u0001\\n\\t\\\"\\\\/é€\"");
         check("1.0", "1");
         check("-0.0", "0");
@@ -161,10 +146,7 @@ mod tests {
         check("123456789012", "123456789012");
         check("4.5", "4.5");
         check("9007199254740993", "9007199254740992");
-        check(
-            r#"{"\u20ac":1,"\r":2,"\ud83d\ude00":3,"\ufb33":4}"#,
-            "{\"\\r\":2,\"€\":1,\"😀\":3,\"\u{fb33}\":4}",
-        );
+        check(r#"{"\u20ac":1,"\r":2,"\ud83d\ude00":3,"\ufb33":4}"#, "{\"\\r\":2,\"€\":1,\"😀\":3,\"\u{fb33}\":4}");
     }
 
     #[test]
@@ -182,9 +164,6 @@ mod tests {
         let a = json!({"b": 2, "a": 1});
         let b: Value = serde_json::from_str(r#"{ "a" : 1 , "b" : 2 }"#).unwrap();
         assert_eq!(canonical_sha256(&a).unwrap(), canonical_sha256(&b).unwrap());
-        assert_eq!(
-            canonical_sha256(&a).unwrap(),
-            sha256_hex(br#"{"a":1,"b":2}"#)
-        );
+        assert_eq!(canonical_sha256(&a).unwrap(), sha256_hex(br#"{"a":1,"b":2}"#));
     }
 }

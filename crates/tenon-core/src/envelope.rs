@@ -92,9 +92,7 @@ pub enum VerifyError {
     WrongDevice { expected: String, got: String },
     #[error("envelope version {got} is older than the stored version {stored} (rollback)")]
     Rollback { stored: u64, got: u64 },
-    #[error(
-        "envelope version {version} reuses the stored version number with a different payload"
-    )]
+    #[error("envelope version {version} reuses the stored version number with a different payload")]
     VersionReuse { version: u64 },
     #[error("envelope expired at {expires_at} (now {now}); the server must re-issue it (freeze)")]
     Expired { expires_at: i64, now: i64 },
@@ -153,10 +151,7 @@ struct WireBody<'a> {
 pub fn verify(bytes: &str, ctx: &VerifyContext<'_>) -> Result<VerifiedEnvelope, VerifyError> {
     // 1. Size limit, before parsing anything.
     if bytes.len() > MAX_ENVELOPE_BYTES {
-        return Err(VerifyError::TooLarge {
-            size: bytes.len(),
-            max: MAX_ENVELOPE_BYTES,
-        });
+        return Err(VerifyError::TooLarge { size: bytes.len(), max: MAX_ENVELOPE_BYTES });
     }
     let wire: WireEnvelope<'_> = serde_json::from_str(bytes).map_err(|_| VerifyError::Malformed)?;
     let signed = wire.signed.get().as_bytes();
@@ -181,61 +176,42 @@ pub fn verify(bytes: &str, ctx: &VerifyContext<'_>) -> Result<VerifiedEnvelope, 
     if !valid {
         return Err(match unknown {
             Some(keyid)
-                if !wire
-                    .signatures
-                    .iter()
-                    .any(|s| ctx.trusted.body.keys.iter().any(|k| k.keyid == s.keyid)) =>
+                if !wire.signatures.iter().any(|s| ctx.trusted.body.keys.iter().any(|k| k.keyid == s.keyid)) =>
             {
                 VerifyError::UnknownKey { keyid }
             }
             _ => VerifyError::BadSignature,
         });
     }
-    let body: EnvelopeBody =
-        serde_json::from_str(wire.signed.get()).map_err(|_| VerifyError::Malformed)?;
+    let body: EnvelopeBody = serde_json::from_str(wire.signed.get()).map_err(|_| VerifyError::Malformed)?;
 
     // 3. Device binding (mix-and-match).
     if body.device_id != ctx.device_id {
-        return Err(VerifyError::WrongDevice {
-            expected: ctx.device_id.to_string(),
-            got: body.device_id,
-        });
+        return Err(VerifyError::WrongDevice { expected: ctx.device_id.to_string(), got: body.device_id });
     }
 
     // 4. Version (rollback); an equal version must carry the same payload.
     if let Some((stored_version, stored_sha)) = ctx.stored {
         if body.version < stored_version {
-            return Err(VerifyError::Rollback {
-                stored: stored_version,
-                got: body.version,
-            });
+            return Err(VerifyError::Rollback { stored: stored_version, got: body.version });
         }
         if body.version == stored_version && body.payload_sha256 != stored_sha {
-            return Err(VerifyError::VersionReuse {
-                version: body.version,
-            });
+            return Err(VerifyError::VersionReuse { version: body.version });
         }
     }
 
     // 5. Expiry (freeze), against a time that never goes back.
     if body.expires_at <= ctx.now {
-        return Err(VerifyError::Expired {
-            expires_at: body.expires_at,
-            now: ctx.now,
-        });
+        return Err(VerifyError::Expired { expires_at: body.expires_at, now: ctx.now });
     }
 
     // 6. Payload hash, over the exact payload bytes inside the signed part.
-    let raw: WireBody<'_> =
-        serde_json::from_str(wire.signed.get()).map_err(|_| VerifyError::Malformed)?;
+    let raw: WireBody<'_> = serde_json::from_str(wire.signed.get()).map_err(|_| VerifyError::Malformed)?;
     if sha256_hex(raw.payload.get().as_bytes()) != body.payload_sha256 {
         return Err(VerifyError::HashMismatch);
     }
 
-    Ok(VerifiedEnvelope {
-        body,
-        bytes: bytes.to_string(),
-    })
+    Ok(VerifiedEnvelope { body, bytes: bytes.to_string() })
 }
 
 #[cfg(test)]
@@ -252,22 +228,12 @@ mod tests {
 
     fn trusted() -> KeyList {
         let root = SigningKey::from_bytes(&[1; 32]);
-        verify_key_list(
-            &sign_key_list(&root, 1, 0, &[signer().verifying_key()]),
-            &root.verifying_key(),
-        )
-        .unwrap()
+        verify_key_list(&sign_key_list(&root, 1, 0, &[signer().verifying_key()]), &root.verifying_key()).unwrap()
     }
 
     fn issue_v(version: u64, payload: Value, key: &SigningKey) -> IssuedEnvelope {
         issue(
-            &EnvelopeFields {
-                device_id: DEV,
-                user_id: None,
-                version,
-                issued_at: 100,
-                expires_at: 1000,
-            },
+            &EnvelopeFields { device_id: DEV, user_id: None, version, issued_at: 100, expires_at: 1000 },
             payload,
             key,
         )
@@ -275,12 +241,7 @@ mod tests {
     }
 
     fn ctx<'a>(trusted: &'a KeyList, stored: Option<(u64, &'a str)>) -> VerifyContext<'a> {
-        VerifyContext {
-            device_id: DEV,
-            trusted,
-            stored,
-            now: 500,
-        }
+        VerifyContext { device_id: DEV, trusted, stored, now: 500 }
     }
 
     #[test]
@@ -300,27 +261,13 @@ mod tests {
         let t = trusted();
         let good = issue_v(5, json!({"machine": {}}), &signer());
         let other_key = issue_v(5, json!({"machine": {}}), &SigningKey::from_bytes(&[9; 32]));
-        assert!(matches!(
-            verify(&other_key.bytes, &ctx(&t, None)),
-            Err(VerifyError::UnknownKey { .. })
-        ));
+        assert!(matches!(verify(&other_key.bytes, &ctx(&t, None)), Err(VerifyError::UnknownKey { .. })));
 
-        let flipped = good
-            .bytes
-            .replacen("\"sig\":\"", "\"sig\":\"A", 1)
-            .replacen("\"sig\":\"AA", "\"sig\":\"B", 1);
-        assert_eq!(
-            verify(&flipped, &ctx(&t, None)),
-            Err(VerifyError::BadSignature)
-        );
+        let flipped = good.bytes.replacen("\"sig\":\"", "\"sig\":\"A", 1).replacen("\"sig\":\"AA", "\"sig\":\"B", 1);
+        assert_eq!(verify(&flipped, &ctx(&t, None)), Err(VerifyError::BadSignature));
 
-        let tampered = good
-            .bytes
-            .replace("\"machine\":{}", "\"machine\":{\"x\":1}");
-        assert_eq!(
-            verify(&tampered, &ctx(&t, None)),
-            Err(VerifyError::BadSignature)
-        );
+        let tampered = good.bytes.replace("\"machine\":{}", "\"machine\":{\"x\":1}");
+        assert_eq!(verify(&tampered, &ctx(&t, None)), Err(VerifyError::BadSignature));
 
         let wrong_dev = issue(
             &EnvelopeFields {
@@ -334,29 +281,14 @@ mod tests {
             &signer(),
         )
         .unwrap();
-        assert!(matches!(
-            verify(&wrong_dev.bytes, &ctx(&t, None)),
-            Err(VerifyError::WrongDevice { .. })
-        ));
+        assert!(matches!(verify(&wrong_dev.bytes, &ctx(&t, None)), Err(VerifyError::WrongDevice { .. })));
 
-        assert_eq!(
-            verify(&good.bytes, &ctx(&t, Some((6, "s")))),
-            Err(VerifyError::Rollback { stored: 6, got: 5 })
-        );
-        assert_eq!(
-            verify(&good.bytes, &ctx(&t, Some((5, "other")))),
-            Err(VerifyError::VersionReuse { version: 5 })
-        );
+        assert_eq!(verify(&good.bytes, &ctx(&t, Some((6, "s")))), Err(VerifyError::Rollback { stored: 6, got: 5 }));
+        assert_eq!(verify(&good.bytes, &ctx(&t, Some((5, "other")))), Err(VerifyError::VersionReuse { version: 5 }));
 
         let mut c = ctx(&t, None);
         c.now = 1000;
-        assert_eq!(
-            verify(&good.bytes, &c),
-            Err(VerifyError::Expired {
-                expires_at: 1000,
-                now: 1000
-            })
-        );
+        assert_eq!(verify(&good.bytes, &c), Err(VerifyError::Expired { expires_at: 1000, now: 1000 }));
 
         // A signer that lies about the hash (the signature is valid, the hash is not).
         let body = json!({"device_id": DEV, "user_id": null, "version": 5, "issued_at": 0, "expires_at": 1000,
@@ -366,10 +298,7 @@ mod tests {
         assert_eq!(verify(&lie, &ctx(&t, None)), Err(VerifyError::HashMismatch));
 
         let huge = " ".repeat(MAX_ENVELOPE_BYTES + 1);
-        assert!(matches!(
-            verify(&huge, &ctx(&t, None)),
-            Err(VerifyError::TooLarge { .. })
-        ));
+        assert!(matches!(verify(&huge, &ctx(&t, None)), Err(VerifyError::TooLarge { .. })));
         assert_eq!(verify("{", &ctx(&t, None)), Err(VerifyError::Malformed));
     }
 }

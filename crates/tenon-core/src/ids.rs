@@ -7,7 +7,9 @@ use std::fmt;
 /// Why a value given as an identifier was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdError {
-    #[error("device id {0:?} is not a UUID like 3f2b0c1e-8d4a-4b7e-9c61-2a5d0e7f1b3c; copy it from `tenonctl devices list`")]
+    #[error(
+        "device id {0:?} is not a UUID like 3f2b0c1e-8d4a-4b7e-9c61-2a5d0e7f1b3c; copy it from `tenonctl devices list`"
+    )]
     DeviceId(String),
     #[error("user principal name {0:?} is not of the form name@domain")]
     Upn(String),
@@ -94,14 +96,7 @@ impl DeviceId {
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
         let h = hex::encode(b);
-        Self(format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        ))
+        Self(format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]))
     }
 }
 
@@ -151,9 +146,7 @@ impl SettingKey {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         let ok = !s.is_empty()
             && s.len() <= 512
-            && s.split('.').all(|part| {
-                !part.is_empty() && !part.chars().any(|c| c.is_whitespace() || c.is_control())
-            });
+            && s.split('.').all(|part| !part.is_empty() && !part.chars().any(|c| c.is_whitespace() || c.is_control()));
         if ok {
             Ok(Self(s.to_string()))
         } else {
@@ -179,17 +172,12 @@ mod tests {
     fn parsing() {
         assert!(DeviceId::parse("3F2B0C1E-8D4A-4B7E-9C61-2A5D0E7F1B3C").is_ok());
         assert_eq!(
-            DeviceId::parse("3F2B0C1E-8D4A-4B7E-9C61-2A5D0E7F1B3C")
-                .unwrap()
-                .as_str(),
+            DeviceId::parse("3F2B0C1E-8D4A-4B7E-9C61-2A5D0E7F1B3C").unwrap().as_str(),
             "3f2b0c1e-8d4a-4b7e-9c61-2a5d0e7f1b3c"
         );
         assert!(DeviceId::parse("nope").is_err());
         assert!(DeviceId::parse("3f2b0c1e-8d4a-4b7e-9c61-2a5d0e7f1b3").is_err());
-        assert_eq!(
-            Upn::parse(" Anna@Contoso.COM ").unwrap().as_str(),
-            "anna@contoso.com"
-        );
+        assert_eq!(Upn::parse(" Anna@Contoso.COM ").unwrap().as_str(), "anna@contoso.com");
         for bad in ["anna", "@x", "a@", "a b@x", "a@b@c"] {
             assert!(Upn::parse(bad).is_err(), "{bad}");
         }

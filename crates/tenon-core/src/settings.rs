@@ -67,27 +67,16 @@ impl EffectiveSettings {
     /// Merges the layers with the written rule.
     pub fn merge(layers: &Layers<'_>) -> Self {
         let mut tree = Map::new();
-        let ordered = layers
-            .tenant
-            .into_iter()
-            .chain(layers.all_users)
-            .chain(layers.groups.iter().copied())
-            .chain(layers.user);
+        let ordered =
+            layers.tenant.into_iter().chain(layers.all_users).chain(layers.groups.iter().copied()).chain(layers.user);
         for scope in ordered {
             apply_scope(&mut tree, scope);
         }
         // `Allow.*` across "All Users", the groups and the user.
-        let allow_sources: Vec<&ScopeSettings> = layers
-            .all_users
-            .into_iter()
-            .chain(layers.groups.iter().copied())
-            .chain(layers.user)
-            .collect();
-        let mut allow_keys: Vec<&SettingKey> = allow_sources
-            .iter()
-            .flat_map(|s| s.keys())
-            .filter(|k| k.root() == "Allow")
-            .collect();
+        let allow_sources: Vec<&ScopeSettings> =
+            layers.all_users.into_iter().chain(layers.groups.iter().copied()).chain(layers.user).collect();
+        let mut allow_keys: Vec<&SettingKey> =
+            allow_sources.iter().flat_map(|s| s.keys()).filter(|k| k.root() == "Allow").collect();
         allow_keys.sort();
         allow_keys.dedup();
         for key in allow_keys {
@@ -149,19 +138,12 @@ fn apply_scope(tree: &mut Map<String, Value>, scope: &ScopeSettings) {
 }
 
 /// The path's parent object, creating (or replacing non-objects with) objects on the way.
-fn parent_object<'m>(
-    tree: &'m mut Map<String, Value>,
-    key: &SettingKey,
-) -> (&'m mut Map<String, Value>, String) {
+fn parent_object<'m>(tree: &'m mut Map<String, Value>, key: &SettingKey) -> (&'m mut Map<String, Value>, String) {
     let segments: Vec<&str> = key.segments().collect();
-    let (last, parents) = segments
-        .split_last()
-        .expect("a SettingKey has at least one segment");
+    let (last, parents) = segments.split_last().expect("a SettingKey has at least one segment");
     let mut node = tree;
     for seg in parents {
-        let slot = node
-            .entry(seg.to_string())
-            .or_insert_with(|| Value::Object(Map::new()));
+        let slot = node.entry(seg.to_string()).or_insert_with(|| Value::Object(Map::new()));
         if !slot.is_object() {
             *slot = Value::Object(Map::new());
         }
@@ -204,9 +186,7 @@ pub fn deep_merge(dst: &mut Value, src: Value) {
 
 fn remove_path(tree: &mut Map<String, Value>, key: &SettingKey) {
     let segments: Vec<&str> = key.segments().collect();
-    let (last, parents) = segments
-        .split_last()
-        .expect("a SettingKey has at least one segment");
+    let (last, parents) = segments.split_last().expect("a SettingKey has at least one segment");
     let mut node = tree;
     for seg in parents {
         match node.get_mut(*seg).and_then(Value::as_object_mut) {
@@ -232,15 +212,7 @@ mod tests {
     use serde_json::json;
 
     fn scope(pairs: &[(&str, &str)]) -> ScopeSettings {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    SettingKey::parse(k).unwrap(),
-                    SettingValue::parse_cli(v).unwrap(),
-                )
-            })
-            .collect()
+        pairs.iter().map(|(k, v)| (SettingKey::parse(k).unwrap(), SettingValue::parse_cli(v).unwrap())).collect()
     }
 
     /// One line per case: tenant, all users, groups (weakest first), user => expected device view.
@@ -256,12 +228,8 @@ mod tests {
         let g: Vec<ScopeSettings> = groups.iter().map(|g| scope(g)).collect();
         let grefs: Vec<&ScopeSettings> = g.iter().collect();
         let u = scope(user);
-        let eff = EffectiveSettings::merge(&Layers {
-            tenant: Some(&t),
-            all_users: Some(&a),
-            groups: &grefs,
-            user: Some(&u),
-        });
+        let eff =
+            EffectiveSettings::merge(&Layers { tenant: Some(&t), all_users: Some(&a), groups: &grefs, user: Some(&u) });
         let mut full = Value::Object(eff.0.clone());
         if let Some(allow) = full.get("Allow").cloned() {
             // Keep Allow visible to the table by moving it under a test-only key.
@@ -269,10 +237,7 @@ mod tests {
         }
         let mut device = Value::Object(eff.for_device());
         if let Some(allow) = full.get("_allow") {
-            device
-                .as_object_mut()
-                .unwrap()
-                .insert("_allow".into(), allow.clone());
+            device.as_object_mut().unwrap().insert("_allow".into(), allow.clone());
         }
         assert_eq!(device, expected);
     }
@@ -280,80 +245,22 @@ mod tests {
     #[test]
     fn merge_rules() {
         check(&[("A.B", "1")], &[], &[], &[], json!({"A": {"B": 1}}));
-        check(
-            &[("A.B", "1")],
-            &[("A.B", "2")],
-            &[],
-            &[],
-            json!({"A": {"B": 2}}),
-        );
-        check(
-            &[("A.B", "1")],
-            &[],
-            &[&[("A.B", "2")], &[("A.B", "3")]],
-            &[],
-            json!({"A": {"B": 3}}),
-        );
-        check(
-            &[("A.B", "1")],
-            &[],
-            &[&[("A.B", "3")]],
-            &[("A.B", "4")],
-            json!({"A": {"B": 4}}),
-        );
-        check(
-            &[("A", r#"{"x":1,"y":2}"#)],
-            &[],
-            &[],
-            &[("A", r#"{"y":3}"#)],
-            json!({"A": {"x": 1, "y": 3}}),
-        );
-        check(
-            &[("A.L", "[1,2]")],
-            &[],
-            &[],
-            &[("A.L", "[3]")],
-            json!({"A": {"L": [3]}}),
-        );
-        check(
-            &[("A.B", "1"), ("A.C", "2")],
-            &[],
-            &[],
-            &[("A.B", "undefined")],
-            json!({"A": {"C": 2}}),
-        );
+        check(&[("A.B", "1")], &[("A.B", "2")], &[], &[], json!({"A": {"B": 2}}));
+        check(&[("A.B", "1")], &[], &[&[("A.B", "2")], &[("A.B", "3")]], &[], json!({"A": {"B": 3}}));
+        check(&[("A.B", "1")], &[], &[&[("A.B", "3")]], &[("A.B", "4")], json!({"A": {"B": 4}}));
+        check(&[("A", r#"{"x":1,"y":2}"#)], &[], &[], &[("A", r#"{"y":3}"#)], json!({"A": {"x": 1, "y": 3}}));
+        check(&[("A.L", "[1,2]")], &[], &[], &[("A.L", "[3]")], json!({"A": {"L": [3]}}));
+        check(&[("A.B", "1"), ("A.C", "2")], &[], &[], &[("A.B", "undefined")], json!({"A": {"C": 2}}));
         check(&[("A.B", "1")], &[], &[], &[("A", "undefined")], json!({}));
-        check(
-            &[("A", "5")],
-            &[],
-            &[],
-            &[("A.B", "1")],
-            json!({"A": {"B": 1}}),
-        );
-        check(
-            &[("A.B", "1")],
-            &[],
-            &[],
-            &[("A", "\"flat\"")],
-            json!({"A": "flat"}),
-        );
-        check(
-            &[("A.B.C", "null")],
-            &[],
-            &[],
-            &[],
-            json!({"A": {"B": {"C": null}}}),
-        );
+        check(&[("A", "5")], &[], &[], &[("A.B", "1")], json!({"A": {"B": 1}}));
+        check(&[("A.B", "1")], &[], &[], &[("A", "\"flat\"")], json!({"A": "flat"}));
+        check(&[("A.B.C", "null")], &[], &[], &[], json!({"A": {"B": {"C": null}}}));
     }
 
     #[test]
     fn backend_only_keys_are_stripped() {
         check(
-            &[
-                ("Restrict.X", "true"),
-                ("SoftwarePackageOverrides.Y", "1"),
-                ("Policies.Z", "true"),
-            ],
+            &[("Restrict.X", "true"), ("SoftwarePackageOverrides.Y", "1"), ("Policies.Z", "true")],
             &[],
             &[],
             &[],
@@ -363,20 +270,8 @@ mod tests {
 
     #[test]
     fn allow_combines_across_groups_and_user() {
-        check(
-            &[],
-            &[],
-            &[&[("Allow.X", "true")], &[]],
-            &[],
-            json!({"_allow": {"X": true}}),
-        );
-        check(
-            &[],
-            &[],
-            &[&[("Allow.X", "true")], &[("Allow.X", "false")]],
-            &[],
-            json!({"_allow": {"X": false}}),
-        );
+        check(&[], &[], &[&[("Allow.X", "true")], &[]], &[], json!({"_allow": {"X": true}}));
+        check(&[], &[], &[&[("Allow.X", "true")], &[("Allow.X", "false")]], &[], json!({"_allow": {"X": false}}));
         // An explicit false in a weaker group still wins over a stronger true.
         check(
             &[],
@@ -385,27 +280,9 @@ mod tests {
             &[("Allow.X", "true")],
             json!({"_allow": {"X": false}}),
         );
-        check(
-            &[],
-            &[("Allow.X", "true")],
-            &[],
-            &[("Allow.X", "true")],
-            json!({"_allow": {"X": true}}),
-        );
-        check(
-            &[("Allow.X", "false")],
-            &[],
-            &[&[("Allow.X", "true")]],
-            &[],
-            json!({"_allow": {"X": true}}),
-        );
-        check(
-            &[("Allow.X", "true")],
-            &[],
-            &[],
-            &[],
-            json!({"_allow": {"X": true}}),
-        );
+        check(&[], &[("Allow.X", "true")], &[], &[("Allow.X", "true")], json!({"_allow": {"X": true}}));
+        check(&[("Allow.X", "false")], &[], &[&[("Allow.X", "true")]], &[], json!({"_allow": {"X": true}}));
+        check(&[("Allow.X", "true")], &[], &[], &[], json!({"_allow": {"X": true}}));
         assert_eq!(combine_allow([]), None);
         assert_eq!(combine_allow([true, true]), Some(true));
         assert_eq!(combine_allow([true, false, true]), Some(false));
@@ -413,14 +290,8 @@ mod tests {
 
     #[test]
     fn cli_values() {
-        assert_eq!(
-            SettingValue::parse_cli("undefined").unwrap(),
-            SettingValue::Undefined
-        );
-        assert_eq!(
-            SettingValue::parse_cli("true").unwrap(),
-            SettingValue::Set(json!(true))
-        );
+        assert_eq!(SettingValue::parse_cli("undefined").unwrap(), SettingValue::Undefined);
+        assert_eq!(SettingValue::parse_cli("true").unwrap(), SettingValue::Set(json!(true)));
         assert!(SettingValue::parse_cli("yes").is_err());
         assert!(SettingValue::parse_cli("{").is_err());
     }

@@ -26,17 +26,12 @@ pub struct PublicKeyEntry {
 
 impl PublicKeyEntry {
     pub fn new(key: &VerifyingKey) -> Self {
-        Self {
-            keyid: key_id(key),
-            public: B64.encode(key.as_bytes()),
-        }
+        Self { keyid: key_id(key), public: B64.encode(key.as_bytes()) }
     }
 
     /// The key, after checking that the id really is its hash.
     pub fn key(&self) -> Result<VerifyingKey, TrustError> {
-        let bytes = B64
-            .decode(&self.public)
-            .map_err(|_| TrustError::MalformedKey)?;
+        let bytes = B64.decode(&self.public).map_err(|_| TrustError::MalformedKey)?;
         let arr: [u8; 32] = bytes.try_into().map_err(|_| TrustError::MalformedKey)?;
         let key = VerifyingKey::from_bytes(&arr).map_err(|_| TrustError::MalformedKey)?;
         if key_id(&key) != self.keyid {
@@ -55,10 +50,7 @@ pub struct SignatureEntry {
 
 impl SignatureEntry {
     pub fn sign(key: &SigningKey, message: &[u8]) -> Self {
-        Self {
-            keyid: key_id(&key.verifying_key()),
-            sig: B64.encode(key.sign(message).to_bytes()),
-        }
+        Self { keyid: key_id(&key.verifying_key()), sig: B64.encode(key.sign(message).to_bytes()) }
     }
 
     /// Verifies with `key`; false on any malformation.
@@ -82,13 +74,9 @@ pub enum TrustError {
     MalformedList,
     #[error("the key list is not signed by the pinned root key")]
     NotSignedByRoot,
-    #[error(
-        "key list version {got} cannot follow version {have}: lists advance one version at a time"
-    )]
+    #[error("key list version {got} cannot follow version {have}: lists advance one version at a time")]
     VersionGap { have: u64, got: u64 },
-    #[error(
-        "the root key's id {got} does not match the fingerprint {expected} in the enrollment token"
-    )]
+    #[error("the root key's id {got} does not match the fingerprint {expected} in the enrollment token")]
     RootMismatch { expected: String, got: String },
 }
 
@@ -115,19 +103,10 @@ struct SignedDoc<'a> {
 }
 
 /// Signs a key list with the root key; the result is what the server hands out.
-pub fn sign_key_list(
-    root: &SigningKey,
-    version: u64,
-    issued_at: i64,
-    keys: &[VerifyingKey],
-) -> String {
-    let body = KeyListBody {
-        version,
-        issued_at,
-        keys: keys.iter().map(PublicKeyEntry::new).collect(),
-    };
-    let signed = to_canonical(&serde_json::to_value(&body).expect("key list serialises"))
-        .expect("key list is canonicalizable");
+pub fn sign_key_list(root: &SigningKey, version: u64, issued_at: i64, keys: &[VerifyingKey]) -> String {
+    let body = KeyListBody { version, issued_at, keys: keys.iter().map(PublicKeyEntry::new).collect() };
+    let signed =
+        to_canonical(&serde_json::to_value(&body).expect("key list serialises")).expect("key list is canonicalizable");
     let sig = SignatureEntry::sign(root, &signed);
     assemble(&signed, &[sig])
 }
@@ -149,22 +128,14 @@ pub fn verify_key_list(raw: &str, root: &VerifyingKey) -> Result<KeyList, TrustE
     let doc: SignedDoc<'_> = serde_json::from_str(raw).map_err(|_| TrustError::MalformedList)?;
     let root_id = key_id(root);
     let signed = doc.signed.get().as_bytes();
-    if !doc
-        .signatures
-        .iter()
-        .any(|s| s.keyid == root_id && s.verifies(root, signed))
-    {
+    if !doc.signatures.iter().any(|s| s.keyid == root_id && s.verifies(root, signed)) {
         return Err(TrustError::NotSignedByRoot);
     }
-    let body: KeyListBody =
-        serde_json::from_str(doc.signed.get()).map_err(|_| TrustError::MalformedList)?;
+    let body: KeyListBody = serde_json::from_str(doc.signed.get()).map_err(|_| TrustError::MalformedList)?;
     for k in &body.keys {
         k.key()?;
     }
-    Ok(KeyList {
-        body,
-        raw: raw.to_string(),
-    })
+    Ok(KeyList { body, raw: raw.to_string() })
 }
 
 /// Walks a chain of key lists from `current` (None: nothing trusted yet) to the newest,
@@ -175,19 +146,13 @@ pub fn advance_key_list(
     chain: &[String],
 ) -> Result<Option<KeyList>, TrustError> {
     let mut cur = current.cloned();
-    let mut lists = chain
-        .iter()
-        .map(|raw| verify_key_list(raw, root))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut lists = chain.iter().map(|raw| verify_key_list(raw, root)).collect::<Result<Vec<_>, _>>()?;
     lists.sort_by_key(|l| l.body.version);
     for list in lists {
         match &cur {
             Some(c) if list.body.version <= c.body.version => continue,
             Some(c) if list.body.version != c.body.version + 1 => {
-                return Err(TrustError::VersionGap {
-                    have: c.body.version,
-                    got: list.body.version,
-                })
+                return Err(TrustError::VersionGap { have: c.body.version, got: list.body.version })
             }
             _ => cur = Some(list),
         }
@@ -197,18 +162,13 @@ pub fn advance_key_list(
 
 /// Checks the root key the server presented against the fingerprint from the enrollment token.
 pub fn pin_root(root_public_b64: &str, expected_keyid: &str) -> Result<VerifyingKey, TrustError> {
-    let bytes = B64
-        .decode(root_public_b64)
-        .map_err(|_| TrustError::MalformedKey)?;
+    let bytes = B64.decode(root_public_b64).map_err(|_| TrustError::MalformedKey)?;
     let arr: [u8; 32] = bytes.try_into().map_err(|_| TrustError::MalformedKey)?;
     let key = VerifyingKey::from_bytes(&arr).map_err(|_| TrustError::MalformedKey)?;
     let got = key_id(&key);
     // Fingerprints are public; a plain comparison is fine here.
     if !got.eq_ignore_ascii_case(expected_keyid) {
-        return Err(TrustError::RootMismatch {
-            expected: expected_keyid.to_string(),
-            got,
-        });
+        return Err(TrustError::RootMismatch { expected: expected_keyid.to_string(), got });
     }
     Ok(key)
 }
@@ -226,30 +186,18 @@ mod tests {
         let root = key(1);
         let rv = root.verifying_key();
         let l1 = sign_key_list(&root, 1, 0, &[key(2).verifying_key()]);
-        let l2 = sign_key_list(
-            &root,
-            2,
-            0,
-            &[key(2).verifying_key(), key(3).verifying_key()],
-        );
+        let l2 = sign_key_list(&root, 2, 0, &[key(2).verifying_key(), key(3).verifying_key()]);
         let l3 = sign_key_list(&root, 3, 0, &[key(3).verifying_key()]);
-        let start = advance_key_list(&rv, None, std::slice::from_ref(&l1))
-            .unwrap()
-            .unwrap();
+        let start = advance_key_list(&rv, None, std::slice::from_ref(&l1)).unwrap().unwrap();
         assert_eq!(start.body.version, 1);
-        let end = advance_key_list(&rv, Some(&start), &[l3.clone(), l2.clone(), l1.clone()])
-            .unwrap()
-            .unwrap();
+        let end = advance_key_list(&rv, Some(&start), &[l3.clone(), l2.clone(), l1.clone()]).unwrap().unwrap();
         assert_eq!(end.body.version, 3);
         assert_eq!(
             advance_key_list(&rv, Some(&start), std::slice::from_ref(&l3)),
             Err(TrustError::VersionGap { have: 1, got: 3 })
         );
         let forged = sign_key_list(&key(9), 2, 0, &[key(9).verifying_key()]);
-        assert_eq!(
-            advance_key_list(&rv, Some(&start), &[forged]),
-            Err(TrustError::NotSignedByRoot)
-        );
+        assert_eq!(advance_key_list(&rv, Some(&start), &[forged]), Err(TrustError::NotSignedByRoot));
     }
 
     #[test]

@@ -79,7 +79,8 @@ impl SimulatedPlatform {
         let net: Net = self.field("network")?;
         let (Some(ip), Some(mac)) = (net.gateway_ip, net.gateway_mac) else { return Ok(None) };
         let ip: IpAddr = ip.parse().map_err(|_| self.err(format!("network.gateway_ip {ip:?} is not an IP address")))?;
-        let mac = parse_mac(&mac).ok_or_else(|| self.err(format!("network.gateway_mac {mac:?} is not a MAC like 00:11:22:33:44:55")))?;
+        let mac = parse_mac(&mac)
+            .ok_or_else(|| self.err(format!("network.gateway_mac {mac:?} is not a MAC like 00:11:22:33:44:55")))?;
         Ok(Some((ip, mac)))
     }
 }
@@ -228,12 +229,18 @@ impl Platform for SimulatedPlatform {
 
     fn add_recovery_password(&self, mount: &str) -> PResult<(String, String)> {
         let _ = mount;
-        Err(PlatformError::Unavailable { what: "BitLocker on the simulated platform", detail: "not modelled yet".into() })
+        Err(PlatformError::Unavailable {
+            what: "BitLocker on the simulated platform",
+            detail: "not modelled yet".into(),
+        })
     }
 
     fn add_tpm_protector(&self, mount: &str) -> PResult<String> {
         let _ = mount;
-        Err(PlatformError::Unavailable { what: "BitLocker on the simulated platform", detail: "not modelled yet".into() })
+        Err(PlatformError::Unavailable {
+            what: "BitLocker on the simulated platform",
+            detail: "not modelled yet".into(),
+        })
     }
 
     fn delete_protector(&self, mount: &str, protector_id: &str) -> PResult<()> {
@@ -248,12 +255,18 @@ impl Platform for SimulatedPlatform {
 
     fn encrypt(&self, mount: &str) -> PResult<()> {
         let _ = mount;
-        Err(PlatformError::Unavailable { what: "BitLocker on the simulated platform", detail: "not modelled yet".into() })
+        Err(PlatformError::Unavailable {
+            what: "BitLocker on the simulated platform",
+            detail: "not modelled yet".into(),
+        })
     }
 
     fn backup_to_entra(&self, mount: &str, protector_id: &str) -> PResult<()> {
         let _ = (mount, protector_id);
-        Err(PlatformError::Unavailable { what: "Entra escrow on the simulated platform", detail: "not modelled yet".into() })
+        Err(PlatformError::Unavailable {
+            what: "Entra escrow on the simulated platform",
+            detail: "not modelled yet".into(),
+        })
     }
 
     fn signed_in_users(&self) -> PResult<Vec<SessionUser>> {
@@ -279,9 +292,12 @@ impl Platform for SimulatedPlatform {
     fn add_local_group_member(&self, group: &str, account: &Account) -> PResult<()> {
         self.update(|dev| {
             let groups = obj_entry(dev, "local_groups");
-            let name = groups.keys().find(|g| g.eq_ignore_ascii_case(group)).cloned().unwrap_or_else(|| group.to_string());
+            let name =
+                groups.keys().find(|g| g.eq_ignore_ascii_case(group)).cloned().unwrap_or_else(|| group.to_string());
             let slot = groups.entry(name).or_insert_with(|| json!([]));
-            let list = slot.as_array_mut().ok_or(PlatformError::Invalid { what: "local group", detail: format!("{group} is not a list") })?;
+            let list = slot
+                .as_array_mut()
+                .ok_or(PlatformError::Invalid { what: "local group", detail: format!("{group} is not a list") })?;
             if !list.iter().any(|m| m.as_str().is_some_and(|m| m.eq_ignore_ascii_case(&account.name))) {
                 list.push(Value::String(account.name.clone()));
             }
@@ -292,7 +308,9 @@ impl Platform for SimulatedPlatform {
     fn remove_local_group_member(&self, group: &str, account: &Account) -> PResult<()> {
         self.update(|dev| {
             let groups = obj_entry(dev, "local_groups");
-            if let Some(list) = groups.iter_mut().find(|(g, _)| g.eq_ignore_ascii_case(group)).and_then(|(_, v)| v.as_array_mut()) {
+            if let Some(list) =
+                groups.iter_mut().find(|(g, _)| g.eq_ignore_ascii_case(group)).and_then(|(_, v)| v.as_array_mut())
+            {
                 list.retain(|m| !m.as_str().is_some_and(|m| m.eq_ignore_ascii_case(&account.name)));
             }
             Ok(())
@@ -347,7 +365,8 @@ mod tests {
         assert_eq!(p.signed_in_users().unwrap()[0].upn, "a@x.com");
         p.reg_set("HKLM\\SOFTWARE\\T", "V", &RegValue::Dword(2)).unwrap();
         assert_eq!(p.reg_get("hklm\\software\\t", "v").unwrap(), Some(RegValue::Dword(2)));
-        let raw: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap();
+        let raw: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap();
         assert_eq!(raw["custom"], json!({"x": 1}));
         assert_eq!(raw["registry"]["HKLM\\SOFTWARE\\T"]["V"], json!({"type": "REG_DWORD", "value": 2}));
         assert!(p.reg_delete("HKLM\\SOFTWARE\\T", "V").unwrap());
