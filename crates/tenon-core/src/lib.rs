@@ -2,6 +2,7 @@
 //! envelopes, and policy decisions. It does no I/O: no files, no network, no clock, no randomness.
 //! Callers pass in time (as Unix seconds), random bytes and device facts.
 
+pub mod api;
 pub mod canonical;
 pub mod envelope;
 pub mod ids;
