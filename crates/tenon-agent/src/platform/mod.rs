@@ -9,8 +9,9 @@ pub mod simulated;
 pub mod windows;
 
 use serde::{Deserialize, Serialize};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// A failed platform call. "This machine has no TPM / no BitLocker provider" is
 /// [`PlatformError::Unavailable`], a value policies reason about, never a panic.
@@ -189,4 +190,73 @@ pub trait Platform: Send + Sync {
     // Secrets: wraps the vault key so that only this machine's SYSTEM can unwrap it.
     fn wrap_secret(&self, plain: &[u8]) -> PResult<Vec<u8>>;
     fn unwrap_secret(&self, wrapped: &[u8]) -> PResult<Vec<u8>>;
+
+    /// Blocks until the routing table or an interface changes, or `timeout` passes; `Ok(true)` when
+    /// something changed. Windows: `NotifyRouteChange2`/`NotifyIpInterfaceChange`.
+    fn wait_network_change(&self, timeout: Duration) -> PResult<bool>;
+}
+
+/// The default gateway that identifies the device's network: its IPv4 address and MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayFingerprint {
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+/// The IPv4 default route with the lowest metric (ties: lowest interface index).
+pub fn select_default_gateway(routes: &[Route]) -> Option<(Ipv4Addr, u32)> {
+    routes
+        .iter()
+        .filter(|r| r.is_default())
+        .filter_map(|r| match r.gateway {
+            IpAddr::V4(gw) if !gw.is_unspecified() => Some((r.metric, r.interface_index, gw)),
+            _ => None,
+        })
+        .min()
+        .map(|(_, ifindex, gw)| (gw, ifindex))
+}
+
+/// The device's gateway fingerprint: lowest-metric IPv4 default gateway, its MAC from the neighbour
+/// table, or from ARP when the table has no entry. `Ok(None)` when there is no IPv4 default gateway
+/// or its MAC cannot be learnt.
+pub fn default_gateway(p: &dyn Platform) -> PResult<Option<GatewayFingerprint>> {
+    let Some((ip, ifindex)) = select_default_gateway(&p.routes()?) else { return Ok(None) };
+    let from_table = p
+        .neighbours()?
+        .into_iter()
+        .find(|n| n.ip == IpAddr::V4(ip) && n.mac != [0; 6] && (n.interface_index == ifindex || ifindex == 0))
+        .map(|n| n.mac);
+    let mac = match from_table {
+        Some(mac) => Some(mac),
+        None => p.resolve_mac(IpAddr::V4(ip), ifindex)?,
+    };
+    Ok(mac.map(|mac| GatewayFingerprint { ip, mac }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(dest_len: u8, gw: &str, metric: u32, ifindex: u32) -> Route {
+        Route {
+            destination: String::new(),
+            prefix_len: dest_len,
+            gateway: gw.parse().unwrap(),
+            metric,
+            interface_index: ifindex,
+        }
+    }
+
+    #[test]
+    fn picks_lowest_metric_ipv4_default_route() {
+        let check = |routes: &[Route], expected: Option<(&str, u32)>| {
+            assert_eq!(select_default_gateway(routes), expected.map(|(ip, i)| (ip.parse().unwrap(), i)));
+        };
+        check(&[], None);
+        check(&[route(24, "192.0.2.1", 1, 1)], None);
+        check(&[route(0, "192.0.2.1", 50, 1), route(0, "198.51.100.1", 10, 2)], Some(("198.51.100.1", 2)));
+        check(&[route(0, "fe80::1", 1, 1), route(0, "192.0.2.1", 90, 3)], Some(("192.0.2.1", 3)));
+        check(&[route(0, "0.0.0.0", 1, 1)], None);
+        check(&[route(0, "192.0.2.9", 5, 7), route(0, "192.0.2.1", 5, 4)], Some(("192.0.2.1", 4)));
+    }
 }

@@ -344,6 +344,22 @@ impl Platform for SimulatedPlatform {
     fn unwrap_secret(&self, wrapped: &[u8]) -> PResult<Vec<u8>> {
         Ok(wrapped.to_vec())
     }
+
+    fn wait_network_change(&self, timeout: Duration) -> PResult<bool> {
+        // The simulated device has no notifications: poll the file's network section.
+        let before = self.load()?.get("network").cloned();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let step = deadline.saturating_duration_since(std::time::Instant::now()).min(Duration::from_millis(500));
+            if step.is_zero() {
+                return Ok(false);
+            }
+            std::thread::sleep(step);
+            if self.load()?.get("network").cloned() != before {
+                return Ok(true);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
