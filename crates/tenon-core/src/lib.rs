@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod canonical;
+pub mod directory;
 pub mod envelope;
 pub mod ids;
 pub mod settings;
