@@ -1,0 +1,343 @@
+//! Admin endpoints: thin handlers that parse, authorise, call the domain in `state`, and shape
+//! the answer. Every write is audited inside its own transaction (see `state`).
+
+use super::extract::{Admin, ApiJson};
+use crate::error::{ApiError, ApiResult};
+use crate::state::{device_not_found, AppState};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tenon_core::api::{
+    DeviceView, EnrollTokenRequest, EnrollTokenResponse, SetSettingRequest, SettingScope, UnsetSettingRequest,
+};
+use tenon_core::settings::SettingValue;
+
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
+pub async fn create_enroll_token(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    ApiJson(req): ApiJson<EnrollTokenRequest>,
+) -> ApiResult<Response> {
+    let (token, expires_at) = state.create_enroll_token(&actor, req.uses, req.ttl_seconds).await?;
+    let body = EnrollTokenResponse { token, uses: req.uses, expires_at: rfc3339(expires_at) };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub async fn import_users(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    ApiJson(users): ApiJson<Vec<Value>>,
+) -> ApiResult<Json<Value>> {
+    let (created, updated, resigned) = state.import_users(&actor, &users).await?;
+    Ok(Json(json!({"created": created, "updated": updated, "devices_updated": resigned})))
+}
+
+pub async fn list_users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
+    let world = state.world.lock().await;
+    let mut users: Vec<Value> = world
+        .directory
+        .users
+        .iter()
+        .filter(|(_, u)| u.id.is_some() || !u.record.is_null())
+        .map(|(upn, u)| {
+            json!({
+                "upn": upn,
+                "id": u.id,
+                "display_name": u.record.get("displayName"),
+                "groups": u.groups,
+            })
+        })
+        .collect();
+    users.sort_by(|a, b| a["upn"].as_str().cmp(&b["upn"].as_str()));
+    Ok(Json(Value::Array(users)))
+}
+
+pub async fn set_setting(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    ApiJson(req): ApiJson<SetSettingRequest>,
+) -> ApiResult<Json<Value>> {
+    let value = match (req.undefined, req.value) {
+        (true, None) => SettingValue::Undefined,
+        (false, Some(v)) => SettingValue::Set(v),
+        (true, Some(_)) => return Err(ApiError::BadRequest("give either value or undefined: true, not both".into())),
+        (false, None) => {
+            return Err(ApiError::BadRequest(
+                "missing value: give a JSON value, or undefined: true to delete the key at this scope".into(),
+            ))
+        }
+    };
+    let n = state.set_setting(&actor, &req.scope, &req.key, value).await?;
+    Ok(Json(json!({"devices_updated": n})))
+}
+
+pub async fn unset_setting(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    ApiJson(req): ApiJson<UnsetSettingRequest>,
+) -> ApiResult<Json<Value>> {
+    let n = state.unset_setting(&actor, &req.scope, &req.key).await?;
+    Ok(Json(json!({"devices_updated": n})))
+}
+
+#[derive(Deserialize)]
+pub struct SettingsQuery {
+    tenant: Option<bool>,
+    group: Option<String>,
+    user: Option<String>,
+}
+
+pub async fn list_settings(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    Query(q): Query<SettingsQuery>,
+) -> ApiResult<Json<Value>> {
+    let scope = match (q.tenant.unwrap_or(false), q.group, q.user) {
+        (true, None, None) => Some(SettingScope::Tenant),
+        (false, Some(g), None) => Some(SettingScope::Group(g)),
+        (false, None, Some(u)) => Some(SettingScope::User(u.to_lowercase())),
+        (false, None, None) => None,
+        _ => return Err(ApiError::BadRequest("choose at most one of tenant, group and user".into())),
+    };
+    Ok(Json(Value::Array(state.list_settings(scope.as_ref()).await?)))
+}
+
+#[derive(Deserialize)]
+pub struct PriorityRequest {
+    priority: i64,
+}
+
+pub async fn set_group_priority(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<PriorityRequest>,
+) -> ApiResult<Json<Value>> {
+    let n = state.set_group_priority(&actor, &name, req.priority).await?;
+    Ok(Json(json!({"devices_updated": n})))
+}
+
+const DEVICE_COLUMNS: &str =
+    "id, hostname, primary_user, config_version, config_sha256, reported_version, reported_sha256,
+     last_seen, enrolled_at, status, agent_version, signed_in_users, last_error, policies";
+
+fn device_view(state: &AppState, row: &SqliteRow) -> DeviceView {
+    let id: String = row.get("id");
+    let last_seen = state.index.last_seen(&id).max(row.get::<Option<i64>, _>("last_seen"));
+    DeviceView {
+        hostname: row.get("hostname"),
+        primary_user: row.get("primary_user"),
+        config_version: row.get::<i64, _>("config_version") as u64,
+        config_sha256: row.get("config_sha256"),
+        reported_config_version: row.get::<Option<i64>, _>("reported_version").map(|v| v as u64),
+        reported_config_sha256: row.get("reported_sha256"),
+        last_seen: last_seen.map(rfc3339),
+        enrolled_at: rfc3339(row.get("enrolled_at")),
+        status: row.get("status"),
+        agent_version: row.get("agent_version"),
+        signed_in_users: serde_json::from_str(row.get::<&str, _>("signed_in_users")).unwrap_or_default(),
+        last_error: row.get("last_error"),
+        policies: serde_json::from_str::<Map<String, Value>>(row.get::<&str, _>("policies")).unwrap_or_default(),
+        id,
+    }
+}
+
+#[derive(Deserialize)]
+pub struct DevicesQuery {
+    #[serde(default)]
+    without_primary: bool,
+    #[serde(default)]
+    primary_mismatch: bool,
+    #[serde(default)]
+    include_decommissioned: bool,
+}
+
+pub async fn list_devices(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    Query(q): Query<DevicesQuery>,
+) -> ApiResult<Json<Vec<DeviceView>>> {
+    let rows = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY hostname, id"))
+        .fetch_all(&state.db)
+        .await?;
+    // The user signed in most often on each device, for the mismatch report.
+    let mut most_seen: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    if q.primary_mismatch {
+        for r in
+            sqlx::query("SELECT device_id, upn, sightings FROM device_users ORDER BY device_id, sightings DESC, upn")
+                .fetch_all(&state.db)
+                .await?
+        {
+            most_seen.entry(r.get(0)).or_insert((r.get(2), r.get(1)));
+        }
+    }
+    let mut out = Vec::new();
+    for row in &rows {
+        let view = device_view(&state, row);
+        if view.status != "active" && !q.include_decommissioned {
+            continue;
+        }
+        if q.without_primary && view.primary_user.is_some() {
+            continue;
+        }
+        if q.primary_mismatch {
+            let top = most_seen.get(&view.id).map(|(_, u)| u);
+            if top.is_none() || view.primary_user.as_ref() == top {
+                continue;
+            }
+        }
+        out.push(view);
+    }
+    Ok(Json(out))
+}
+
+pub async fn show_device(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"))
+        .bind(id.to_lowercase())
+        .fetch_optional(&state.db)
+        .await?
+        .ok_or_else(|| device_not_found(&id))?;
+    let view = device_view(&state, &row);
+    let users: Vec<Value> = sqlx::query(
+        "SELECT upn, first_seen, last_seen, sightings FROM device_users WHERE device_id = ? ORDER BY sightings DESC, upn",
+    )
+    .bind(&view.id)
+    .fetch_all(&state.db)
+    .await?
+    .iter()
+    .map(|r| {
+        json!({"upn": r.get::<String, _>(0), "first_seen": rfc3339(r.get(1)), "last_seen": rfc3339(r.get(2)), "sightings": r.get::<i64, _>(3)})
+    })
+    .collect();
+    let mut v = serde_json::to_value(view).map_err(|e| ApiError::Internal(e.into()))?;
+    v["users"] = Value::Array(users);
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+pub struct HistoryQuery {
+    limit: Option<i64>,
+}
+
+pub async fn device_reports(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let rows = sqlx::query("SELECT received_at, report FROM reports WHERE device_id = ? ORDER BY id DESC LIMIT ?")
+        .bind(id.to_lowercase())
+        .bind(limit)
+        .fetch_all(&state.db)
+        .await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| {
+                json!({"received_at": rfc3339(r.get(0)),
+                       "report": serde_json::from_str::<Value>(r.get::<&str, _>(1)).unwrap_or(Value::Null)})
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+pub struct PrimaryRequest {
+    upn: Option<String>,
+}
+
+pub async fn set_primary(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PrimaryRequest>,
+) -> ApiResult<StatusCode> {
+    state.set_primary(&actor, &id.to_lowercase(), req.upn.as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn decommission(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.decommission(&actor, &id.to_lowercase()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    limit: Option<i64>,
+}
+
+pub async fn audit_list(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    let rows = sqlx::query("SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT ?")
+        .bind(limit)
+        .fetch_all(&state.db)
+        .await?;
+    Ok(Json(Value::Array(
+        rows.iter()
+            .map(|r| {
+                json!({
+                    "id": r.get::<i64, _>(0),
+                    "at": rfc3339(r.get(1)),
+                    "actor": r.get::<String, _>(2),
+                    "action": r.get::<String, _>(3),
+                    "target": r.get::<Option<String>, _>(4),
+                    "details": serde_json::from_str::<Value>(r.get::<&str, _>(5)).unwrap_or(Value::Null),
+                })
+            })
+            .collect(),
+    )))
+}
+
+/// Delivery Optimization peer groups as devices report them: one row per group id.
+pub async fn networks(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
+    let rows = sqlx::query("SELECT id, hostname, policies, last_seen FROM devices WHERE status = 'active'")
+        .fetch_all(&state.db)
+        .await?;
+    let mut groups: BTreeMap<String, (Value, Value, Vec<String>, i64)> = BTreeMap::new();
+    for r in &rows {
+        let policies: Value = serde_json::from_str(r.get::<&str, _>(2)).unwrap_or(Value::Null);
+        let d = &policies["delivery_optimization"];
+        let Some(group_id) = d.get("group_id").and_then(Value::as_str) else { continue };
+        let id: String = r.get(0);
+        let seen = state.index.last_seen(&id).max(r.get::<Option<i64>, _>(3)).unwrap_or(0);
+        let e = groups.entry(group_id.to_string()).or_insert((Value::Null, Value::Null, Vec::new(), 0));
+        e.0 = d.get("gateway_mac").cloned().unwrap_or(Value::Null);
+        e.1 = d.get("gateway_ip").cloned().unwrap_or(Value::Null);
+        e.2.push(r.get::<String, _>(1));
+        e.3 = e.3.max(seen);
+    }
+    Ok(Json(Value::Array(
+        groups
+            .into_iter()
+            .map(|(gid, (mac, ip, hosts, seen))| {
+                json!({"group_id": gid, "gateway_mac": mac, "gateway_ip": ip, "device_count": hosts.len(),
+                       "devices": hosts, "last_seen": (seen > 0).then(|| rfc3339(seen))})
+            })
+            .collect(),
+    )))
+}

@@ -1,0 +1,68 @@
+//! Device endpoints: enrollment, the check-in (the hot path), the trust chain and reports.
+
+use super::extract::{ApiJson, Device};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::json;
+use std::sync::Arc;
+use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, TrustBundle};
+
+pub async fn enroll(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<EnrollRequest>) -> ApiResult<Response> {
+    let (device_id, credential) = state.enroll(&req.token, &req.hostname, &req.agent_version).await?;
+    tracing::info!(device = %device_id, hostname = %req.hostname, "device enrolled");
+    let escrow_public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(state.keys.escrow_secret));
+    let body = EnrollResponse {
+        device_id: device_id.to_string(),
+        credential,
+        trust: state.keys.trust_bundle(),
+        escrow_public_key: Some(B64.encode(escrow_public.as_bytes())),
+        server_time: state.now(),
+    };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// The check-in. An unchanged device gets 304 from memory: no database, no body.
+pub async fn config(State(state): State<Arc<AppState>>, device: Device, headers: HeaderMap) -> Response {
+    device.slot.touch(state.now());
+    let current = device.slot.current();
+    let unchanged = headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii() == current.etag.as_bytes()));
+    let cache = HeaderValue::from_static("no-cache");
+    if unchanged {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, current.etag.clone()), (header::CACHE_CONTROL, cache)])
+            .into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (header::ETAG, current.etag.clone()),
+            (header::CACHE_CONTROL, cache),
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+        ],
+        current.bytes.clone(),
+    )
+        .into_response()
+}
+
+pub async fn trust(State(state): State<Arc<AppState>>, _device: Device) -> Json<TrustBundle> {
+    Json(state.keys.trust_bundle())
+}
+
+pub async fn report(
+    State(state): State<Arc<AppState>>,
+    device: Device,
+    ApiJson(report): ApiJson<DeviceReport>,
+) -> ApiResult<Response> {
+    if report.signed_in_users.len() > 1000 || report.policies.len() > 1000 {
+        return Err(ApiError::BadRequest("report lists too many users or policies (1000 at most)".into()));
+    }
+    let etag = state.record_report(&device.id, &report).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({ "etag": etag }))).into_response())
+}

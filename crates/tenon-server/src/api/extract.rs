@@ -1,0 +1,103 @@
+//! Request extractors that turn every malformed input into a problem+json 4xx: JSON bodies,
+//! admin tokens and device credentials.
+
+use crate::error::ApiError;
+use crate::index::{DeviceAuth, DeviceSlot};
+use crate::secrets;
+use crate::state::{Actor, AppState};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// A JSON body whose every failure is a problem+json that says what to fix.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Self(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge("request body is larger than this endpoint accepts; send less at a time".into())
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            ApiError::UnsupportedMediaType("send the body as JSON with Content-Type: application/json".into())
+        }
+        _ => match r {
+            JsonRejection::JsonDataError(e) => {
+                ApiError::BadRequest(format!("request body has the wrong shape: {}", e.body_text()))
+            }
+            JsonRejection::JsonSyntaxError(e) => {
+                ApiError::BadRequest(format!("request body is not valid JSON: {}", e.body_text()))
+            }
+            other => ApiError::BadRequest(format!("request body could not be read: {}", other.body_text())),
+        },
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+/// An authenticated administrator.
+pub struct Admin(pub Actor);
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::Unauthorized("missing admin token: send Authorization: Bearer <token> (tenonctl --token)".into())
+        })?;
+        state.authenticate_admin(token).await.map(Admin)
+    }
+}
+
+/// An authenticated, active device.
+pub struct Device {
+    pub id: String,
+    pub slot: Arc<DeviceSlot>,
+}
+
+impl FromRequestParts<Arc<AppState>> for Device {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        authenticate_device(parts, state)
+    }
+}
+
+/// The check-in path's authentication: header parse, one hash, one map lookup, no allocation
+/// beyond the returned id.
+pub fn authenticate_device(parts: &Parts, state: &AppState) -> Result<Device, ApiError> {
+    let invalid = || {
+        ApiError::Unauthorized(
+            "device credential is missing or not valid; re-enroll the device with `tenon-agent enroll`".into(),
+        )
+    };
+    let token = bearer(parts).ok_or_else(invalid)?;
+    let (id, secret, rest) = secrets::split_token(token, secrets::DEVICE_PREFIX).ok_or_else(invalid)?;
+    if rest.is_some() {
+        return Err(invalid());
+    }
+    match state.index.authenticate(id, &secrets::digest_secret(secret)) {
+        DeviceAuth::Ok(slot) => Ok(Device { id: id.to_string(), slot }),
+        DeviceAuth::Unknown => Err(invalid()),
+        DeviceAuth::Revoked => Err(ApiError::Gone(
+            "this device was decommissioned by an administrator and its credential revoked; re-enroll it with a new enrollment token".into(),
+        )),
+    }
+}

@@ -1,0 +1,48 @@
+//! The HTTP API: routes, body limits and the problem+json fallbacks.
+
+mod admin;
+mod device;
+pub mod extract;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use axum::Router;
+use std::sync::Arc;
+
+/// Most bodies are small; user imports may be large.
+const BODY_LIMIT: usize = 1024 * 1024;
+const IMPORT_LIMIT: usize = 32 * 1024 * 1024;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let admin = Router::new()
+        .route("/enroll-tokens", post(admin::create_enroll_token))
+        .route("/users/import", post(admin::import_users).layer(DefaultBodyLimit::max(IMPORT_LIMIT)))
+        .route("/users", get(admin::list_users))
+        .route("/settings", get(admin::list_settings).put(admin::set_setting))
+        .route("/settings/unset", post(admin::unset_setting))
+        .route("/groups/{name}/priority", put(admin::set_group_priority))
+        .route("/devices", get(admin::list_devices))
+        .route("/devices/{id}", get(admin::show_device))
+        .route("/devices/{id}/reports", get(admin::device_reports))
+        .route("/devices/{id}/primary", put(admin::set_primary))
+        .route("/devices/{id}/decommission", post(admin::decommission))
+        .route("/audit", get(admin::audit_list))
+        .route("/networks", get(admin::networks));
+    let api = Router::new()
+        .route("/enroll", post(device::enroll))
+        .route("/device/config", get(device::config))
+        .route("/device/trust", get(device::trust))
+        .route("/device/report", post(device::report))
+        .nest("/admin", admin);
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .nest("/api/v1", api)
+        .fallback(|| async { ApiError::NotFound("no such endpoint; the API lives under /api/v1".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this endpoint does not accept that method".into())
+        })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}

@@ -1,0 +1,104 @@
+//! The check-in index: what an unchanged check-in needs, in memory, so it never touches the
+//! database. One slot per device holds its credential hash, its current envelope and ETag, and its
+//! last-seen time (flushed to the database in batches).
+
+use axum::http::HeaderValue;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+use subtle::ConstantTimeEq;
+
+/// The envelope a device should hold now.
+pub struct CurrentEnvelope {
+    pub etag: HeaderValue,
+    pub bytes: axum::body::Bytes,
+    pub version: u64,
+    pub payload_sha256: String,
+}
+
+pub struct DeviceSlot {
+    credential_sha256: [u8; 32],
+    current: RwLock<Arc<CurrentEnvelope>>,
+    revoked: AtomicBool,
+    last_seen: AtomicI64,
+    last_seen_dirty: AtomicBool,
+}
+
+/// Result of authenticating a device credential.
+pub enum DeviceAuth {
+    Ok(Arc<DeviceSlot>),
+    Unknown,
+    Revoked,
+}
+
+impl DeviceSlot {
+    pub fn current(&self) -> Arc<CurrentEnvelope> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_current(&self, env: CurrentEnvelope) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(env);
+    }
+
+    pub fn touch(&self, now: i64) {
+        self.last_seen.store(now, Ordering::Relaxed);
+        self.last_seen_dirty.store(true, Ordering::Relaxed);
+    }
+
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::SeqCst);
+    }
+}
+
+#[derive(Default)]
+pub struct CheckinIndex {
+    slots: RwLock<HashMap<String, Arc<DeviceSlot>>>,
+}
+
+impl CheckinIndex {
+    pub fn insert(&self, device_id: &str, credential_sha256: [u8; 32], env: CurrentEnvelope, revoked: bool) {
+        let slot = Arc::new(DeviceSlot {
+            credential_sha256,
+            current: RwLock::new(Arc::new(env)),
+            revoked: AtomicBool::new(revoked),
+            last_seen: AtomicI64::new(0),
+            last_seen_dirty: AtomicBool::new(false),
+        });
+        self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string(), slot);
+    }
+
+    pub fn get(&self, device_id: &str) -> Option<Arc<DeviceSlot>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).get(device_id).cloned()
+    }
+
+    /// Checks `secret_digest` (SHA-256 of the presented secret) in constant time.
+    pub fn authenticate(&self, device_id: &str, secret_digest: &[u8; 32]) -> DeviceAuth {
+        let Some(slot) = self.get(device_id) else { return DeviceAuth::Unknown };
+        if !bool::from(slot.credential_sha256.ct_eq(secret_digest)) {
+            return DeviceAuth::Unknown;
+        }
+        if slot.revoked.load(Ordering::SeqCst) {
+            return DeviceAuth::Revoked;
+        }
+        DeviceAuth::Ok(slot)
+    }
+
+    /// Last-seen times changed since the previous call, to write to the database.
+    pub fn take_dirty_last_seen(&self) -> Vec<(String, i64)> {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .filter(|(_, s)| s.last_seen_dirty.swap(false, Ordering::Relaxed))
+            .map(|(id, s)| (id.clone(), s.last_seen.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// A device's last-seen time as the index knows it (newer than the database's).
+    pub fn last_seen(&self, device_id: &str) -> Option<i64> {
+        self.get(device_id).map(|s| s.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,114 @@
+//! tenon-server: compiles each device's configuration from tenant, group and user settings,
+//! signs it, and serves it cheaply; records reports; keeps the audit log.
+//!
+//! Path of a check-in: `api::device::config` -> `api::extract::authenticate_device` ->
+//! `index::CheckinIndex` (memory only) -> 304 or the stored envelope bytes.
+
+pub mod api;
+pub mod datadir;
+pub mod error;
+pub mod index;
+pub mod secrets;
+pub mod state;
+
+use anyhow::{bail, Context};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Options of `tenon-server serve`.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database: Option<String>,
+    /// Lifetime of a signed envelope, in seconds.
+    pub envelope_ttl: i64,
+}
+
+async fn open_database(opts: &ServeOptions, default_path: PathBuf) -> anyhow::Result<sqlx::SqlitePool> {
+    let connect = match &opts.database {
+        None => SqliteConnectOptions::new().filename(default_path),
+        Some(url) if url.starts_with("sqlite:") => SqliteConnectOptions::from_str(url)
+            .with_context(|| format!("--database {url:?} is not a valid SQLite URL (sqlite:///path/to/tenon.db)"))?,
+        Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
+            bail!("--database {url:?}: this build supports SQLite only; omit --database to use DATA_DIR/tenon.db")
+        }
+        Some(url) => bail!("--database {url:?} is not a database URL; use sqlite:///path/to/tenon.db"),
+    };
+    let connect = connect
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: a write the server acknowledged (an escrowed key above all) survives power loss.
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    let pool =
+        SqlitePoolOptions::new().max_connections(8).connect_with(connect).await.context("cannot open the database")?;
+    sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply database migrations")?;
+    Ok(pool)
+}
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let data_dir = datadir::DataDir::open(&opts.data_dir)?;
+    let clock = state::system_clock();
+    let keys = data_dir.load_or_create_keys(clock())?;
+    let db = open_database(&opts, data_dir.db_path()).await?;
+    let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?);
+    if let Some(token) = state.bootstrap_admin_token().await? {
+        let path = data_dir.write_admin_token(&token)?;
+        println!("bootstrap admin token written to {} (readable by this user only)", path.display());
+    }
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; is another server using it? pass --listen ADDR", opts.listen))?;
+    let local = listener.local_addr()?;
+    println!("tenon-server listening on http://{local} (data dir {})", data_dir.path.display());
+    tracing::info!(%local, devices = state.index.len(), "listening");
+
+    let bg = state.clone();
+    let background = tokio::spawn(async move {
+        let mut flush = tokio::time::interval(Duration::from_secs(15));
+        let mut refresh = tokio::time::interval(Duration::from_secs(600));
+        loop {
+            tokio::select! {
+                _ = flush.tick() => if let Err(e) = bg.flush_last_seen().await {
+                    tracing::warn!(error = format!("{e:#}"), "cannot record last-seen times; will retry");
+                },
+                _ = refresh.tick() => match bg.refresh_expiring().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(devices = n, "re-issued envelopes nearing expiry"),
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot re-issue expiring envelopes; will retry"),
+                },
+            }
+        }
+    });
+
+    axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    background.abort();
+    state.flush_last_seen().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,965 @@
+//! The server's state and its domain operations. Handlers call these; each write runs in one
+//! database transaction together with its audit row, then updates the in-memory directory and
+//! re-signs the envelopes of exactly the devices whose payload changed.
+//!
+//! One writer at a time: [`AppState::world`] is a mutex around the in-memory directory and device
+//! metadata. Check-ins never take it; they read the lock-free-ish [`CheckinIndex`].
+
+use crate::datadir::ServerKeys;
+use crate::error::{ApiError, ApiResult};
+use crate::index::{CheckinIndex, CurrentEnvelope};
+use crate::secrets;
+use anyhow::Context;
+use axum::http::HeaderValue;
+use serde_json::{json, Value};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use tenon_core::api::{envelope_etag, DeviceReport, SettingScope};
+use tenon_core::directory::{Directory, Group, User};
+use tenon_core::envelope::{issue, payload_digest, EnvelopeFields};
+use tenon_core::ids::{DeviceId, GroupName, SettingKey, Upn};
+use tenon_core::settings::{ScopeSettings, SettingValue};
+
+/// Unix seconds. Passed in so tests and tools can control time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    })
+}
+
+/// Who is calling an admin endpoint.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub token_id: String,
+    pub name: String,
+    pub roles: Vec<String>,
+}
+
+impl Actor {
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.token_id)
+    }
+
+    pub fn has_role(&self, role: &str) -> bool {
+        self.roles.iter().any(|r| r == role)
+    }
+}
+
+/// What the server remembers about a device between compiles.
+#[derive(Clone, Debug)]
+pub struct DeviceMeta {
+    pub primary: Option<Upn>,
+    pub users: BTreeSet<Upn>,
+    pub version: u64,
+    pub sha256: String,
+    pub expires_at: i64,
+    pub active: bool,
+    pub enrolled_at: i64,
+    pub has_reported: bool,
+}
+
+/// The in-memory world: directory, settings and device metadata.
+#[derive(Default)]
+pub struct World {
+    pub directory: Directory,
+    pub devices: HashMap<String, DeviceMeta>,
+}
+
+pub struct AppState {
+    pub db: SqlitePool,
+    pub keys: ServerKeys,
+    pub index: CheckinIndex,
+    pub world: tokio::sync::Mutex<World>,
+    pub clock: Clock,
+    /// How long an envelope is valid.
+    pub envelope_ttl: i64,
+}
+
+/// Roles an admin token may hold.
+pub const ROLE_ADMIN: &str = "admin";
+pub const ROLE_RECOVERY_KEYS: &str = "recovery-keys";
+
+impl AppState {
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// Loads the world from the database and fills the check-in index.
+    pub async fn load(db: SqlitePool, keys: ServerKeys, clock: Clock, envelope_ttl: i64) -> anyhow::Result<Self> {
+        let mut world = World::default();
+        for row in sqlx::query("SELECT scope_kind, scope_name, key, value FROM settings").fetch_all(&db).await? {
+            let (kind, name, key, value): (String, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            let key = SettingKey::parse(&key).context("stored setting key")?;
+            let value = if value == "undefined" {
+                SettingValue::Undefined
+            } else {
+                SettingValue::Set(serde_json::from_str(&value).context("stored setting value")?)
+            };
+            match kind.as_str() {
+                "tenant" => {
+                    world.directory.tenant.insert(key, value);
+                }
+                "group" => {
+                    let g = GroupName::parse(&name)?;
+                    world.directory.groups.entry(g).or_default().settings.insert(key, value);
+                }
+                _ => {
+                    let u = Upn::parse(&name)?;
+                    world.directory.users.entry(u).or_default().settings.insert(key, value);
+                }
+            }
+        }
+        for row in sqlx::query("SELECT name, priority FROM groups").fetch_all(&db).await? {
+            let g = GroupName::parse(row.get::<&str, _>(0))?;
+            world.directory.groups.entry(g).or_default().priority = row.get(1);
+        }
+        for row in sqlx::query("SELECT upn, id, record FROM users").fetch_all(&db).await? {
+            let u = Upn::parse(row.get::<&str, _>(0))?;
+            let entry = world.directory.users.entry(u).or_default();
+            entry.id = row.get(1);
+            entry.record = serde_json::from_str(row.get::<&str, _>(2)).context("stored user record")?;
+        }
+        for row in sqlx::query("SELECT upn, group_name FROM user_groups").fetch_all(&db).await? {
+            let u = Upn::parse(row.get::<&str, _>(0))?;
+            let g = GroupName::parse(row.get::<&str, _>(1))?;
+            world.directory.users.entry(u).or_default().groups.insert(g);
+        }
+        let index = CheckinIndex::default();
+        for row in sqlx::query(
+            "SELECT id, credential_sha256, status, primary_user, config_version, config_sha256, envelope,
+                    envelope_expires_at, enrolled_at, last_report_at FROM devices",
+        )
+        .fetch_all(&db)
+        .await?
+        {
+            let id: String = row.get(0);
+            let cred: [u8; 32] = hex::decode(row.get::<&str, _>(1))
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .context("stored credential hash is damaged")?;
+            let active = row.get::<&str, _>(2) == "active";
+            let version = row.get::<i64, _>(4) as u64;
+            let sha: String = row.get(5);
+            let envelope: String = row.get(6);
+            index.insert(&id, cred, current_envelope(version, &sha, envelope), !active);
+            world.devices.insert(
+                id,
+                DeviceMeta {
+                    primary: row.get::<Option<&str>, _>(3).map(Upn::parse).transpose()?,
+                    users: BTreeSet::new(),
+                    version,
+                    sha256: sha,
+                    expires_at: row.get(7),
+                    active,
+                    enrolled_at: row.get(8),
+                    has_reported: row.get::<Option<i64>, _>(9).is_some(),
+                },
+            );
+        }
+        for row in sqlx::query("SELECT device_id, upn FROM device_users").fetch_all(&db).await? {
+            let id: String = row.get(0);
+            if let (Some(meta), Ok(u)) = (world.devices.get_mut(&id), Upn::parse(row.get::<&str, _>(1))) {
+                meta.users.insert(u);
+            }
+        }
+        let state = Self { db, keys, index, world: tokio::sync::Mutex::new(world), clock, envelope_ttl };
+        // Converge: anything changed since the envelopes were signed (or a crash between a write
+        // and its re-sign) is re-issued now.
+        {
+            let mut world = state.world.lock().await;
+            let all: Vec<String> = world.devices.keys().cloned().collect();
+            state.recompile(&mut world, all).await?;
+        }
+        Ok(state)
+    }
+
+    /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near.
+    pub async fn recompile(&self, world: &mut World, ids: Vec<String>) -> anyhow::Result<usize> {
+        let now = self.now();
+        let mut changed = Vec::new();
+        for id in ids {
+            let Some(meta) = world.devices.get(&id) else { continue };
+            if !meta.active {
+                continue;
+            }
+            let compiled = world.directory.device_payload(meta.primary.as_ref(), &meta.users);
+            let sha = payload_digest(&compiled.payload).context("payload is not canonicalizable")?;
+            let refresh_due = meta.expires_at - now < self.envelope_ttl / 2;
+            if sha == meta.sha256 && !refresh_due {
+                continue;
+            }
+            let version = meta.version + 1;
+            let issued = issue(
+                &EnvelopeFields {
+                    device_id: &id,
+                    user_id: compiled.user_id.as_deref(),
+                    version,
+                    issued_at: now,
+                    expires_at: now + self.envelope_ttl,
+                },
+                compiled.payload,
+                &self.keys.signing,
+            )
+            .context("cannot sign envelope")?;
+            changed.push((id, issued));
+        }
+        if changed.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.db.begin().await?;
+        for (id, e) in &changed {
+            sqlx::query(
+                "UPDATE devices SET config_version = ?, config_sha256 = ?, envelope = ?, envelope_expires_at = ? WHERE id = ?",
+            )
+            .bind(e.version as i64)
+            .bind(&e.payload_sha256)
+            .bind(&e.bytes)
+            .bind(e.expires_at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let n = changed.len();
+        for (id, e) in changed {
+            if let Some(meta) = world.devices.get_mut(&id) {
+                meta.version = e.version;
+                meta.sha256 = e.payload_sha256.clone();
+                meta.expires_at = e.expires_at;
+            }
+            if let Some(slot) = self.index.get(&id) {
+                slot.set_current(current_envelope(e.version, &e.payload_sha256, e.bytes));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Active devices on which any of `upns` is the primary user or signs in.
+    pub fn devices_of_users(world: &World, upns: &BTreeSet<Upn>) -> Vec<String> {
+        world
+            .devices
+            .iter()
+            .filter(|(_, m)| {
+                m.primary.as_ref().is_some_and(|p| upns.contains(p)) || m.users.iter().any(|u| upns.contains(u))
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Devices whose payload a change at `scope` can affect.
+    fn devices_for_scope(world: &World, scope: &SettingScope) -> Vec<String> {
+        match scope {
+            SettingScope::Tenant => world.devices.keys().cloned().collect(),
+            SettingScope::Group(g) if g == GroupName::ALL_USERS => world.devices.keys().cloned().collect(),
+            SettingScope::Group(g) => {
+                let members: BTreeSet<Upn> = world
+                    .directory
+                    .users
+                    .iter()
+                    .filter(|(_, u)| u.groups.iter().any(|ug| ug.as_str() == g))
+                    .map(|(upn, _)| upn.clone())
+                    .collect();
+                Self::devices_of_users(world, &members)
+            }
+            SettingScope::User(u) => match Upn::parse(u) {
+                Ok(u) => Self::devices_of_users(world, &[u].into()),
+                Err(_) => Vec::new(),
+            },
+        }
+    }
+
+    // ---- admin tokens ------------------------------------------------------------------------
+
+    /// Creates the bootstrap admin token when there is none; returns the token to write out.
+    pub async fn bootstrap_admin_token(&self) -> anyhow::Result<Option<String>> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM admin_tokens WHERE revoked_at IS NULL")
+            .fetch_one(&self.db)
+            .await?;
+        if count > 0 {
+            return Ok(None);
+        }
+        let (token, _) = self.create_admin_token("bootstrap", &[ROLE_ADMIN, ROLE_RECOVERY_KEYS], None).await?;
+        Ok(Some(token))
+    }
+
+    pub async fn create_admin_token(
+        &self,
+        name: &str,
+        roles: &[&str],
+        actor: Option<&Actor>,
+    ) -> anyhow::Result<(String, String)> {
+        let id = secrets::short_id();
+        let cred = secrets::new_credential(secrets::ADMIN_PREFIX, &id);
+        let mut tx = self.db.begin().await?;
+        sqlx::query("INSERT INTO admin_tokens (id, name, secret_sha256, roles, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&id)
+            .bind(name)
+            .bind(&cred.secret_sha256)
+            .bind(serde_json::to_string(roles)?)
+            .bind(self.now())
+            .execute(&mut *tx)
+            .await?;
+        let who = actor.map(Actor::label).unwrap_or_else(|| "server".into());
+        audit(&mut tx, self.now(), &who, "admin_token.create", Some(&id), json!({"name": name, "roles": roles}))
+            .await?;
+        tx.commit().await?;
+        Ok((cred.token, id))
+    }
+
+    pub async fn authenticate_admin(&self, token: &str) -> ApiResult<Actor> {
+        let unauthorized = || {
+            ApiError::Unauthorized(
+                "admin token is missing or not valid; pass --token (or TENON_TOKEN) with a token such as the one in DATA_DIR/admin.token".into(),
+            )
+        };
+        let (id, secret, rest) = secrets::split_token(token, secrets::ADMIN_PREFIX).ok_or_else(unauthorized)?;
+        if rest.is_some() {
+            return Err(unauthorized());
+        }
+        let row =
+            sqlx::query("SELECT name, secret_sha256, roles FROM admin_tokens WHERE id = ? AND revoked_at IS NULL")
+                .bind(id)
+                .fetch_optional(&self.db)
+                .await?
+                .ok_or_else(unauthorized)?;
+        if !secrets::secret_matches(secret, row.get::<&str, _>(1)) {
+            return Err(unauthorized());
+        }
+        let roles: Vec<String> = serde_json::from_str(row.get::<&str, _>(2)).unwrap_or_default();
+        Ok(Actor { token_id: id.to_string(), name: row.get(0), roles })
+    }
+
+    // ---- enrollment --------------------------------------------------------------------------
+
+    pub async fn create_enroll_token(&self, actor: &Actor, uses: u32, ttl_seconds: u64) -> ApiResult<(String, i64)> {
+        if uses == 0 || uses > 100_000 {
+            return Err(ApiError::BadRequest("uses must be between 1 and 100000".into()));
+        }
+        if ttl_seconds == 0 || ttl_seconds > 366 * 24 * 3600 {
+            return Err(ApiError::BadRequest("ttl must be between 1 second and 366 days".into()));
+        }
+        let id = secrets::short_id();
+        let cred = secrets::new_credential(secrets::ENROLL_PREFIX, &id);
+        let now = self.now();
+        let expires_at = now + ttl_seconds as i64;
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "INSERT INTO enroll_tokens (id, secret_sha256, uses_total, uses_left, expires_at, created_at, created_by)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&cred.secret_sha256)
+        .bind(uses as i64)
+        .bind(uses as i64)
+        .bind(expires_at)
+        .bind(now)
+        .bind(actor.label())
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            now,
+            &actor.label(),
+            "enroll_token.create",
+            Some(&id),
+            json!({"uses": uses, "expires_at": expires_at}),
+        )
+        .await?;
+        tx.commit().await?;
+        // The token carries the root key's fingerprint so the agent can pin it.
+        Ok((format!("{}.{}", cred.token, self.keys.root_fingerprint()), expires_at))
+    }
+
+    /// Enrolls a device; returns its id and credential.
+    pub async fn enroll(&self, token: &str, hostname: &str, agent_version: &str) -> ApiResult<(DeviceId, String)> {
+        let bad = || {
+            ApiError::Unauthorized(
+                "enrollment token is not valid; create one with `tenonctl enroll-token create`".into(),
+            )
+        };
+        let (token_id, secret, _fpr) = secrets::split_token(token, secrets::ENROLL_PREFIX).ok_or_else(bad)?;
+        let hostname = hostname.trim();
+        if hostname.is_empty() || hostname.len() > 255 || hostname.chars().any(char::is_control) {
+            return Err(ApiError::BadRequest("hostname must be 1 to 255 printable characters".into()));
+        }
+        let mut world = self.world.lock().await;
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        let row = sqlx::query("SELECT secret_sha256, uses_left, expires_at FROM enroll_tokens WHERE id = ?")
+            .bind(token_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(bad)?;
+        if !secrets::secret_matches(secret, row.get::<&str, _>(0)) {
+            return Err(bad());
+        }
+        if row.get::<i64, _>(2) <= now {
+            return Err(ApiError::Unauthorized(
+                "enrollment token has expired; create a new one with `tenonctl enroll-token create`".into(),
+            ));
+        }
+        if row.get::<i64, _>(1) <= 0 {
+            return Err(ApiError::Unauthorized(
+                "enrollment token has no uses left; create a new one with `tenonctl enroll-token create --uses N`"
+                    .into(),
+            ));
+        }
+        sqlx::query("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?")
+            .bind(token_id)
+            .execute(&mut *tx)
+            .await?;
+        let device_id = DeviceId::from_random(secrets::random_bytes::<16>());
+        let cred = secrets::new_credential(secrets::DEVICE_PREFIX, device_id.as_str());
+        let compiled = world.directory.device_payload(None, &BTreeSet::new());
+        let issued = issue(
+            &EnvelopeFields {
+                device_id: device_id.as_str(),
+                user_id: None,
+                version: 1,
+                issued_at: now,
+                expires_at: now + self.envelope_ttl,
+            },
+            compiled.payload,
+            &self.keys.signing,
+        )
+        .map_err(|e| ApiError::Internal(e.into()))?;
+        sqlx::query(
+            "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, enroll_token_id, agent_version,
+                                  config_version, config_sha256, envelope, envelope_expires_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(device_id.as_str())
+        .bind(hostname)
+        .bind(&cred.secret_sha256)
+        .bind(now)
+        .bind(token_id)
+        .bind(agent_version)
+        .bind(issued.version as i64)
+        .bind(&issued.payload_sha256)
+        .bind(&issued.bytes)
+        .bind(issued.expires_at)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            now,
+            &format!("device {device_id}"),
+            "device.enroll",
+            Some(device_id.as_str()),
+            json!({"hostname": hostname, "enroll_token": token_id}),
+        )
+        .await?;
+        tx.commit().await?;
+        let cred_digest: [u8; 32] =
+            hex::decode(&cred.secret_sha256).ok().and_then(|b| b.try_into().ok()).context("hash")?;
+        self.index.insert(
+            device_id.as_str(),
+            cred_digest,
+            current_envelope(issued.version, &issued.payload_sha256, issued.bytes),
+            false,
+        );
+        world.devices.insert(
+            device_id.to_string(),
+            DeviceMeta {
+                primary: None,
+                users: BTreeSet::new(),
+                version: issued.version,
+                sha256: issued.payload_sha256,
+                expires_at: issued.expires_at,
+                active: true,
+                enrolled_at: now,
+                has_reported: false,
+            },
+        );
+        Ok((device_id, cred.token))
+    }
+
+    // ---- reports -----------------------------------------------------------------------------
+
+    /// Stores a device report; detects the primary user at first contact; re-signs the device's
+    /// envelope when its set of users changed. Returns the ETag the device should hold.
+    pub async fn record_report(&self, device_id: &str, report: &DeviceReport) -> ApiResult<String> {
+        let mut signed_in = BTreeSet::new();
+        for u in &report.signed_in_users {
+            let upn = Upn::parse(u).map_err(|e| ApiError::BadRequest(format!("signed_in_users: {e}")))?;
+            signed_in.insert(upn);
+        }
+        let now = self.now();
+        let mut world = self.world.lock().await;
+        let detection_window = world
+            .directory
+            .effective_for(None)
+            .get("Devices.PrimaryUserDetectionWindowHours")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .max(0);
+        let meta = world.devices.get(device_id).ok_or_else(|| ApiError::NotFound("device not found".into()))?.clone();
+        let first_contact = !meta.has_reported;
+        let in_window = first_contact || now - meta.enrolled_at <= detection_window * 3600;
+        let new_primary = match (&meta.primary, signed_in.iter().next()) {
+            (None, Some(first)) if in_window => Some(first.clone()),
+            _ => None,
+        };
+        let report_json = serde_json::to_string(report).map_err(|e| ApiError::Internal(e.into()))?;
+        let mut tx = self.db.begin().await?;
+        sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, ?)")
+            .bind(device_id)
+            .bind(now)
+            .bind(&report_json)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
+                    last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?
+             WHERE id = ?",
+        )
+        .bind(if report.hostname.trim().is_empty() { "unknown" } else { report.hostname.trim() })
+        .bind(&report.agent_version)
+        .bind(report.config_version.map(|v| v as i64))
+        .bind(&report.config_sha256)
+        .bind(&report.last_error)
+        .bind(now)
+        .bind(now)
+        .bind(serde_json::to_string(&signed_in).unwrap_or_default())
+        .bind(serde_json::to_string(&report.policies).unwrap_or_default())
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        for upn in &signed_in {
+            sqlx::query(
+                "INSERT INTO device_users (device_id, upn, first_seen, last_seen, sightings) VALUES (?, ?, ?, ?, 1)
+                 ON CONFLICT (device_id, upn) DO UPDATE SET last_seen = excluded.last_seen, sightings = sightings + 1",
+            )
+            .bind(device_id)
+            .bind(upn.as_str())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(p) = &new_primary {
+            sqlx::query("UPDATE devices SET primary_user = ? WHERE id = ?")
+                .bind(p.as_str())
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            audit(
+                &mut tx,
+                now,
+                &format!("device {device_id}"),
+                "device.primary_detected",
+                Some(device_id),
+                json!({"primary_user": p}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        if let Some(slot) = self.index.get(device_id) {
+            slot.touch(now);
+        }
+        let meta = world.devices.get_mut(device_id).ok_or_else(|| ApiError::NotFound("device not found".into()))?;
+        meta.has_reported = true;
+        let before = meta.users.len();
+        meta.users.extend(signed_in);
+        let users_changed = meta.users.len() != before;
+        let primary_changed = new_primary.is_some();
+        if primary_changed {
+            meta.primary = new_primary;
+        }
+        if users_changed || primary_changed {
+            self.recompile(&mut world, vec![device_id.to_string()]).await?;
+        }
+        let meta = &world.devices[device_id];
+        Ok(envelope_etag(meta.version, &meta.sha256))
+    }
+
+    // ---- settings and directory ----------------------------------------------------------------
+
+    pub async fn set_setting(
+        &self,
+        actor: &Actor,
+        scope: &SettingScope,
+        key: &str,
+        value: SettingValue,
+    ) -> ApiResult<usize> {
+        let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut world = self.world.lock().await;
+        let (kind, name) = self.check_scope(&world, scope)?;
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        if let SettingScope::Group(g) = scope {
+            sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                .bind(g)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (scope_kind, scope_name, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(kind)
+        .bind(&name)
+        .bind(key.as_str())
+        .bind(value.to_text())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            now,
+            &actor.label(),
+            "settings.set",
+            Some(&scope_label(scope)),
+            json!({"key": key, "value": value.to_text()}),
+        )
+        .await?;
+        tx.commit().await?;
+        scope_settings_mut(&mut world.directory, scope)?.insert(key, value);
+        let ids = Self::devices_for_scope(&world, scope);
+        Ok(self.recompile(&mut world, ids).await?)
+    }
+
+    pub async fn unset_setting(&self, actor: &Actor, scope: &SettingScope, key: &str) -> ApiResult<usize> {
+        let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut world = self.world.lock().await;
+        let (kind, name) = self.check_scope(&world, scope)?;
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        let done = sqlx::query("DELETE FROM settings WHERE scope_kind = ? AND scope_name = ? AND key = ?")
+            .bind(kind)
+            .bind(&name)
+            .bind(key.as_str())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(ApiError::NotFound(format!(
+                "{} has no setting {key}; `tenonctl settings list` shows what is set",
+                scope_label(scope)
+            )));
+        }
+        audit(&mut tx, now, &actor.label(), "settings.unset", Some(&scope_label(scope)), json!({"key": key})).await?;
+        tx.commit().await?;
+        scope_settings_mut(&mut world.directory, scope)?.remove(&key);
+        let ids = Self::devices_for_scope(&world, scope);
+        Ok(self.recompile(&mut world, ids).await?)
+    }
+
+    fn check_scope(&self, world: &World, scope: &SettingScope) -> ApiResult<(&'static str, String)> {
+        Ok(match scope {
+            SettingScope::Tenant => ("tenant", String::new()),
+            SettingScope::Group(g) => {
+                ("group", GroupName::parse(g).map_err(|e| ApiError::BadRequest(e.to_string()))?.to_string())
+            }
+            SettingScope::User(u) => {
+                let upn = Upn::parse(u).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                if !world.directory.users.contains_key(&upn) {
+                    return Err(ApiError::NotFound(format!(
+                        "no user {upn} in the directory; import it first with `tenonctl users import FILE`"
+                    )));
+                }
+                ("user", upn.to_string())
+            }
+        })
+    }
+
+    pub async fn list_settings(&self, scope: Option<&SettingScope>) -> ApiResult<Vec<Value>> {
+        let world = self.world.lock().await;
+        let mut out = Vec::new();
+        let mut push = |scope: SettingScope, settings: &ScopeSettings| {
+            for (k, v) in settings {
+                out.push(json!({"scope": scope, "key": k, "value": v.to_text()}));
+            }
+        };
+        let wanted = |s: &SettingScope| scope.is_none_or(|w| w == s);
+        if wanted(&SettingScope::Tenant) {
+            push(SettingScope::Tenant, &world.directory.tenant);
+        }
+        for (g, grp) in &world.directory.groups {
+            let s = SettingScope::Group(g.to_string());
+            if wanted(&s) {
+                push(s, &grp.settings);
+            }
+        }
+        let mut users: Vec<_> = world.directory.users.iter().collect();
+        users.sort_by(|a, b| a.0.cmp(b.0));
+        for (u, user) in users {
+            let s = SettingScope::User(u.to_string());
+            if wanted(&s) {
+                push(s, &user.settings);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn set_group_priority(&self, actor: &Actor, group: &str, priority: i64) -> ApiResult<usize> {
+        let g = GroupName::parse(group).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut world = self.world.lock().await;
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        sqlx::query("INSERT INTO groups (name, priority) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET priority = excluded.priority")
+            .bind(g.as_str())
+            .bind(priority)
+            .execute(&mut *tx)
+            .await?;
+        audit(&mut tx, now, &actor.label(), "groups.set_priority", Some(g.as_str()), json!({"priority": priority}))
+            .await?;
+        tx.commit().await?;
+        world.directory.groups.entry(g.clone()).or_default().priority = priority;
+        let ids = Self::devices_for_scope(&world, &SettingScope::Group(g.to_string()));
+        Ok(self.recompile(&mut world, ids).await?)
+    }
+
+    /// Imports Graph-shaped users; each needs `userPrincipalName`, may carry `groups: [names]`.
+    pub async fn import_users(&self, actor: &Actor, users: &[Value]) -> ApiResult<(usize, usize, usize)> {
+        let mut parsed = Vec::with_capacity(users.len());
+        for (i, u) in users.iter().enumerate() {
+            let obj = u.as_object().ok_or_else(|| ApiError::BadRequest(format!("user #{i} is not a JSON object")))?;
+            let upn_raw = obj.get("userPrincipalName").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::BadRequest(format!("user #{i} has no \"userPrincipalName\" string; every user needs one"))
+            })?;
+            let upn = Upn::parse(upn_raw).map_err(|e| ApiError::BadRequest(format!("user #{i}: {e}")))?;
+            let groups = match obj.get("groups") {
+                None | Some(Value::Null) => BTreeSet::new(),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|g| {
+                        g.as_str()
+                            .ok_or_else(|| {
+                                ApiError::BadRequest(format!("user {upn}: groups must be an array of names"))
+                            })
+                            .and_then(|g| {
+                                GroupName::parse(g).map_err(|e| ApiError::BadRequest(format!("user {upn}: {e}")))
+                            })
+                    })
+                    .collect::<ApiResult<BTreeSet<_>>>()?,
+                Some(_) => return Err(ApiError::BadRequest(format!("user {upn}: groups must be an array of names"))),
+            };
+            let id = match obj.get("id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return Err(ApiError::BadRequest(format!("user {upn}: id must be a string"))),
+            };
+            let mut record = obj.clone();
+            record.remove("groups");
+            parsed.push((upn, id, Value::Object(record), groups));
+        }
+        let mut world = self.world.lock().await;
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        let (mut created, mut updated) = (0, 0);
+        let mut touched = BTreeSet::new();
+        for (upn, id, record, groups) in &parsed {
+            if world.directory.users.get(upn).is_some_and(|u| u.id.is_some() || !u.record.is_null()) {
+                updated += 1;
+            } else {
+                created += 1;
+            }
+            sqlx::query(
+                "INSERT INTO users (upn, id, record, updated_at) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (upn) DO UPDATE SET id = excluded.id, record = excluded.record, updated_at = excluded.updated_at",
+            )
+            .bind(upn.as_str())
+            .bind(id)
+            .bind(record.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM user_groups WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
+            for g in groups {
+                sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                    .bind(g.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT INTO user_groups (upn, group_name) VALUES (?, ?)")
+                    .bind(upn.as_str())
+                    .bind(g.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            touched.insert(upn.clone());
+        }
+        audit(&mut tx, now, &actor.label(), "users.import", None, json!({"created": created, "updated": updated}))
+            .await?;
+        tx.commit().await?;
+        for (upn, id, record, groups) in parsed {
+            for g in &groups {
+                world.directory.groups.entry(g.clone()).or_insert_with(Group::default);
+            }
+            let entry = world.directory.users.entry(upn).or_insert_with(User::default);
+            entry.id = id;
+            entry.record = record;
+            entry.groups = groups;
+        }
+        let ids = Self::devices_of_users(&world, &touched);
+        let resigned = self.recompile(&mut world, ids).await?;
+        Ok((created, updated, resigned))
+    }
+
+    // ---- devices -------------------------------------------------------------------------------
+
+    pub async fn set_primary(&self, actor: &Actor, device_id: &str, upn: Option<&str>) -> ApiResult<()> {
+        let upn = upn.map(Upn::parse).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut world = self.world.lock().await;
+        let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
+        if !meta.active {
+            return Err(ApiError::Conflict("device is decommissioned; re-enroll it to assign a user".into()));
+        }
+        if let Some(u) = &upn {
+            if !world.directory.users.contains_key(u) {
+                return Err(ApiError::NotFound(format!(
+                    "no user {u} in the directory; import it first with `tenonctl users import FILE`"
+                )));
+            }
+        }
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        sqlx::query("UPDATE devices SET primary_user = ? WHERE id = ?")
+            .bind(upn.as_ref().map(Upn::as_str))
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            now,
+            &actor.label(),
+            "device.set_primary",
+            Some(device_id),
+            json!({"primary_user": upn, "previous": meta.primary}),
+        )
+        .await?;
+        tx.commit().await?;
+        if let Some(m) = world.devices.get_mut(device_id) {
+            m.primary = upn;
+        }
+        self.recompile(&mut world, vec![device_id.to_string()]).await?;
+        Ok(())
+    }
+
+    pub async fn decommission(&self, actor: &Actor, device_id: &str) -> ApiResult<()> {
+        let mut world = self.world.lock().await;
+        let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
+        if !meta.active {
+            return Err(ApiError::Conflict("device is already decommissioned".into()));
+        }
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "UPDATE devices SET status = 'decommissioned', decommissioned_at = ?, primary_user = NULL WHERE id = ?",
+        )
+        .bind(now)
+        .bind(device_id)
+        .execute(&mut *tx)
+        .await?;
+        audit(
+            &mut tx,
+            now,
+            &actor.label(),
+            "device.decommission",
+            Some(device_id),
+            json!({"previous_primary": meta.primary}),
+        )
+        .await?;
+        tx.commit().await?;
+        if let Some(slot) = self.index.get(device_id) {
+            slot.revoke();
+        }
+        if let Some(m) = world.devices.get_mut(device_id) {
+            m.active = false;
+            m.primary = None;
+        }
+        Ok(())
+    }
+
+    /// Writes the last-seen times the index collected.
+    pub async fn flush_last_seen(&self) -> anyhow::Result<usize> {
+        let dirty = self.index.take_dirty_last_seen();
+        if dirty.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.db.begin().await?;
+        for (id, t) in &dirty {
+            sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
+                .bind(t)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(dirty.len())
+    }
+
+    /// Re-issues envelopes that expire within half their lifetime.
+    pub async fn refresh_expiring(&self) -> anyhow::Result<usize> {
+        let mut world = self.world.lock().await;
+        let now = self.now();
+        let due: Vec<String> = world
+            .devices
+            .iter()
+            .filter(|(_, m)| m.active && m.expires_at - now < self.envelope_ttl / 2)
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.recompile(&mut world, due).await
+    }
+}
+
+pub fn device_not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("no device {id}; `tenonctl devices list` shows the enrolled devices"))
+}
+
+pub fn current_envelope(version: u64, sha: &str, bytes: String) -> CurrentEnvelope {
+    let etag = envelope_etag(version, sha);
+    CurrentEnvelope {
+        etag: HeaderValue::from_str(&etag).expect("an ETag of digits and hex is a valid header"),
+        bytes: axum::body::Bytes::from(bytes),
+        version,
+        payload_sha256: sha.to_string(),
+    }
+}
+
+fn scope_label(scope: &SettingScope) -> String {
+    match scope {
+        SettingScope::Tenant => "tenant".into(),
+        SettingScope::Group(g) => format!("group {g}"),
+        SettingScope::User(u) => format!("user {u}"),
+    }
+}
+
+fn scope_settings_mut<'d>(dir: &'d mut Directory, scope: &SettingScope) -> ApiResult<&'d mut ScopeSettings> {
+    Ok(match scope {
+        SettingScope::Tenant => &mut dir.tenant,
+        SettingScope::Group(g) => {
+            &mut dir
+                .groups
+                .entry(GroupName::parse(g).map_err(|e| ApiError::BadRequest(e.to_string()))?)
+                .or_default()
+                .settings
+        }
+        SettingScope::User(u) => {
+            &mut dir.users.entry(Upn::parse(u).map_err(|e| ApiError::BadRequest(e.to_string()))?).or_default().settings
+        }
+    })
+}
+
+/// Appends an audit row inside the caller's transaction.
+pub async fn audit(
+    conn: &mut SqliteConnection,
+    at: i64,
+    actor: &str,
+    action: &str,
+    target: Option<&str>,
+    details: Value,
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)")
+        .bind(at)
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(details.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
