@@ -1,5 +1,9 @@
 //! tenon-agent as a library: the binary in `main.rs` is a thin command-line front over these
 //! modules, and integration tests (also the Windows ones run under Wine) drive them directly.
 
+pub mod agent;
+pub mod client;
 pub mod platform;
 pub mod policies;
+pub mod status;
+pub mod vault;

@@ -1,0 +1,396 @@
+//! The agent's work: enroll, and the sync that checks in, verifies, stores, applies and reports.
+//!
+//! Path of a sync: [`Agent::sync_once`] -> vault load (and repair) -> re-verify the stored envelope
+//! -> check-in with `If-None-Match` -> on 200 verify (tenon-core `envelope::verify`, refreshing the
+//! key list once on an unknown key) -> persist the exact bytes -> apply every policy to the last known
+//! good payload -> report -> fetch once more if the report changed what the server wants us to hold.
+
+use crate::client::{ClientError, Fetch, ServerClient};
+use crate::platform::Platform;
+use crate::policies::{self, PolicyContext};
+use crate::status::{rfc3339, Status};
+use crate::vault::{Vault, VaultError, VaultState};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tenon_core::api::{envelope_etag, DeviceReport, EnrollRequest};
+use tenon_core::envelope::{verify, VerifiedEnvelope, VerifyContext, VerifyError};
+use tenon_core::trust::{advance_key_list, pin_root, verify_key_list, KeyList, TrustError};
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Unix seconds; passed in so tests control time.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("this device was decommissioned by an administrator; it must be re-enrolled (`tenon-agent enroll --server URL --token TOKEN`): {0}")]
+    Decommissioned(String),
+    #[error("enrollment token is malformed: expected tenr.<id>.<secret>.<fingerprint> as printed by `tenonctl enroll-token create`")]
+    BadToken,
+    #[error("the server's root key does not match the enrollment token: {0}. Check that --server points at the server that created the token")]
+    Trust(#[from] TrustError),
+    #[error("already enrolled as device {0}; pass --force to discard that identity and enroll again")]
+    AlreadyEnrolled(String),
+    #[error("platform: {0}")]
+    Platform(#[from] crate::platform::PlatformError),
+    #[error("the configuration was refused: {0}; the agent keeps applying its last known good configuration")]
+    Rejected(String),
+}
+
+pub struct Agent<'p> {
+    pub state_dir: PathBuf,
+    pub platform: &'p dyn Platform,
+    pub clock: Clock,
+}
+
+/// What one sync did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncSummary {
+    pub result: &'static str,
+    pub config_version: Option<u64>,
+    pub problems: Vec<String>,
+}
+
+impl<'p> Agent<'p> {
+    pub fn new(state_dir: &Path, platform: &'p dyn Platform, clock: Clock) -> Self {
+        Self { state_dir: state_dir.to_path_buf(), platform, clock }
+    }
+
+    fn vault(&self) -> Vault<'_> {
+        Vault::new(&self.state_dir, self.platform)
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// Enrolls with a token from `tenonctl enroll-token create`; pins the root key it names.
+    pub fn enroll(&self, server: &str, token: &str, force: bool) -> Result<String, AgentError> {
+        let fingerprint = token.trim().split('.').nth(3).filter(|f| f.len() == 64).ok_or(AgentError::BadToken)?;
+        let vault = self.vault();
+        let status = Status::load(&self.state_dir);
+        if vault.exists() && !force && !status.decommissioned {
+            let id = vault.load().map(|l| l.state.device_id).unwrap_or_else(|_| "(unreadable vault)".into());
+            return Err(AgentError::AlreadyEnrolled(id));
+        }
+        let client = ServerClient::new(server);
+        let resp = client.enroll(&EnrollRequest {
+            token: token.trim().to_string(),
+            hostname: self.platform.hostname()?,
+            agent_version: AGENT_VERSION.to_string(),
+        })?;
+        let root = pin_root(&resp.trust.root_public_key, fingerprint)?;
+        let key_list = advance_key_list(&root, None, &resp.trust.key_lists)?.ok_or(TrustError::MalformedList)?;
+        let state = VaultState {
+            generation: 1,
+            server_url: server.trim_end_matches('/').to_string(),
+            device_id: resp.device_id.clone(),
+            credential: resp.credential,
+            root_public_key: resp.trust.root_public_key,
+            key_list: key_list.raw,
+            escrow_public_key: resp.escrow_public_key,
+            envelope: None,
+            latest_time_seen: self.now().max(resp.server_time),
+            policy_state: Map::new(),
+        };
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| VaultError::KeyUnusable(e.to_string()))?;
+        vault.create(key, &state)?;
+        let status = Status {
+            device_id: Some(resp.device_id.clone()),
+            server_url: Some(state.server_url.clone()),
+            ..Default::default()
+        };
+        let _ = status.save(&self.state_dir);
+        Ok(resp.device_id)
+    }
+
+    /// One sync. Errors that stop the sync are also recorded in `status.json`.
+    pub fn sync_once(&self) -> Result<SyncSummary, AgentError> {
+        let mut status = Status::load(&self.state_dir);
+        let now = self.now();
+        status.last_attempt = Some(rfc3339(now));
+        let result = self.sync_inner(&mut status);
+        match &result {
+            Ok(summary) => {
+                status.last_sync_result = Some(summary.result.to_string());
+                status.last_error = (!summary.problems.is_empty()).then(|| summary.problems.join("; "));
+            }
+            Err(e) => {
+                status.last_sync_result = Some("failed".into());
+                status.last_error = Some(e.to_string());
+                if matches!(e, AgentError::Decommissioned(_)) {
+                    status.decommissioned = true;
+                }
+            }
+        }
+        if let Err(e) = status.save(&self.state_dir) {
+            tracing::warn!(error = %e, "cannot write status.json");
+        }
+        match result {
+            Ok(s) if s.result == "rejected" => Err(AgentError::Rejected(s.problems.join("; "))),
+            other => other,
+        }
+    }
+
+    fn sync_inner(&self, status: &mut Status) -> Result<SyncSummary, AgentError> {
+        let vault = self.vault();
+        let loaded = vault.load()?;
+        let mut st = loaded.state;
+        let mut problems: Vec<String> = loaded.repaired.into_iter().map(|r| format!("vault: {r}")).collect();
+        status.device_id = Some(st.device_id.clone());
+        status.server_url = Some(st.server_url.clone());
+        st.latest_time_seen = st.latest_time_seen.max(self.now());
+
+        // The root key was pinned at enrollment against the token's fingerprint.
+        let root = decode_root(&st.root_public_key)?;
+        let mut trusted = verify_key_list(&st.key_list, &root)?;
+
+        // The stored envelope is re-verified (signature, device, hash; not expiry) before use.
+        let mut lkg: Option<VerifiedEnvelope> = match &st.envelope {
+            None => None,
+            Some(bytes) => {
+                let ctx = VerifyContext { device_id: &st.device_id, trusted: &trusted, stored: None, now: i64::MIN };
+                match verify(bytes, &ctx) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        problems.push(format!("stored configuration no longer verifies ({e}); discarded"));
+                        None
+                    }
+                }
+            }
+        };
+
+        let client = ServerClient::new(&st.server_url);
+        let mut result = "unchanged";
+        let mut rejected = false;
+        let mut checked_in = false;
+        let mut fetch_error: Option<AgentError> = None;
+        for round in 0..2 {
+            let etag = lkg.as_ref().map(|e| envelope_etag(e.body.version, &e.body.payload_sha256));
+            match client.fetch_config(&st.credential, etag.as_deref()) {
+                Ok(Fetch::NotModified) => checked_in = true,
+                Ok(Fetch::Envelope(bytes)) => {
+                    checked_in = true;
+                    match self.verify_new(&client, &mut st, &mut trusted, &root, &bytes, lkg.as_ref()) {
+                        Ok(v) => {
+                            st.latest_time_seen = st.latest_time_seen.max(v.body.issued_at);
+                            st.envelope = Some(v.bytes.clone());
+                            if lkg.as_ref().map(|l| l.body.version) != Some(v.body.version) {
+                                result = "updated";
+                            }
+                            lkg = Some(v);
+                        }
+                        Err(reason) => {
+                            rejected = true;
+                            let keep = lkg.as_ref().map(|l| l.body.version.to_string()).unwrap_or_else(|| "none".into());
+                            problems.push(format!(
+                                "refused the configuration from the server ({}: {reason}); keeping version {keep}",
+                                reason.code()
+                            ));
+                        }
+                    }
+                }
+                Err(ClientError::Decommissioned(d)) => return Err(AgentError::Decommissioned(d)),
+                Err(e) => {
+                    problems.push(e.to_string());
+                    fetch_error = Some(e.into());
+                }
+            }
+            st.generation += 1;
+            vault.save(&st)?;
+
+            let statuses = self.apply(&mut st, lkg.as_ref());
+            st.generation += 1;
+            vault.save(&st)?;
+            status.policies = statuses.clone();
+            status.config_version = lkg.as_ref().map(|l| l.body.version);
+            status.config_sha256 = lkg.as_ref().map(|l| l.body.payload_sha256.clone());
+            if fetch_error.is_some() {
+                break;
+            }
+            status.last_sync = Some(rfc3339(self.now()));
+            let report = DeviceReport {
+                agent_version: AGENT_VERSION.to_string(),
+                hostname: self.platform.hostname().unwrap_or_default(),
+                signed_in_users: self
+                    .platform
+                    .signed_in_users()
+                    .map(|u| u.into_iter().map(|u| u.upn.to_lowercase()).collect())
+                    .unwrap_or_default(),
+                config_version: status.config_version,
+                config_sha256: status.config_sha256.clone(),
+                last_error: (!problems.is_empty()).then(|| problems.join("; ")),
+                policies: statuses,
+            };
+            let wanted = match client.report(&st.credential, &report) {
+                Ok(w) => w,
+                Err(ClientError::Decommissioned(d)) => return Err(AgentError::Decommissioned(d)),
+                Err(e) => {
+                    problems.push(format!("report not delivered: {e}"));
+                    None
+                }
+            };
+            let holding = lkg.as_ref().map(|e| envelope_etag(e.body.version, &e.body.payload_sha256));
+            // The report can change what the server compiles for us (a new user signed in):
+            // fetch again at once rather than at the next interval.
+            if round == 0 && !rejected && wanted.is_some() && wanted != holding {
+                continue;
+            }
+            break;
+        }
+        if let Some(e) = fetch_error {
+            if !checked_in {
+                return Err(e);
+            }
+        }
+        Ok(SyncSummary {
+            result: if rejected { "rejected" } else { result },
+            config_version: lkg.as_ref().map(|l| l.body.version),
+            problems,
+        })
+    }
+
+    /// Verifies a fetched envelope; on an unknown signing key, refreshes the key list once.
+    fn verify_new(
+        &self,
+        client: &ServerClient,
+        st: &mut VaultState,
+        trusted: &mut KeyList,
+        root: &ed25519_dalek::VerifyingKey,
+        bytes: &str,
+        lkg: Option<&VerifiedEnvelope>,
+    ) -> Result<VerifiedEnvelope, VerifyError> {
+        let stored = lkg.map(|l| (l.body.version, l.body.payload_sha256.as_str()));
+        let first = verify(bytes, &VerifyContext { device_id: &st.device_id, trusted, stored, now: st.latest_time_seen });
+        match first {
+            Err(VerifyError::UnknownKey { .. }) => {
+                let Ok(bundle) = client.trust(&st.credential) else { return first };
+                match advance_key_list(root, Some(trusted), &bundle.key_lists) {
+                    Ok(Some(newer)) if newer.body.version > trusted.body.version => {
+                        st.key_list = newer.raw.clone();
+                        *trusted = newer;
+                        verify(bytes, &VerifyContext { device_id: &st.device_id, trusted, stored, now: st.latest_time_seen })
+                    }
+                    _ => first,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Applies every policy to the last known good payload.
+    fn apply(&self, st: &mut VaultState, lkg: Option<&VerifiedEnvelope>) -> Map<String, Value> {
+        let mut statuses = Map::new();
+        let Some(env) = lkg else { return statuses };
+        let empty = Map::new();
+        let machine = env.body.payload.get("machine").and_then(Value::as_object).unwrap_or(&empty);
+        let users = env.body.payload.get("users").and_then(Value::as_object).unwrap_or(&empty);
+        for policy in policies::all() {
+            let mut state = st.policy_state.remove(policy.name()).unwrap_or(Value::Null);
+            let mut ctx = PolicyContext { platform: self.platform, machine, users, now: self.now(), state: &mut state };
+            let s = policy.apply(&mut ctx);
+            statuses.insert(policy.name().to_string(), serde_json::to_value(s).unwrap_or(Value::Null));
+            if !state.is_null() {
+                st.policy_state.insert(policy.name().to_string(), state);
+            }
+        }
+        statuses
+    }
+
+    /// The service loop: sync at a jittered interval, back off exponentially while the server is
+    /// unreachable, sync at once when the network changes, stop when `stop` is set or the device
+    /// was decommissioned.
+    pub fn run(&self, interval: Duration, stop: &AtomicBool) -> Result<(), AgentError> {
+        let network_changed = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    match self.platform.wait_network_change(Duration::from_secs(5)) {
+                        Ok(true) => network_changed.store(true, Ordering::SeqCst),
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(error = %e, "network change notifications unavailable; relying on the sync interval");
+                            sleep_until(stop, &AtomicBool::new(false), Duration::from_secs(30));
+                        }
+                    }
+                }
+            });
+            let result = self.run_loop(interval, stop, &network_changed);
+            stop.store(true, Ordering::SeqCst);
+            result
+        })
+    }
+
+    fn run_loop(&self, interval: Duration, stop: &AtomicBool, network_changed: &AtomicBool) -> Result<(), AgentError> {
+        let mut backoff = Duration::from_secs(5);
+        const MAX_BACKOFF: Duration = Duration::from_secs(15 * 60);
+        while !stop.load(Ordering::SeqCst) {
+            network_changed.store(false, Ordering::SeqCst);
+            let wait = match self.sync_once() {
+                Ok(s) => {
+                    tracing::info!(result = s.result, version = ?s.config_version, "sync done");
+                    backoff = Duration::from_secs(5);
+                    jitter(interval, 0.2)
+                }
+                Err(AgentError::Decommissioned(d)) => {
+                    tracing::error!("device decommissioned; stopping: {d}");
+                    return Err(AgentError::Decommissioned(d));
+                }
+                Err(e @ AgentError::Client(ClientError::Unreachable { .. })) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "server unreachable");
+                    let w = jitter(backoff, 0.3);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    w
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sync failed");
+                    let w = jitter(backoff.max(interval.min(MAX_BACKOFF)), 0.3);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    w
+                }
+            };
+            sleep_until(stop, network_changed, wait);
+        }
+        Ok(())
+    }
+}
+
+fn decode_root(b64: &str) -> Result<ed25519_dalek::VerifyingKey, TrustError> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| TrustError::MalformedKey)?;
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| TrustError::MalformedKey)?;
+    ed25519_dalek::VerifyingKey::from_bytes(&arr).map_err(|_| TrustError::MalformedKey)
+}
+
+/// `base` scaled by a random factor in [1 - spread, 1 + spread], so a fleet does not check in
+/// in lock-step.
+pub fn jitter(base: Duration, spread: f64) -> Duration {
+    let mut b = [0u8; 2];
+    let r = if getrandom::fill(&mut b).is_ok() { u16::from_le_bytes(b) as f64 / u16::MAX as f64 } else { 0.5 };
+    base.mul_f64(1.0 - spread + 2.0 * spread * r)
+}
+
+fn sleep_until(stop: &AtomicBool, wake: &AtomicBool, total: Duration) {
+    let deadline = std::time::Instant::now() + total;
+    while !stop.load(Ordering::SeqCst) && !wake.load(Ordering::SeqCst) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(250)));
+    }
+}

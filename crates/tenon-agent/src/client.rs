@@ -1,0 +1,109 @@
+//! The agent's HTTP client for the device API (blocking: the agent is a small sequential loop).
+
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("server {url} is unreachable: {detail}")]
+    Unreachable { url: String, detail: String },
+    #[error("{0}")]
+    Decommissioned(String),
+    #[error("server refused the device credential: {0}")]
+    Unauthorized(String),
+    #[error("server answered {status}: {detail}")]
+    Server { status: u16, detail: String },
+    #[error("server sent an unexpected answer: {0}")]
+    Protocol(String),
+}
+
+/// What a check-in returned.
+pub enum Fetch {
+    NotModified,
+    Envelope(String),
+}
+
+pub struct ServerClient {
+    base: String,
+    http: ureq::Agent,
+}
+
+impl ServerClient {
+    pub fn new(base: &str) -> Self {
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("tenon-agent/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Self { base: base.trim_end_matches('/').to_string(), http }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn map_err(&self, e: ureq::Error) -> ClientError {
+        match e {
+            ureq::Error::Status(status, resp) => {
+                let body = resp.into_string().unwrap_or_default();
+                let detail = serde_json::from_str::<Problem>(&body).map(|p| p.detail).unwrap_or_else(|_| {
+                    let mut b = body;
+                    b.truncate(300);
+                    b
+                });
+                match status {
+                    410 => ClientError::Decommissioned(detail),
+                    401 | 403 => ClientError::Unauthorized(detail),
+                    _ => ClientError::Server { status, detail },
+                }
+            }
+            ureq::Error::Transport(t) => ClientError::Unreachable { url: self.base.clone(), detail: t.to_string() },
+        }
+    }
+
+    fn json<T: DeserializeOwned>(&self, resp: ureq::Response) -> Result<T, ClientError> {
+        resp.into_json().map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse, ClientError> {
+        let resp = self.http.post(&self.url("/api/v1/enroll")).send_json(req).map_err(|e| self.map_err(e))?;
+        self.json(resp)
+    }
+
+    /// The check-in: `If-None-Match` with the held ETag; 304 means nothing changed.
+    pub fn fetch_config(&self, credential: &str, etag: Option<&str>) -> Result<Fetch, ClientError> {
+        let mut req = self.http.get(&self.url("/api/v1/device/config")).set("Authorization", &format!("Bearer {credential}"));
+        if let Some(etag) = etag {
+            req = req.set("If-None-Match", etag);
+        }
+        let resp = req.call().map_err(|e| self.map_err(e))?;
+        match resp.status() {
+            304 => Ok(Fetch::NotModified),
+            200 => resp.into_string().map(Fetch::Envelope).map_err(|e| ClientError::Protocol(e.to_string())),
+            s => Err(ClientError::Protocol(format!("unexpected status {s} for the configuration"))),
+        }
+    }
+
+    pub fn trust(&self, credential: &str) -> Result<TrustBundle, ClientError> {
+        let resp = self
+            .http
+            .get(&self.url("/api/v1/device/trust"))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .call()
+            .map_err(|e| self.map_err(e))?;
+        self.json(resp)
+    }
+
+    /// Sends a report; returns the ETag the server wants the device to hold.
+    pub fn report(&self, credential: &str, report: &DeviceReport) -> Result<Option<String>, ClientError> {
+        let resp = self
+            .http
+            .post(&self.url("/api/v1/device/report"))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .send_json(report)
+            .map_err(|e| self.map_err(e))?;
+        let v: serde_json::Value = self.json(resp)?;
+        Ok(v.get("etag").and_then(|e| e.as_str()).map(str::to_string))
+    }
+}
