@@ -196,7 +196,8 @@ impl<'p> Agent<'p> {
                         }
                         Err(reason) => {
                             rejected = true;
-                            let keep = lkg.as_ref().map(|l| l.body.version.to_string()).unwrap_or_else(|| "none".into());
+                            let keep =
+                                lkg.as_ref().map(|l| l.body.version.to_string()).unwrap_or_else(|| "none".into());
                             problems.push(format!(
                                 "refused the configuration from the server ({}: {reason}); keeping version {keep}",
                                 reason.code()
@@ -275,7 +276,8 @@ impl<'p> Agent<'p> {
         lkg: Option<&VerifiedEnvelope>,
     ) -> Result<VerifiedEnvelope, VerifyError> {
         let stored = lkg.map(|l| (l.body.version, l.body.payload_sha256.as_str()));
-        let first = verify(bytes, &VerifyContext { device_id: &st.device_id, trusted, stored, now: st.latest_time_seen });
+        let first =
+            verify(bytes, &VerifyContext { device_id: &st.device_id, trusted, stored, now: st.latest_time_seen });
         match first {
             Err(VerifyError::UnknownKey { .. }) => {
                 let Ok(bundle) = client.trust(&st.credential) else { return first };
@@ -283,7 +285,10 @@ impl<'p> Agent<'p> {
                     Ok(Some(newer)) if newer.body.version > trusted.body.version => {
                         st.key_list = newer.raw.clone();
                         *trusted = newer;
-                        verify(bytes, &VerifyContext { device_id: &st.device_id, trusted, stored, now: st.latest_time_seen })
+                        verify(
+                            bytes,
+                            &VerifyContext { device_id: &st.device_id, trusted, stored, now: st.latest_time_seen },
+                        )
                     }
                     _ => first,
                 }

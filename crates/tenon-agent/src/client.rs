@@ -73,7 +73,8 @@ impl ServerClient {
 
     /// The check-in: `If-None-Match` with the held ETag; 304 means nothing changed.
     pub fn fetch_config(&self, credential: &str, etag: Option<&str>) -> Result<Fetch, ClientError> {
-        let mut req = self.http.get(&self.url("/api/v1/device/config")).set("Authorization", &format!("Bearer {credential}"));
+        let mut req =
+            self.http.get(&self.url("/api/v1/device/config")).set("Authorization", &format!("Bearer {credential}"));
         if let Some(etag) = etag {
             req = req.set("If-None-Match", etag);
         }

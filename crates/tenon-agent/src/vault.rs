@@ -51,7 +51,9 @@ pub enum VaultError {
     NotEnrolled(String),
     #[error("vault key {0} is missing while the vault exists; the vault cannot be opened and nothing was applied. Re-enroll the device (`tenon-agent enroll --force ...`)")]
     KeyMissing(String),
-    #[error("vault key cannot be unwrapped on this machine ({0}); re-enroll the device (`tenon-agent enroll --force ...`)")]
+    #[error(
+        "vault key cannot be unwrapped on this machine ({0}); re-enroll the device (`tenon-agent enroll --force ...`)"
+    )]
     KeyUnusable(String),
     #[error("both vault copies fail verification ({primary}; mirror: {mirror}); nothing was applied. Re-enroll the device (`tenon-agent enroll --force ...`)")]
     Corrupt { primary: String, mirror: String },
@@ -136,7 +138,8 @@ impl<'p> Vault<'p> {
         let (state, repaired) = match (primary, mirror) {
             (Ok(p), Ok(m)) => {
                 if p.generation >= m.generation {
-                    let repair = (p.generation != m.generation).then(|| "vault mirror was behind; rewritten".to_string());
+                    let repair =
+                        (p.generation != m.generation).then(|| "vault mirror was behind; rewritten".to_string());
                     (p, repair)
                 } else {
                     (m, Some("vault.bin was older than its mirror; restored from the mirror".to_string()))

@@ -1,1 +1,517 @@
-fn main() {}
+//! tenonctl: the administrator's command line for a Tenon server.
+//!
+//! `tenonctl --server URL --token TOKEN [--json] COMMAND` (or `TENON_SERVER`, `TENON_TOKEN`).
+//! Every read prints a table for people, or JSON with `--json`. Errors are one line on stderr;
+//! exit codes: 0 ok, 1 failure, 2 usage.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tenon_core::api::{Problem, SettingScope};
+
+#[derive(Parser)]
+#[command(name = "tenonctl", version, about = "Administer a Tenon server")]
+struct Cli {
+    /// Server URL, such as http://127.0.0.1:8440.
+    #[arg(long, env = "TENON_SERVER", default_value = "http://127.0.0.1:8440", global = true)]
+    server: String,
+    /// Admin token (the bootstrap one is in DATA_DIR/admin.token).
+    #[arg(long, env = "TENON_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enrollment tokens.
+    #[command(name = "enroll-token", subcommand)]
+    EnrollToken(EnrollTokenCmd),
+    /// The local directory.
+    #[command(subcommand)]
+    Users(UsersCmd),
+    /// Settings at tenant, group and user scope.
+    #[command(subcommand)]
+    Settings(SettingsCmd),
+    /// Directory groups.
+    #[command(subcommand)]
+    Groups(GroupsCmd),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Devices(DevicesCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// Delivery Optimization peer groups.
+    #[command(subcommand)]
+    Networks(NetworksCmd),
+}
+
+#[derive(Subcommand)]
+enum EnrollTokenCmd {
+    /// Create a token; prints the token alone (or JSON with --json).
+    Create {
+        /// How many devices may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it is valid, such as 24h or 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCmd {
+    /// Import a JSON array of Graph-shaped users (each with userPrincipalName, optional groups: [names]).
+    Import { file: PathBuf },
+    /// List users.
+    List,
+}
+
+#[derive(Args, Clone)]
+#[group(required = true, multiple = false)]
+struct ScopeArgs {
+    /// Tenant-wide default.
+    #[arg(long)]
+    tenant: bool,
+    /// A group by name ("All Users" is everyone).
+    #[arg(long)]
+    group: Option<String>,
+    /// A user by UPN.
+    #[arg(long)]
+    user: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> SettingScope {
+        match (&self.group, &self.user) {
+            (Some(g), _) => SettingScope::Group(g.clone()),
+            (_, Some(u)) => SettingScope::User(u.clone()),
+            _ => SettingScope::Tenant,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum SettingsCmd {
+    /// Set KEY to a JSON value (or the word undefined, to delete it at this scope).
+    Set {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        key: String,
+        value: String,
+    },
+    /// Remove KEY from this scope (the weaker scopes' value applies again).
+    Unset {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        key: String,
+    },
+    /// List settings (all scopes, or one).
+    List {
+        #[arg(long)]
+        tenant: bool,
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupsCmd {
+    /// Set a group's priority: when a user is in several groups, the higher priority wins.
+    SetPriority { name: String, priority: i64 },
+}
+
+#[derive(Subcommand)]
+enum DevicesCmd {
+    /// List devices.
+    List {
+        /// Only devices without a primary user.
+        #[arg(long)]
+        without_primary: bool,
+        /// Only devices whose primary user is not the user signed in most often.
+        #[arg(long)]
+        primary_mismatch: bool,
+        /// Include decommissioned devices.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one device.
+    Show { id: String },
+    /// Report history of one device.
+    Reports {
+        id: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Make UPN the device's primary user (or clear it with --clear).
+    SetPrimary {
+        id: String,
+        #[arg(required_unless_present = "clear")]
+        upn: Option<String>,
+        #[arg(long, conflicts_with = "upn")]
+        clear: bool,
+    },
+    /// Revoke the device's credential and clear its primary user; history is kept.
+    Decommission { id: String },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Newest entries first.
+    List {
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworksCmd {
+    /// Each peer group with its gateway MAC, device count and last seen.
+    List,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 24h or 7d"))
+}
+
+struct Client {
+    base: String,
+    token: String,
+    http: ureq::Agent,
+}
+
+impl Client {
+    fn new(server: &str, token: Option<String>) -> anyhow::Result<Self> {
+        let token = token
+            .filter(|t| !t.trim().is_empty())
+            .ok_or_else(|| usage("no admin token: pass --token TOKEN or set TENON_TOKEN (the bootstrap token is in DATA_DIR/admin.token)".into()))?;
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .build();
+        Ok(Self { base: server.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let url = format!("{}/api/v1/admin{path}", self.base);
+        let req = self.http.request(method, &url).set("Authorization", &format!("Bearer {}", self.token));
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) if r.status() == 204 => Ok(Value::Null),
+            Ok(r) => r.into_json().context("the server's answer is not JSON"),
+            Err(ureq::Error::Status(code, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                match serde_json::from_str::<Problem>(&text) {
+                    Ok(p) => bail!("{} (HTTP {code})", p.detail),
+                    Err(_) => bail!("server answered HTTP {code}: {}", text.chars().take(200).collect::<String>()),
+                }
+            }
+            Err(ureq::Error::Transport(t)) => {
+                bail!("cannot reach the server at {}: {t}; check --server (or TENON_SERVER) and that tenon-server is running", self.base)
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// A usage error found after parsing (exit code 2).
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: String) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let c = Client::new(&cli.server, cli.token)?;
+    let json_out = cli.json;
+    match cli.command {
+        Command::EnrollToken(EnrollTokenCmd::Create { uses, ttl }) => {
+            let v = c.call("POST", "/enroll-tokens", Some(&json!({"uses": uses, "ttl_seconds": ttl.as_secs()})))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+            }
+        }
+        Command::Users(UsersCmd::Import { file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let users: Value = serde_json::from_str(&text).map_err(|e| {
+                usage(format!("{} is not valid JSON ({e}); it must hold a JSON array of user objects", file.display()))
+            })?;
+            if !users.is_array() {
+                return Err(usage(format!("{} must hold a JSON array of user objects", file.display())));
+            }
+            let v = c.call("POST", "/users/import", Some(&users))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "imported: {} new, {} updated; {} devices re-signed",
+                    v["created"], v["updated"], v["devices_updated"]
+                );
+            }
+        }
+        Command::Users(UsersCmd::List) => {
+            let v = c.call("GET", "/users", None)?;
+            print_table(json_out, &v, &[("UPN", "upn"), ("NAME", "display_name"), ("GROUPS", "groups"), ("ID", "id")]);
+        }
+        Command::Settings(SettingsCmd::Set { scope, key, value }) => {
+            let body = if value.trim() == "undefined" {
+                json!({"scope": scope.scope(), "key": key, "undefined": true})
+            } else {
+                let parsed: Value = serde_json::from_str(&value).map_err(|e| {
+                    usage(format!(
+                        "value {value:?} is not JSON ({e}); quote strings as JSON, e.g. '\"text\"', or use true, 5, {{...}} or undefined"
+                    ))
+                })?;
+                json!({"scope": scope.scope(), "key": key, "value": parsed})
+            };
+            let v = c.call("PUT", "/settings", Some(&body))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("set {key}; {} devices re-signed", v["devices_updated"]);
+            }
+        }
+        Command::Settings(SettingsCmd::Unset { scope, key }) => {
+            let v = c.call("POST", "/settings/unset", Some(&json!({"scope": scope.scope(), "key": key})))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("unset {key}; {} devices re-signed", v["devices_updated"]);
+            }
+        }
+        Command::Settings(SettingsCmd::List { tenant, group, user }) => {
+            let q = match (tenant, group, user) {
+                (true, None, None) => "?tenant=true".to_string(),
+                (false, Some(g), None) => format!("?group={}", urlencode(&g)),
+                (false, None, Some(u)) => format!("?user={}", urlencode(&u)),
+                (false, None, None) => String::new(),
+                _ => return Err(usage("choose at most one of --tenant, --group and --user".into())),
+            };
+            let v = c.call("GET", &format!("/settings{q}"), None)?;
+            let rows: Vec<Value> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    let scope = match (s["scope"]["kind"].as_str(), s["scope"]["name"].as_str()) {
+                        (Some("tenant"), _) => "tenant".to_string(),
+                        (Some(k), Some(n)) => format!("{k}:{n}"),
+                        _ => "?".into(),
+                    };
+                    json!({"scope": scope, "key": s["key"], "value": s["value"]})
+                })
+                .collect();
+            if json_out {
+                print_json(&v);
+            } else {
+                print_table(false, &Value::Array(rows), &[("SCOPE", "scope"), ("KEY", "key"), ("VALUE", "value")]);
+            }
+        }
+        Command::Groups(GroupsCmd::SetPriority { name, priority }) => {
+            let v =
+                c.call("PUT", &format!("/groups/{}/priority", urlencode(&name)), Some(&json!({"priority": priority})))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("group {name} priority {priority}; {} devices re-signed", v["devices_updated"]);
+            }
+        }
+        Command::Devices(DevicesCmd::List { without_primary, primary_mismatch, all }) => {
+            let v = c.call(
+                "GET",
+                &format!("/devices?without_primary={without_primary}&primary_mismatch={primary_mismatch}&include_decommissioned={all}"),
+                None,
+            )?;
+            print_table(
+                json_out,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("HOSTNAME", "hostname"),
+                    ("PRIMARY USER", "primary_user"),
+                    ("VERSION", "config_version"),
+                    ("REPORTED", "reported_config_version"),
+                    ("LAST SEEN", "last_seen"),
+                    ("STATUS", "status"),
+                ],
+            );
+        }
+        Command::Devices(DevicesCmd::Show { id }) => {
+            let v = c.call("GET", &format!("/devices/{}", urlencode(&id)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                for k in [
+                    "id",
+                    "hostname",
+                    "status",
+                    "primary_user",
+                    "config_version",
+                    "config_sha256",
+                    "reported_config_version",
+                    "last_seen",
+                    "enrolled_at",
+                    "agent_version",
+                    "signed_in_users",
+                    "last_error",
+                ] {
+                    println!("{k:<24} {}", cell(&v[k]));
+                }
+                if let Some(p) = v["policies"].as_object() {
+                    for (name, s) in p {
+                        let reason =
+                            s.get("reason").and_then(Value::as_str).map(|r| format!(" ({r})")).unwrap_or_default();
+                        println!("policy {name:<17} {}{reason}", cell(&s["state"]));
+                    }
+                }
+            }
+        }
+        Command::Devices(DevicesCmd::Reports { id, limit }) => {
+            let v = c.call("GET", &format!("/devices/{}/reports?limit={limit}", urlencode(&id)), None)?;
+            let rows: Vec<Value> = v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    json!({"received_at": r["received_at"], "version": r["report"]["config_version"],
+                           "users": r["report"]["signed_in_users"], "error": r["report"]["last_error"]})
+                })
+                .collect();
+            if json_out {
+                print_json(&v);
+            } else {
+                print_table(
+                    false,
+                    &Value::Array(rows),
+                    &[("RECEIVED", "received_at"), ("VERSION", "version"), ("USERS", "users"), ("ERROR", "error")],
+                );
+            }
+        }
+        Command::Devices(DevicesCmd::SetPrimary { id, upn, clear }) => {
+            let upn = if clear { None } else { upn };
+            c.call("PUT", &format!("/devices/{}/primary", urlencode(&id)), Some(&json!({"upn": upn})))?;
+            if !json_out {
+                match upn {
+                    Some(u) => println!("primary user of {id} is now {u}; the device gets it at its next sync"),
+                    None => println!("primary user of {id} cleared"),
+                }
+            }
+        }
+        Command::Devices(DevicesCmd::Decommission { id }) => {
+            c.call("POST", &format!("/devices/{}/decommission", urlencode(&id)), None)?;
+            if !json_out {
+                println!("device {id} decommissioned: its credential is revoked and its primary user cleared");
+            }
+        }
+        Command::Audit(AuditCmd::List { limit }) => {
+            let v = c.call("GET", &format!("/audit?limit={limit}"), None)?;
+            print_table(
+                json_out,
+                &v,
+                &[("AT", "at"), ("ACTOR", "actor"), ("ACTION", "action"), ("TARGET", "target"), ("DETAILS", "details")],
+            );
+        }
+        Command::Networks(NetworksCmd::List) => {
+            let v = c.call("GET", "/networks", None)?;
+            print_table(
+                json_out,
+                &v,
+                &[
+                    ("GROUP ID", "group_id"),
+                    ("GATEWAY MAC", "gateway_mac"),
+                    ("GATEWAY IP", "gateway_ip"),
+                    ("DEVICES", "device_count"),
+                    ("LAST SEEN", "last_seen"),
+                ],
+            );
+        }
+    }
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(json_out: bool, v: &Value, columns: &[(&str, &str)]) {
+    if json_out {
+        return print_json(v);
+    }
+    let rows: Vec<Vec<String>> =
+        v.as_array().into_iter().flatten().map(|r| columns.iter().map(|(_, k)| cell(&r[*k])).collect()).collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0).max(h.len()))
+        .collect();
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(columns.iter().map(|(h, _)| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
