@@ -146,6 +146,8 @@ enum DevicesCmd {
     },
     /// Show one device.
     Show { id: String },
+    /// The configuration the device currently gets (version, hash and payload).
+    Config { id: String },
     /// Report history of one device.
     Reports {
         id: String,
@@ -409,6 +411,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        Command::Devices(DevicesCmd::Config { id }) => {
+            let v = c.call("GET", &format!("/devices/{}/config", urlencode(&id)), None)?;
+            print_json(if json_out { &v } else { &v["payload"] });
         }
         Command::Devices(DevicesCmd::Reports { id, limit }) => {
             let v = c.call("GET", &format!("/devices/{}/reports?limit={limit}", urlencode(&id)), None)?;

@@ -231,6 +231,23 @@ pub async fn show_device(
     Ok(Json(v))
 }
 
+/// The payload a device currently gets (what `tenonctl devices config` shows).
+pub async fn device_config(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let slot = state.index.get(&id.to_lowercase()).ok_or_else(|| device_not_found(&id))?;
+    let current = slot.current();
+    let envelope: Value = serde_json::from_slice(&current.bytes).map_err(|e| ApiError::Internal(e.into()))?;
+    Ok(Json(json!({
+        "version": current.version,
+        "payload_sha256": current.payload_sha256,
+        "expires_at": envelope["signed"]["expires_at"].as_i64().map(rfc3339),
+        "payload": envelope["signed"]["payload"],
+    })))
+}
+
 #[derive(Deserialize)]
 pub struct HistoryQuery {
     limit: Option<i64>,

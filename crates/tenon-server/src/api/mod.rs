@@ -26,6 +26,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices", get(admin::list_devices))
         .route("/devices/{id}", get(admin::show_device))
         .route("/devices/{id}/reports", get(admin::device_reports))
+        .route("/devices/{id}/config", get(admin::device_config))
         .route("/devices/{id}/primary", put(admin::set_primary))
         .route("/devices/{id}/decommission", post(admin::decommission))
         .route("/audit", get(admin::audit_list))

@@ -1,0 +1,179 @@
+//! Test support: the real binaries on ephemeral loopback ports with temporary data directories.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary of this workspace. `tenon-server` comes from Cargo; the others are its siblings in
+/// the target directory (`cargo build --workspace --bins` builds them; `scripts/test` does).
+pub fn bin(name: &str) -> PathBuf {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_tenon-server"));
+    if name == "tenon-server" {
+        return server;
+    }
+    let p = server.parent().unwrap().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test does)", p.display());
+    p
+}
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub token: String,
+    pub stderr_log: PathBuf,
+}
+
+impl Server {
+    /// Starts `tenon-server serve` on `listen` (use 127.0.0.1:0 for an ephemeral port).
+    pub fn start(data_dir: &Path, listen: &str) -> Server {
+        let stderr_log = data_dir.with_extension("server.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap();
+        let mut child = Command::new(bin("tenon-server"))
+            .args(["serve", "--listen", listen, "--data-dir"])
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start tenon-server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = loop {
+            assert!(Instant::now() < deadline, "server did not start");
+            let line = lines.next().expect("server exited early").unwrap();
+            if let Some(rest) = line.strip_prefix("tenon-server listening on ") {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap().trim().to_string();
+        let addr = url.trim_start_matches("http://").to_string();
+        let s = Server { child, url, addr, data_dir: data_dir.to_path_buf(), token, stderr_log };
+        s.wait_healthy();
+        s
+    }
+
+    fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if ureq::get(&format!("{}/healthz", self.url)).call().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("server never became healthy");
+    }
+
+    /// SIGTERM and wait, as an administrator's service manager would stop it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Runs tenonctl against this server.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("tenonctl"))
+            .args(["--server", &self.url, "--token", &self.token])
+            .args(args)
+            .output()
+            .expect("run tenonctl")
+    }
+
+    /// Runs tenonctl and parses its --json output; panics with stderr on failure.
+    pub fn ctl_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ctl(&all);
+        assert!(out.status.success(), "tenonctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("tenonctl --json prints JSON")
+    }
+
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(out.status.success(), "tenonctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn enroll_token(&self, uses: u32) -> String {
+        self.ctl_ok(&["enroll-token", "create", "--uses", &uses.to_string()]).trim().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A simulated device with its own state directory.
+pub struct SimAgent {
+    pub state_dir: PathBuf,
+    pub device_file: PathBuf,
+}
+
+impl SimAgent {
+    pub fn new(root: &Path, name: &str, device: Value) -> SimAgent {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let device_file = dir.join("device.json");
+        std::fs::write(&device_file, serde_json::to_vec_pretty(&device).unwrap()).unwrap();
+        SimAgent { state_dir: dir.join("state"), device_file }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin("tenon-agent"))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--platform")
+            .arg(format!("simulated:{}", self.device_file.display()))
+            .args(args)
+            .output()
+            .expect("run tenon-agent")
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "tenon-agent {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn enroll(&self, server: &Server, token: &str) -> String {
+        self.ok(&["enroll", "--server", &server.url, "--token", token]).trim().to_string()
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).unwrap()
+    }
+
+    pub fn device(&self) -> Value {
+        serde_json::from_slice(&std::fs::read(&self.device_file).unwrap()).unwrap()
+    }
+
+    pub fn set_device(&self, device: &Value) {
+        std::fs::write(&self.device_file, serde_json::to_vec_pretty(device).unwrap()).unwrap();
+    }
+
+    /// The payload the agent holds in its vault, decrypted through the agent library.
+    pub fn held_payload(&self) -> Value {
+        let platform = tenon_agent::platform::simulated::SimulatedPlatform::open(&self.device_file).unwrap();
+        let vault = tenon_agent::vault::Vault::new(&self.state_dir, &platform);
+        let state = vault.load().expect("vault loads").state;
+        let env: Value = serde_json::from_str(state.envelope.as_deref().expect("an envelope is held")).unwrap();
+        env["signed"]["payload"].clone()
+    }
+}
