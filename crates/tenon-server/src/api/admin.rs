@@ -1,10 +1,10 @@
 //! Admin endpoints: thin handlers that parse, authorise, call the domain in `state`, and shape
 //! the answer. Every write is audited inside its own transaction (see `state`).
 
-use super::extract::{Admin, ApiJson};
+use super::extract::{Admin, ApiJson, ApiQuery};
 use crate::error::{ApiError, ApiResult};
 use crate::state::{device_not_found, AppState};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -103,7 +103,7 @@ pub struct SettingsQuery {
 pub async fn list_settings(
     State(state): State<Arc<AppState>>,
     Admin(_): Admin,
-    Query(q): Query<SettingsQuery>,
+    ApiQuery(q): ApiQuery<SettingsQuery>,
 ) -> ApiResult<Json<Value>> {
     let scope = match (q.tenant.unwrap_or(false), q.group, q.user) {
         (true, None, None) => Some(SettingScope::Tenant),
@@ -168,7 +168,7 @@ pub struct DevicesQuery {
 pub async fn list_devices(
     State(state): State<Arc<AppState>>,
     Admin(_): Admin,
-    Query(q): Query<DevicesQuery>,
+    ApiQuery(q): ApiQuery<DevicesQuery>,
 ) -> ApiResult<Json<Vec<DeviceView>>> {
     let rows = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY hostname, id"))
         .fetch_all(&state.db)
@@ -257,7 +257,7 @@ pub async fn device_reports(
     State(state): State<Arc<AppState>>,
     Admin(_): Admin,
     Path(id): Path<String>,
-    Query(q): Query<HistoryQuery>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let rows = sqlx::query("SELECT received_at, report FROM reports WHERE device_id = ? ORDER BY id DESC LIMIT ?")
@@ -307,7 +307,7 @@ pub struct AuditQuery {
 pub async fn audit_list(
     State(state): State<Arc<AppState>>,
     Admin(_): Admin,
-    Query(q): Query<AuditQuery>,
+    ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
     let rows = sqlx::query("SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT ?")

@@ -101,3 +101,17 @@ pub fn authenticate_device(parts: &Parts, state: &AppState) -> Result<Device, Ap
         )),
     }
 }
+
+/// A query string whose failures are problem+json.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Self(v))
+            .map_err(|e| ApiError::BadRequest(format!("query string is not valid: {}", e.body_text())))
+    }
+}
