@@ -1,0 +1,360 @@
+//! Every verification rule, attacked. A mock server serves crafted envelopes; each case asserts the
+//! rejection, the reason reported (status and report), and that the agent still holds and applies
+//! its last known good configuration.
+
+use ed25519_dalek::SigningKey;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use tenon_agent::agent::{Agent, AgentError};
+use tenon_agent::platform::simulated::SimulatedPlatform;
+use tenon_agent::status::Status;
+use tenon_agent::vault::Vault;
+use tenon_core::api::{envelope_etag, TrustBundle};
+use tenon_core::canonical::{sha256_hex, to_canonical};
+use tenon_core::envelope::{issue, EnvelopeFields};
+use tenon_core::trust::{key_id, sign_key_list, PublicKeyEntry, SignatureEntry};
+
+const DEVICE: &str = "0a0b0c0d-1111-4222-8333-444455556666";
+const OTHER_DEVICE: &str = "99999999-1111-4222-8333-444455556666";
+const NOW: i64 = 1_800_000_000;
+
+fn root() -> SigningKey {
+    SigningKey::from_bytes(&[1; 32])
+}
+fn signer() -> SigningKey {
+    SigningKey::from_bytes(&[2; 32])
+}
+fn attacker() -> SigningKey {
+    SigningKey::from_bytes(&[9; 32])
+}
+
+#[derive(Default)]
+struct MockState {
+    envelope: String,
+    trust: Option<TrustBundle>,
+    reports: Vec<Value>,
+    fetches: usize,
+}
+
+struct Mock {
+    url: String,
+    state: Arc<Mutex<MockState>>,
+}
+
+impl Mock {
+    fn start() -> Mock {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(MockState {
+            trust: Some(TrustBundle {
+                root_public_key: PublicKeyEntry::new(&root().verifying_key()).public,
+                key_lists: vec![sign_key_list(&root(), 1, NOW - 100, &[signer().verifying_key()])],
+            }),
+            ..Default::default()
+        }));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                let (mut len, mut inm) = (0usize, None);
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    match k.to_ascii_lowercase().as_str() {
+                        "content-length" => len = v.trim().parse().unwrap(),
+                        "if-none-match" => inm = Some(v.trim().to_string()),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let mut s = st.lock().unwrap();
+                let (status, out) = match path.as_str() {
+                    "/api/v1/enroll" => (
+                        201,
+                        json!({"device_id": DEVICE, "credential": format!("tdev.{DEVICE}.secret"),
+                               "trust": s.trust, "escrow_public_key": null, "server_time": NOW})
+                        .to_string(),
+                    ),
+                    "/api/v1/device/config" => {
+                        s.fetches += 1;
+                        let etag = etag_of(&s.envelope);
+                        if inm.as_deref() == Some(etag.as_str()) {
+                            (304, String::new())
+                        } else {
+                            (200, s.envelope.clone())
+                        }
+                    }
+                    "/api/v1/device/trust" => (200, serde_json::to_string(&s.trust).unwrap()),
+                    "/api/v1/device/report" => {
+                        s.reports.push(serde_json::from_slice(&body).unwrap());
+                        (202, json!({"etag": etag_of(&s.envelope)}).to_string())
+                    }
+                    _ => (404, "{}".into()),
+                };
+                let reason = match status {
+                    200 => "OK",
+                    201 => "Created",
+                    202 => "Accepted",
+                    304 => "Not Modified",
+                    _ => "Not Found",
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                    out.len()
+                );
+            }
+        });
+        Mock { url, state }
+    }
+
+    fn serve(&self, envelope: String) {
+        self.state.lock().unwrap().envelope = envelope;
+    }
+
+    fn last_report(&self) -> Value {
+        self.state.lock().unwrap().reports.last().cloned().expect("a report was sent")
+    }
+}
+
+/// The ETag the real server would give an envelope (version and payload hash).
+fn etag_of(envelope: &str) -> String {
+    let v: Value = serde_json::from_str(envelope).unwrap_or(Value::Null);
+    match (v["signed"]["version"].as_u64(), v["signed"]["payload_sha256"].as_str()) {
+        (Some(ver), Some(sha)) => envelope_etag(ver, sha),
+        _ => "\"none\"".into(),
+    }
+}
+
+fn envelope(device: &str, version: u64, expires_at: i64, marker: &str, key: &SigningKey) -> String {
+    issue(
+        &EnvelopeFields { device_id: device, user_id: None, version, issued_at: NOW - 10, expires_at },
+        json!({"machine": {"Policies": {"Marker": marker}}, "users": {}}),
+        key,
+    )
+    .unwrap()
+    .bytes
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    mock: Mock,
+    state_dir: std::path::PathBuf,
+    platform: SimulatedPlatform,
+}
+
+impl Fixture {
+    /// An agent enrolled with the mock, holding version 5 ("good").
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let device_file = dir.path().join("device.json");
+        std::fs::write(&device_file, json!({"hostname": "PC", "signed_in_users": []}).to_string()).unwrap();
+        let platform = SimulatedPlatform::open(&device_file).unwrap();
+        let mock = Mock::start();
+        let f = Fixture { state_dir: dir.path().join("state"), _dir: dir, mock, platform };
+        let token = format!("tenr.id.secret.{}", key_id(&root().verifying_key()));
+        f.agent().enroll(&f.mock.url, &token, false).unwrap();
+        f.mock.serve(envelope(DEVICE, 5, NOW + 3600, "good", &signer()));
+        let s = f.agent().sync_once().unwrap();
+        assert_eq!(s.config_version, Some(5));
+        f
+    }
+
+    fn agent(&self) -> Agent<'_> {
+        Agent::new(&self.state_dir, &self.platform, Arc::new(|| NOW))
+    }
+
+    fn vault(&self) -> Vault<'_> {
+        Vault::new(&self.state_dir, &self.platform)
+    }
+
+    fn held(&self) -> (u64, Value) {
+        let st = self.vault().load().unwrap().state;
+        let env: Value = serde_json::from_str(st.envelope.as_deref().unwrap()).unwrap();
+        (env["signed"]["version"].as_u64().unwrap(), env["signed"]["payload"]["machine"]["Policies"]["Marker"].clone())
+    }
+
+    /// The agent refused what the mock served, says why, and still holds and applies version 5.
+    fn assert_refused(&self, code: &str) {
+        let err = self.agent().sync_once().expect_err("the envelope must be refused");
+        assert!(matches!(err, AgentError::Rejected(_)), "{err}");
+        assert!(err.to_string().contains(code), "{err} should name {code}");
+        let status = Status::load(&self.state_dir);
+        assert_eq!(status.last_sync_result.as_deref(), Some("rejected"));
+        assert!(status.last_error.as_deref().unwrap_or("").contains(code), "{:?}", status.last_error);
+        assert_eq!(status.config_version, Some(5));
+        assert_eq!(self.held(), (5, json!("good")));
+        let report = self.mock.last_report();
+        assert_eq!(report["config_version"], json!(5));
+        assert!(report["last_error"].as_str().unwrap_or("").contains(code), "{report}");
+    }
+}
+
+#[test]
+fn accepts_and_then_answers_304() {
+    let f = Fixture::new();
+    let fetches = f.mock.state.lock().unwrap().fetches;
+    assert_eq!(f.agent().sync_once().unwrap().result, "unchanged");
+    assert_eq!(f.mock.state.lock().unwrap().fetches, fetches + 1);
+    f.mock.serve(envelope(DEVICE, 6, NOW + 3600, "newer", &signer()));
+    assert_eq!(f.agent().sync_once().unwrap().result, "updated");
+    assert_eq!(f.held(), (6, json!("newer")));
+}
+
+#[test]
+fn wrong_key() {
+    let f = Fixture::new();
+    f.mock.serve(envelope(DEVICE, 6, NOW + 3600, "evil", &attacker()));
+    f.assert_refused("unknown_key");
+}
+
+#[test]
+fn bad_signature() {
+    let f = Fixture::new();
+    let good = envelope(DEVICE, 6, NOW + 3600, "evil", &signer());
+    let mut v: Value = serde_json::from_str(&good).unwrap();
+    // Same key id, signature over something else.
+    v["signatures"][0]["sig"] = json!(SignatureEntry::sign(&signer(), b"something else").sig);
+    let signed_raw = to_canonical(&v["signed"]).unwrap();
+    let forged =
+        format!("{{\"signatures\":{},\"signed\":{}}}", v["signatures"], String::from_utf8(signed_raw).unwrap());
+    f.mock.serve(forged);
+    f.assert_refused("bad_signature");
+}
+
+#[test]
+fn another_devices_envelope() {
+    let f = Fixture::new();
+    f.mock.serve(envelope(OTHER_DEVICE, 6, NOW + 3600, "evil", &signer()));
+    f.assert_refused("wrong_device");
+}
+
+#[test]
+fn older_version_rollback() {
+    let f = Fixture::new();
+    f.mock.serve(envelope(DEVICE, 4, NOW + 3600, "old", &signer()));
+    f.assert_refused("rollback");
+}
+
+#[test]
+fn same_version_other_payload() {
+    let f = Fixture::new();
+    f.mock.serve(envelope(DEVICE, 5, NOW + 3600, "swapped", &signer()));
+    f.assert_refused("version_reuse");
+}
+
+#[test]
+fn expired_envelope_freeze() {
+    let f = Fixture::new();
+    f.mock.serve(envelope(DEVICE, 6, NOW - 1, "stale", &signer()));
+    f.assert_refused("expired");
+}
+
+#[test]
+fn payload_hash_mismatch() {
+    let f = Fixture::new();
+    let body = json!({"device_id": DEVICE, "user_id": null, "version": 6, "issued_at": NOW, "expires_at": NOW + 3600,
+        "payload_sha256": sha256_hex(b"not the payload"), "payload": {"machine": {"Policies": {"Marker": "evil"}}, "users": {}}});
+    let signed = to_canonical(&body).unwrap();
+    let sig = SignatureEntry::sign(&signer(), &signed);
+    let lie = format!(
+        "{{\"signatures\":[{}],\"signed\":{}}}",
+        serde_json::to_string(&sig).unwrap(),
+        String::from_utf8(signed).unwrap()
+    );
+    f.mock.serve(lie);
+    f.assert_refused("hash_mismatch");
+}
+
+#[test]
+fn signing_key_rotation_via_root_signed_key_list() {
+    let f = Fixture::new();
+    let next = SigningKey::from_bytes(&[3; 32]);
+    {
+        let mut s = f.mock.state.lock().unwrap();
+        s.trust.as_mut().unwrap().key_lists.push(sign_key_list(&root(), 2, NOW, &[next.verifying_key()]));
+    }
+    f.mock.serve(envelope(DEVICE, 6, NOW + 3600, "rotated", &next));
+    assert_eq!(f.agent().sync_once().unwrap().result, "updated");
+    assert_eq!(f.held(), (6, json!("rotated")));
+    // A key list that the root did not sign does not let an attacker in.
+    {
+        let mut s = f.mock.state.lock().unwrap();
+        s.trust.as_mut().unwrap().key_lists.push(sign_key_list(&attacker(), 3, NOW, &[attacker().verifying_key()]));
+    }
+    f.mock.serve(envelope(DEVICE, 7, NOW + 3600, "evil", &attacker()));
+    let err = f.agent().sync_once().unwrap_err();
+    assert!(err.to_string().contains("unknown_key"), "{err}");
+    assert_eq!(f.held(), (6, json!("rotated")));
+}
+
+fn damage(path: &std::path::Path, how: &str) {
+    let mut raw = std::fs::read(path).unwrap();
+    match how {
+        "truncate" => raw.truncate(raw.len() / 2),
+        _ => {
+            let i = raw.len() - 7;
+            raw[i] ^= 0x20;
+        }
+    }
+    std::fs::write(path, raw).unwrap();
+}
+
+#[test]
+fn truncated_or_bit_flipped_vault_copy_is_discarded() {
+    for how in ["truncate", "flip"] {
+        let f = Fixture::new();
+        damage(&f.vault().primary_path(), how);
+        // The damaged copy is discarded, reported, and the mirror's last known good is used.
+        let s = f.agent().sync_once().unwrap();
+        assert!(s.problems.iter().any(|p| p.contains("vault.bin discarded")), "{how}: {:?}", s.problems);
+        let status = Status::load(&f.state_dir);
+        assert!(status.last_error.unwrap_or_default().contains("vault.bin discarded"));
+        assert_eq!(status.config_version, Some(5));
+        assert_eq!(f.held(), (5, json!("good")));
+        assert!(f.mock.last_report()["last_error"].as_str().unwrap().contains("vault.bin discarded"));
+        // And repaired: the next sync is clean.
+        assert!(f.agent().sync_once().unwrap().problems.is_empty());
+    }
+}
+
+#[test]
+fn both_vault_copies_damaged_are_refused_and_nothing_is_applied() {
+    let f = Fixture::new();
+    let reports = f.mock.state.lock().unwrap().reports.len();
+    damage(&f.vault().primary_path(), "flip");
+    damage(&f.vault().mirror_path(), "truncate");
+    let err = f.agent().sync_once().unwrap_err();
+    assert!(matches!(err, AgentError::Vault(tenon_agent::vault::VaultError::Corrupt { .. })), "{err}");
+    let status = Status::load(&f.state_dir);
+    assert!(status.last_error.unwrap().contains("both vault copies fail verification"));
+    // Status still names what was last applied; nothing new was applied or fetched.
+    assert_eq!(status.config_version, Some(5));
+    assert_eq!(f.mock.state.lock().unwrap().reports.len(), reports);
+}
+
+#[test]
+fn missing_vault_key_is_refused_not_replaced() {
+    let f = Fixture::new();
+    std::fs::remove_file(f.vault().key_path()).unwrap();
+    let err = f.agent().sync_once().unwrap_err();
+    assert!(err.to_string().contains("vault key"), "{err}");
+    let status = Status::load(&f.state_dir);
+    assert!(status.last_error.unwrap().contains("is missing"));
+    assert_eq!(status.config_version, Some(5));
+    // The agent did not quietly make a new key (which would reset the rollback floor).
+    assert!(!f.vault().key_path().exists());
+}
