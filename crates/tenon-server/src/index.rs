@@ -101,4 +101,8 @@ impl CheckinIndex {
     pub fn len(&self) -> usize {
         self.slots.read().unwrap_or_else(|p| p.into_inner()).len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
