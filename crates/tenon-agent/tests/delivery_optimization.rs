@@ -199,6 +199,16 @@ fn platform_errors_become_failed_statuses() {
     assert_eq!(s.state, "failed");
     assert!(s.reason.unwrap().contains(KEY));
     assert_eq!(d.state, Value::Null);
+
+    // Writes fail (the simulated device writes through a temp file next to it, here a directory).
+    let mut d = Device::behind("10.1.0.1", "00:1a:2b:3c:4d:5e");
+    std::fs::create_dir(d.path.with_extension("tmp-write")).unwrap();
+    let s = d.run_default();
+    assert_eq!(s.state, "failed");
+    assert!(s.reason.as_deref().unwrap().starts_with("cannot set DOGroupId="), "{s:?}");
+    assert_eq!(s.details["gateway_mac"], "00:1a:2b:3c:4d:5e");
+    assert!(!s.details.contains_key("group_id"));
+    assert_eq!(d.state, json!({}));
 }
 
 #[test]

@@ -232,10 +232,10 @@ fn decide(input: &DoInput, owned: &DoWritten, actions: &mut Vec<DoAction>) -> (&
 
     if !input.enabled {
         delete_owned(actions, true);
-        return match actions.is_empty() {
-            true => ("disabled", format!("{SETTING} is false")),
-            false => ("removed", format!("{SETTING} is false; removed the values Tenon had written")),
-        };
+        if actions.is_empty() {
+            return ("disabled", format!("{SETTING} is false"));
+        }
+        return ("removed", format!("{SETTING} is false; removed the values Tenon had written"));
     }
     let Some(gw) = input.gateway else {
         delete_owned(actions, true);
@@ -245,9 +245,10 @@ fn decide(input: &DoInput, owned: &DoWritten, actions: &mut Vec<DoAction>) -> (&
     };
     if let Some(source) = &cur.group_id_source {
         delete_owned(actions, false);
+        let removed = if actions.is_empty() { "" } else { "; removed the one Tenon had set" };
         return (
             "managed_elsewhere",
-            format!("{GROUP_ID_SOURCE} is set to {source} (by GPO or MDM), so Tenon does not set {GROUP_ID}"),
+            format!("{GROUP_ID_SOURCE} is set to {source} (by GPO or MDM), so Tenon does not set {GROUP_ID}{removed}"),
         );
     }
     if let (Some(foreign), None) = (&cur.group_id, &owned.group_id) {
