@@ -7,5 +7,6 @@ pub mod canonical;
 pub mod directory;
 pub mod envelope;
 pub mod ids;
+pub mod policy;
 pub mod settings;
 pub mod trust;
