@@ -263,7 +263,7 @@ mod tests {
         let listed_anna = ms("AzureAD\\AnnaSmith", "S-1-12-1-1");
         let builtin = ms("DESKTOP\\Administrator", "S-1-5-21-9-500");
         // Signed in, SID known: added by SID.
-        check(true, anna, anna_sid, &[builtin.clone()], &[], &[Add(ms(ANNA, "S-1-12-1-1"))], "ok");
+        check(true, anna, anna_sid, std::slice::from_ref(&builtin), &[], &[Add(ms(ANNA, "S-1-12-1-1"))], "ok");
         // Manual admin recognised by SID despite a different name.
         check(true, anna, anna_sid, &[builtin.clone(), listed_anna.clone()], &[], &[], "ok");
         // Tenon's record matches the listed member by SID.
@@ -271,7 +271,7 @@ mod tests {
             false,
             anna,
             None,
-            &[listed_anna.clone()],
+            std::slice::from_ref(&listed_anna),
             &[ms(ANNA, "S-1-12-1-1")],
             &[Remove(ms(ANNA, "S-1-12-1-1"))],
             "disabled",
