@@ -5,6 +5,9 @@
 //! what Tenon itself wrote, so that they overwrite or remove only their own changes.
 
 pub mod delivery_optimization;
+pub mod local_admin;
+pub mod mandatory_installs;
+pub mod password_expiry;
 
 use crate::platform::Platform;
 use serde_json::{Map, Value};
@@ -32,7 +35,12 @@ pub trait Policy {
 
 /// Every policy the agent runs, in the order it runs them.
 pub fn all() -> Vec<Box<dyn Policy>> {
-    vec![Box::new(delivery_optimization::DeliveryOptimization)]
+    vec![
+        Box::new(delivery_optimization::DeliveryOptimization),
+        Box::new(local_admin::LocalAdmin),
+        Box::new(mandatory_installs::MandatoryInstalls),
+        Box::new(password_expiry::PasswordExpiryWarnings),
+    ]
 }
 
 /// Reads a dotted path from a config map.
