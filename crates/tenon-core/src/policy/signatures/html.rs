@@ -346,10 +346,15 @@ struct TextWriter {
     space: bool,
 }
 
+/// Line content without ASCII white space at its ends. Non-breaking spaces are deliberate (Word's
+/// `<p>&nbsp;</p>` is a blank line), so they are content here and become spaces only at the end.
+fn trim_ascii_ws(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_ascii_whitespace())
+}
+
 impl TextWriter {
     fn text(&mut self, s: &str) {
         for c in s.chars() {
-            // Non-breaking spaces are deliberate spacing, kept as plain spaces but never collapsed away.
             if c.is_whitespace() && c != '\u{a0}' {
                 self.space = true;
             } else {
@@ -357,40 +362,44 @@ impl TextWriter {
                     self.cur.push(' ');
                 }
                 self.space = false;
-                self.cur.push(if c == '\u{a0}' { ' ' } else { c });
+                self.cur.push(c);
             }
         }
     }
-    fn cell_gap(&mut self) {
+    fn gap(&mut self) {
         self.space = true;
     }
     fn newline(&mut self) {
-        self.lines.push(std::mem::take(&mut self.cur).trim_end().to_string());
+        self.lines.push(trim_ascii_ws(&std::mem::take(&mut self.cur)).to_string());
         self.space = false;
     }
-    /// Ends the current line unless it is empty (block boundaries do not stack up blank lines).
+    /// Ends the current line unless nothing is on it (block boundaries do not stack up blank lines).
     fn soft_newline(&mut self) {
-        if !self.cur.trim().is_empty() {
+        if !trim_ascii_ws(&self.cur).is_empty() {
             self.newline();
         } else {
             self.cur.clear();
             self.space = false;
         }
     }
-    fn finish(mut self) -> String {
+    /// The finished lines, blank runs collapsed, leading and trailing blank lines dropped.
+    fn into_lines(mut self) -> Vec<String> {
         self.soft_newline();
-        let mut out: Vec<&str> = Vec::new();
-        for l in &self.lines {
-            let l = l.trim();
-            if l.is_empty() && out.last().is_none_or(|p: &&str| p.is_empty()) {
+        let mut out: Vec<String> = Vec::new();
+        for l in self.lines {
+            let l = l.replace('\u{a0}', " ").trim_end().to_string();
+            if l.trim().is_empty() && out.last().is_none_or(|p| p.is_empty()) {
                 continue;
             }
-            out.push(l);
+            out.push(if l.trim().is_empty() { String::new() } else { l });
         }
         while out.last().is_some_and(|l| l.is_empty()) {
             out.pop();
         }
-        let mut s = out.join("\r\n");
+        out
+    }
+    fn finish(self) -> String {
+        let mut s = self.into_lines().join("\r\n");
         s.push_str("\r\n");
         s
     }
@@ -404,10 +413,11 @@ fn text_of(nodes: &[Node], w: &mut TextWriter) {
             Node::Element(e) => match e.name.as_str() {
                 "br" => w.newline(),
                 "head" | "style" | "script" | "title" | "xml" => {}
+                "tr" => row_text(e, w),
                 "td" | "th" => {
-                    w.cell_gap();
+                    w.gap();
                     text_of(&e.children, w);
-                    w.cell_gap();
+                    w.gap();
                 }
                 name if is_block(name) => {
                     w.soft_newline();
@@ -416,6 +426,32 @@ fn text_of(nodes: &[Node], w: &mut TextWriter) {
                 }
                 _ => text_of(&e.children, w),
             },
+        }
+    }
+}
+
+/// A table row: when every cell holds at most one line, the cells form one line ("Fax: 123", also
+/// with Word's paragraphs in cells); otherwise the cells' lines follow one another.
+fn row_text(tr: &Element, w: &mut TextWriter) {
+    let cells: Vec<Vec<String>> = tr
+        .children
+        .iter()
+        .filter(|n| matches!(n, Node::Element(_)))
+        .map(|cell| {
+            let mut cw = TextWriter::default();
+            text_of(std::slice::from_ref(cell), &mut cw);
+            cw.into_lines().into_iter().filter(|l| !l.is_empty()).collect()
+        })
+        .collect();
+    w.soft_newline();
+    if cells.iter().all(|c| c.len() <= 1) {
+        let line: Vec<&str> = cells.iter().flatten().map(String::as_str).collect();
+        w.text(&line.join(" "));
+        w.soft_newline();
+    } else {
+        for l in cells.iter().flatten() {
+            w.text(l);
+            w.newline();
         }
     }
 }
@@ -512,6 +548,11 @@ mod tests {
         check("<p>Anna  Berg</p><p>Sales</p>", "Anna Berg\r\nSales\r\n");
         check("Anna<br>Sales<br><br><br>Contoso", "Anna\r\nSales\r\n\r\nContoso\r\n");
         check("<table><tr><td>Fax:</td><td>123</td></tr></table>", "Fax: 123\r\n");
+        check(
+            "<table><tr><td><p>Fax:</p></td><td><p>1</p></td></tr><tr><td><p>a</p><p>b</p></td><td>c</td></tr></table>",
+            "Fax: 1\r\na\r\nb\r\nc\r\n",
+        );
+        check("<p>Hi</p><p><o:p>&nbsp;</o:p></p><p>Anna</p>", "Hi\r\n\r\nAnna\r\n");
         check("<style>p{}</style><b>R&amp;D</b>&nbsp;&nbsp;x", "R&D  x\r\n");
     }
 

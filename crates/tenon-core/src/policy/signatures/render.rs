@@ -173,7 +173,8 @@ impl Pruner<'_> {
                         Some(Leaf::Br(p)) => Some(p),
                         _ => None,
                     };
-                    if all_placeholders_empty(line.iter().map(|(_, raw)| *raw), self.values) {
+                    let dropped_line = all_placeholders_empty(line.iter().map(|(_, raw)| *raw), self.values);
+                    if dropped_line {
                         self.removed.extend(line.iter().map(|(p, _)| (*p).clone()));
                         // Take one line break with the line, so no blank line is left behind.
                         if let Some(br) = right_br.or(left_br).filter(|br| !self.removed.contains(*br)) {
@@ -182,7 +183,11 @@ impl Pruner<'_> {
                         dropped = true;
                     }
                     line.clear();
-                    left_br = right_br;
+                    // After a line left with the break that ended it, the break before it is still the
+                    // one in front of the next line.
+                    if !(dropped_line && right_br.is_some_and(|br| self.removed.contains(br))) {
+                        left_br = right_br;
+                    }
                     if let Some(Leaf::Block(p, el)) = boundary {
                         let mut p = p.clone();
                         dropped |= self.element(el, &mut p);
@@ -382,6 +387,9 @@ mod tests {
         // <br>-separated lines, also through inline elements.
         check("{{Name}}<br>Fax: {{Fax}}<br>Tel: {{Phone}}", "Anna<br>Tel: +49 1");
         check("{{Name}}<br><b>Fax:</b> {{Fax}}", "Anna<b></b>");
+        // Two empty lines at the end take both breaks, so no trailing break is left.
+        check("{{Name}}<br>Fax {{Fax}}<br>{{Mobile}}", "Anna");
+        check("{{Fax}}<br>{{Mobile}}<br>{{Name}}", "Anna");
         check("<span>Tel {{Phone}}<br>Fax {{Fax}}</span>", "<span>Tel +49 1</span>");
         // A line with one filled placeholder stays, the empty one renders empty.
         check("{{Name}} {{Fax}}<br>x", "Anna <br>x");
