@@ -4,6 +4,8 @@
 //! A policy's `state` is persisted in the encrypted vault between runs. Policies use it to remember
 //! what Tenon itself wrote, so that they overwrite or remove only their own changes.
 
+pub mod signatures;
+
 use crate::platform::Platform;
 use serde_json::{Map, Value};
 use tenon_core::api::PolicyStatus;
@@ -30,7 +32,7 @@ pub trait Policy {
 
 /// Every policy the agent runs, in the order it runs them.
 pub fn all() -> Vec<Box<dyn Policy>> {
-    Vec::new()
+    vec![Box::new(signatures::Signatures)]
 }
 
 /// Reads a dotted path from a config map.
