@@ -36,7 +36,8 @@
 //!   then ignoring ASCII case. A name missing from `Values` renders empty and is reported in
 //!   [`Rendered::unknown`], so an admin sees typos.
 //! - `.htm`: values HTML-escaped (also inside attributes, `href="mailto:{{Graph_User_Mail}}"`);
-//!   the rest of the template comes out byte for byte.
+//!   the rest of the template comes out byte for byte. A multi-line value (a two-line street
+//!   address) keeps its breaks: `<br>` in HTML text, a space in attributes, CRLF in `.txt`.
 //! - A **line** whose placeholders are all empty (or blank) drops out entirely, with its label. In
 //!   HTML a line is: the content between `<br>`s and block boundaries, looking through inline
 //!   elements (`<span>`, `<b>`, `<a>`...); one `<br>` goes with it. A `<p>`, `<div>`, `<li>`,

@@ -114,6 +114,22 @@ fn no_escape(s: &str) -> String {
     s.to_string()
 }
 
+/// A value in HTML text: escaped, and a multi-line value (a two-line street address) keeps its
+/// line breaks.
+fn escape_html_text(s: &str) -> String {
+    escape_html(s).replace("\r\n", "\n").replace('\n', "<br>")
+}
+
+/// A value in an attribute: escaped, line breaks as spaces.
+fn escape_html_attribute(s: &str) -> String {
+    escape_html(s).replace("\r\n", " ").replace(['\r', '\n'], " ")
+}
+
+/// A value in a text template: line breaks made CRLF like the rest of the file.
+fn text_value(s: &str) -> String {
+    s.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
 /// Line elements that disappear when emptying their lines left nothing visible in them.
 const REMOVABLE: &[&str] = &["p", "div", "li", "dt", "dd", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "center"];
 
@@ -238,10 +254,10 @@ impl Pruner<'_> {
             path.push(i);
             if !self.removed.contains(path) {
                 match n {
-                    Node::Text(s) => out.push_str(&substitute(s, self.values, escape_html)),
+                    Node::Text(s) => out.push_str(&substitute(s, self.values, escape_html_text)),
                     Node::Raw(s) => out.push_str(s),
                     Node::Element(e) => {
-                        out.push_str(&substitute(&e.start, self.values, escape_html));
+                        out.push_str(&substitute(&e.start, self.values, escape_html_attribute));
                         self.write(&e.children, path, out);
                         if let Some(end) = &e.end {
                             out.push_str(end);
@@ -322,7 +338,7 @@ pub fn render_text(template: &str, values: &BTreeMap<String, String>) -> String 
         if all_placeholders_empty([line], values) {
             continue;
         }
-        out.push_str(&substitute(line, values, no_escape));
+        out.push_str(&substitute(line, values, text_value));
         out.push_str("\r\n");
     }
     out
@@ -421,6 +437,17 @@ mod tests {
             render_html("<a href=\"mailto:{{Mail}}\">{{T}}</a>", &v),
             "<a href=\"mailto:a&quot;b@x.com\">&lt;script&gt;alert(1)&lt;/script&gt; &amp; &quot;R&amp;D&quot;</a>"
         );
+    }
+
+    #[test]
+    fn multi_line_values_keep_their_lines() {
+        let v = values(&[("Street", "Hafenstr. 1\r\nHaus B")]);
+        assert_eq!(
+            render_html("<p title=\"{{Street}}\">{{Street}}</p>", &v),
+            "<p title=\"Hafenstr. 1 Haus B\">Hafenstr. 1<br>Haus B</p>"
+        );
+        assert_eq!(render_text("{{Street}}\n", &v), "Hafenstr. 1\r\nHaus B\r\n");
+        assert_eq!(render("<p>{{Street}}</p>", None, &v).txt, "Hafenstr. 1\r\nHaus B\r\n");
     }
 
     #[test]
