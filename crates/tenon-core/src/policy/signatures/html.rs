@@ -74,6 +74,9 @@ const BLOCKS: &[&str] = &[
 /// Elements whose end implicitly closes an open element of the same kind when a new one starts.
 const SELF_CLOSING_SIBLINGS: &[&str] = &["p", "li", "tr", "td", "th", "dt", "dd"];
 
+/// How deep elements nest before further start tags are kept as raw markup.
+const MAX_DEPTH: usize = 200;
+
 pub fn is_void(name: &str) -> bool {
     VOID.contains(&name)
 }
@@ -161,6 +164,10 @@ pub fn parse(src: &str) -> Vec<Node> {
             i = body_end + end_len;
             text_start = i;
             top(&mut stack).children.push(Node::Element(el));
+        } else if stack.len() > MAX_DEPTH {
+            // Deeper nesting than any real signature: kept as it is, but not nested further, so the
+            // recursive passes over the tree stay shallow.
+            top(&mut stack).children.push(Node::Raw(raw.to_string()));
         } else {
             stack.push(el);
         }
@@ -523,6 +530,7 @@ mod tests {
         check("<table><tr><td>a<td>b<tr><td>c</table>");
         check("unclosed <b>bold");
         check("<img src='a.png' alt=\"x > y\"/>tail <");
+        check(&"<span>x".repeat(5000));
     }
 
     #[test]

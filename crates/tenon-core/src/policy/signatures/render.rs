@@ -451,6 +451,13 @@ mod tests {
     }
 
     #[test]
+    fn absurd_nesting_does_not_exhaust_the_stack() {
+        let html = "<div><span>{{A}}".repeat(50_000);
+        let r = render(&html, None, &values(&[("A", "")]));
+        assert!(r.htm.len() < html.len());
+    }
+
+    #[test]
     fn text_templates_drop_empty_lines() {
         let v = values(&[("Name", "Anna"), ("Fax", "")]);
         assert_eq!(render_text("{{Name}}\nFax: {{Fax}}\r\n\nBye {{Name}}", &v), "Anna\r\n\r\nBye Anna\r\n");
