@@ -8,6 +8,7 @@ pub mod delivery_optimization;
 pub mod local_admin;
 pub mod mandatory_installs;
 pub mod password_expiry;
+pub mod signatures;
 
 use crate::platform::Platform;
 use serde_json::{Map, Value};
@@ -40,6 +41,7 @@ pub fn all() -> Vec<Box<dyn Policy>> {
         Box::new(local_admin::LocalAdmin),
         Box::new(mandatory_installs::MandatoryInstalls),
         Box::new(password_expiry::PasswordExpiryWarnings),
+        Box::new(signatures::Signatures),
     ]
 }
 

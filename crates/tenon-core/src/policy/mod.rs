@@ -5,6 +5,7 @@ pub mod delivery_optimization;
 pub mod install_gate;
 pub mod local_admin;
 pub mod password_expiry;
+pub mod signatures;
 
 use serde_json::{Map, Value};
 
