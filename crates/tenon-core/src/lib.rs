@@ -6,5 +6,6 @@ pub mod api;
 pub mod canonical;
 pub mod envelope;
 pub mod ids;
+pub mod policy;
 pub mod settings;
 pub mod trust;
