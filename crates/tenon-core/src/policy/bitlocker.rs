@@ -428,9 +428,8 @@ impl State {
 /// The state after a run, with its reason code. `step_failed` says a platform step other than an
 /// escrow failed this run (which needs a person more than any escrow question does).
 ///
-/// Precedence: action required > Tenon escrow pending > Entra escrow failed > Entra escrow pending
-/// > enforcing > encrypted, so the report always shows the most urgent fact; the details carry the
-/// rest (percent, per-key escrow).
+/// Precedence, most urgent first: action required, Tenon escrow pending, Entra escrow failed, Entra
+/// escrow pending, enforcing, encrypted; the details carry the rest (percent, per-key escrow).
 pub fn summarize(input: &PlanInput<'_>, step_failed: bool) -> (State, Option<&'static str>) {
     let vol = input.volume;
     if step_failed {
