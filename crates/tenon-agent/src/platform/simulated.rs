@@ -578,6 +578,89 @@ mod tests {
     }
 
     #[test]
+    fn bitlocker_state_machine() {
+        let (dir, p) = device(json!({
+            "tpm": {"present": true, "ready": true},
+            "volumes": [{"mount": "C:", "encryption": "none", "protectors": [], "encryption_step_percent": 40}],
+        }));
+        let raw = || -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap()
+        };
+        // Encrypting needs a protector.
+        assert!(matches!(p.encrypt("C:"), Err(PlatformError::Os { code: FVE_E_CANNOT_ENCRYPT_NO_KEY, .. })));
+        let (rp, password) = p.add_recovery_password("C:").unwrap();
+        assert!(tenon_core::policy::escrow::is_recovery_password(&password));
+        assert!(rp.starts_with('{') && rp.ends_with('}') && rp.len() == 38, "{rp}");
+        assert_eq!(p.recovery_password("c:", &rp).unwrap(), password);
+        assert_eq!(raw()["volumes"][0]["protectors"][0]["numerical_password"], password.as_str());
+        let (rp2, password2) = p.add_recovery_password("C:").unwrap();
+        assert_ne!((rp.as_str(), password.as_str()), (rp2.as_str(), password2.as_str()), "random each time");
+        let tpm = p.add_tpm_protector("C:").unwrap();
+        assert_eq!(p.add_tpm_protector("C:").unwrap(), tpm, "one TPM protector; a second add answers the first");
+        assert!(p.recovery_password("C:", &tpm).is_err());
+        p.encrypt("C:").unwrap();
+        assert_eq!(raw()["volumes"][0]["encryption_method"], "XTS-AES-256");
+        assert_eq!(raw()["volumes"][0]["used_space_only"], true);
+        let read = || {
+            let v = p.volumes().unwrap().remove(0);
+            (v.encryption, v.percent_encrypted)
+        };
+        assert_eq!(read(), (VolumeEncryption::Encrypting, 40));
+        p.encrypt("C:").unwrap(); // already encrypting: nothing restarts
+        assert_eq!(read(), (VolumeEncryption::Encrypting, 80));
+        assert_eq!(read(), (VolumeEncryption::Encrypted, 100));
+        assert_eq!(read(), (VolumeEncryption::Encrypted, 100));
+        let v = p.volumes().unwrap().remove(0);
+        assert!(v.is_os_volume);
+        assert_eq!(
+            v.protectors.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>(),
+            ["recovery_password", "recovery_password", "tpm"]
+        );
+        p.delete_protector("C:", &rp2).unwrap();
+        assert_eq!(p.volumes().unwrap()[0].protectors.len(), 2);
+        assert!(p.add_recovery_password("D:").is_err());
+    }
+
+    #[test]
+    fn encrypt_refuses_a_decrypting_volume() {
+        let (_d, p) = device(
+            json!({"volumes": [{"mount": "C:", "encryption": "decrypting", "protectors": [{"id": "x", "type": "tpm"}]}]}),
+        );
+        assert!(matches!(p.encrypt("C:"), Err(PlatformError::Os { code: FVE_E_NOT_DECRYPTED, .. })));
+    }
+
+    #[test]
+    fn entra_backup_fails_the_configured_number_of_times() {
+        let (dir, p) = device(json!({
+            "entra_joined": true, "entra_escrow_fails": 2,
+            "volumes": [{"mount": "C:", "encryption": "none", "protectors": []}],
+        }));
+        let raw = || -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap()
+        };
+        let (rp, _) = p.add_recovery_password("C:").unwrap();
+        assert!(matches!(p.backup_to_entra("C:", &rp), Err(PlatformError::Os { .. })));
+        assert_eq!(raw()["entra_escrow_fails"], 1);
+        assert!(p.backup_to_entra("C:", &rp).is_err());
+        assert_eq!(raw()["entra_escrow_fails"], 0);
+        p.backup_to_entra("C:", &rp).unwrap();
+        assert_eq!(raw()["volumes"][0]["protectors"][0]["entra_escrowed"], true);
+        assert!(matches!(p.backup_to_entra("C:", "{NOPE}"), Err(PlatformError::Invalid { .. })));
+
+        let (_d, always) = device(json!({
+            "entra_joined": true, "entra_escrow_fails": -1,
+            "volumes": [{"mount": "C:", "protectors": [{"id": "r", "type": "recovery_password"}]}],
+        }));
+        for _ in 0..5 {
+            assert!(always.backup_to_entra("C:", "r").is_err());
+        }
+        let (_d, not_joined) = device(json!({
+            "entra_joined": false, "volumes": [{"mount": "C:", "protectors": [{"id": "r", "type": "recovery_password"}]}],
+        }));
+        assert!(matches!(not_joined.backup_to_entra("C:", "r"), Err(PlatformError::Invalid { .. })));
+    }
+
+    #[test]
     fn bad_files_say_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.json");

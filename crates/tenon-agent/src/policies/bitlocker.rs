@@ -23,10 +23,10 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tenon_core::api::PolicyStatus;
 use tenon_core::policy::bitlocker::{
-    decide, entra_progress, plan_steps, setting_enabled, summarize, BitlockerInput, Decision, Encryption,
-    EntraEscrow, EntraProgress, PlanInput, ProtectorEscrow, ProtectorFacts, ProtectorKind, SkipReason, State, Step,
-    TpmFacts, VolumeFacts, BITLOCKER_CONTROL_KEY, PREVENT_DEVICE_ENCRYPTION, SETTING_ENABLED,
-    SETTING_ENTRA_MAX_ATTEMPTS, VM_DETECTION_OVERRIDE_ENV,
+    decide, entra_progress, plan_steps, setting_enabled, summarize, BitlockerInput, Decision, Encryption, EntraEscrow,
+    EntraProgress, PlanInput, ProtectorEscrow, ProtectorFacts, ProtectorKind, SkipReason, State, Step, TpmFacts,
+    VolumeFacts, BITLOCKER_CONTROL_KEY, PREVENT_DEVICE_ENCRYPTION, SETTING_ENABLED, SETTING_ENTRA_MAX_ATTEMPTS,
+    VM_DETECTION_OVERRIDE_ENV,
 };
 use tenon_core::policy::escrow::{entra_max_attempts, is_recovery_password, seal, EscrowError, SealRandomness};
 use zeroize::Zeroizing;
@@ -37,7 +37,8 @@ pub struct Bitlocker;
 /// A run executes at most this many steps; the full path from a fresh volume takes six or seven.
 const MAX_STEPS_PER_RUN: usize = 16;
 
-const NOT_IN_ENTRA: &str = "recovery key not secured in Entra: the device is not Entra-joined (the Tenon escrow holds it)";
+const NOT_IN_ENTRA: &str =
+    "recovery key not secured in Entra: the device is not Entra-joined (the Tenon escrow holds it)";
 
 /// What the policy remembers between runs (in the agent's encrypted vault).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -216,7 +217,11 @@ fn volume_facts(v: &Volume) -> VolumeFacts {
             VolumeEncryption::Decrypting => Encryption::Decrypting,
         },
         percent: v.percent_encrypted,
-        protectors: v.protectors.iter().map(|p| ProtectorFacts { id: p.id.clone(), kind: protector_kind(&p.kind) }).collect(),
+        protectors: v
+            .protectors
+            .iter()
+            .map(|p| ProtectorFacts { id: p.id.clone(), kind: protector_kind(&p.kind) })
+            .collect(),
     }
 }
 
@@ -284,7 +289,10 @@ impl<'c, 'a> Run<'c, 'a> {
 
     fn read_volume(&self, mount: &str) -> PResult<Volume> {
         self.ctx.platform.volumes()?.into_iter().find(|v| v.mount.eq_ignore_ascii_case(mount)).ok_or(
-            PlatformError::Invalid { what: "BitLocker volume", detail: format!("volume {mount} is no longer reported") },
+            PlatformError::Invalid {
+                what: "BitLocker volume",
+                detail: format!("volume {mount} is no longer reported"),
+            },
         )
     }
 
