@@ -15,6 +15,21 @@
 //!
 //! Secrets: the recovery password lives only in a `Zeroizing` buffer between the platform call and
 //! sealing; statuses, errors and logs name protectors by id, never by password.
+//!
+//! Settings (machine config): `Policies.RequireSecurityFeatures.BitlockerEnabled` (`true` turns it
+//! on) and `Policies.RequireSecurityFeatures.EntraEscrowMaxAttempts` (Entra attempts per key before
+//! the rollout is marked failed; 1..=1000, default 5; backoff 5 min doubling, at most 6 h apart).
+//!
+//! Reported status (`policies.bitlocker`): `state` is one of `not_applicable`, `skipped` (with
+//! `reason` `tpm_not_ready` | `tpm_unavailable` | `virtual_machine` | `multi_session` |
+//! `no_os_volume` and a `message`), `enforcing`, `encrypted`, `escrow_pending` (`reason`
+//! `tenon_escrow_pending` | `entra_escrow_pending`), `escrow_failed` (`entra_escrow_failed`),
+//! `action_required` (`step_failed` | `volume_decrypting` | `volume_unreadable` |
+//! `facts_unavailable`). When enforcing, the details also carry `mount`, `encryption`, `percent`,
+//! `protectors` (`[{id, kind, tenon_escrowed, entra: escrowed|pending|failed|not_joined,
+//! entra_attempts, entra_next_attempt_at?, entra_last_error?}]`), `entra_joined`,
+//! `entra_max_attempts`, `warning` ("recovery key not secured in Entra ..." when not joined),
+//! `rotations_pending`, `actions` (steps done this run) and `errors`.
 
 use super::{config_get, Policy, PolicyContext};
 use crate::platform::{PResult, PlatformError, RegValue, Volume, VolumeEncryption};
