@@ -306,7 +306,14 @@ impl<'p> Agent<'p> {
         let users = env.body.payload.get("users").and_then(Value::as_object).unwrap_or(&empty);
         for policy in policies::all() {
             let mut state = st.policy_state.remove(policy.name()).unwrap_or(Value::Null);
-            let mut ctx = PolicyContext { platform: self.platform, machine, users, now: self.now(), state: &mut state };
+            let mut ctx = PolicyContext {
+                platform: self.platform,
+                machine,
+                users,
+                now: self.now(),
+                state: &mut state,
+                escrow: &policies::NoEscrow,
+            };
             let s = policy.apply(&mut ctx);
             statuses.insert(policy.name().to_string(), serde_json::to_value(s).unwrap_or(Value::Null));
             if !state.is_null() {

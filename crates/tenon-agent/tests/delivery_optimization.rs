@@ -34,8 +34,14 @@ impl Device {
         let policy = all().into_iter().find(|p| p.name() == "delivery_optimization").expect("registered");
         let machine: Map<String, Value> = machine.as_object().cloned().unwrap();
         let users = Map::new();
-        let mut ctx =
-            PolicyContext { platform: &platform, machine: &machine, users: &users, now: 0, state: &mut self.state };
+        let mut ctx = PolicyContext {
+            platform: &platform,
+            machine: &machine,
+            users: &users,
+            now: 0,
+            state: &mut self.state,
+            escrow: &tenon_agent::policies::NoEscrow,
+        };
         policy.apply(&mut ctx)
     }
 

@@ -50,8 +50,14 @@ impl Device {
 
     fn apply(&mut self, users: &Map<String, Value>) -> PolicyStatus {
         let machine = Map::new();
-        let mut ctx =
-            PolicyContext { platform: &self.platform, machine: &machine, users, now: 0, state: &mut self.state };
+        let mut ctx = PolicyContext {
+            platform: &self.platform,
+            machine: &machine,
+            users,
+            now: 0,
+            state: &mut self.state,
+            escrow: &tenon_agent::policies::NoEscrow,
+        };
         Signatures.apply(&mut ctx)
     }
 

@@ -40,6 +40,7 @@ impl Device {
             users: users.as_object().unwrap(),
             now,
             state: &mut state,
+            escrow: &tenon_agent::policies::NoEscrow,
         };
         let status = policy.apply(&mut ctx);
         self.states.insert(policy.name().to_string(), state);

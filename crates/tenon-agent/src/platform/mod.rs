@@ -194,6 +194,18 @@ pub trait Platform: Send + Sync {
     /// Blocks until the routing table or an interface changes, or `timeout` passes; `Ok(true)` when
     /// something changed. Windows: `NotifyRouteChange2`/`NotifyIpInterfaceChange`.
     fn wait_network_change(&self, timeout: Duration) -> PResult<bool>;
+
+    /// The numerical password of a recovery-password protector (Windows:
+    /// `GetKeyProtectorNumericalPassword`). The BitLocker policy needs it to escrow a protector it
+    /// did not create, or one whose escrow an agent restart interrupted. The result is a secret:
+    /// it must never reach a log, error or status.
+    fn recovery_password(&self, mount: &str, protector_id: &str) -> PResult<String> {
+        let _ = (mount, protector_id);
+        Err(PlatformError::Unavailable {
+            what: "reading a recovery password",
+            detail: "this platform does not implement it".into(),
+        })
+    }
 }
 
 /// The default gateway that identifies the device's network: its IPv4 address and MAC.

@@ -3,6 +3,14 @@
 //!
 //! Each call reads the file afresh and each change rewrites it atomically, so a test (or a person
 //! running a demo) can edit the device between syncs.
+//!
+//! BitLocker is a state machine on each `volumes` entry: `encryption` goes `none` -> `encrypting`
+//! (on `encrypt`, which also records `encryption_method: "XTS-AES-256"` and `used_space_only`) ->
+//! `encrypted` (as `percent_encrypted` reaches 100, advanced by `volumes()` reads: see
+//! `advance_encryption`). `protectors` are `{"id", "type": "recovery_password" | "tpm"}`; a
+//! recovery password also carries its `numerical_password`, because the file plays the disk and
+//! the disk holds its own secret. `backup_to_entra` fails while `entra_escrow_fails` > 0 (counting
+//! it down) or when it is -1, and marks the protector `entra_escrowed` when it succeeds.
 
 use super::*;
 use serde_json::{json, Map, Value};
@@ -109,6 +117,76 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
+const FVE_E_TPM_NOT_OWNED: u32 = 0x8031_0018;
+const FVE_E_CANNOT_ENCRYPT_NO_KEY: u32 = 0x8031_002E;
+const FVE_E_NOT_DECRYPTED: u32 = 0x8031_0039;
+const WININET_E_NAME_NOT_RESOLVED: u32 = 0x8007_2EE7;
+/// How far one `volumes()` call moves an encrypting volume unless the volume says otherwise.
+const DEFAULT_ENCRYPTION_STEP_PERCENT: u64 = 25;
+
+/// The `protectors` list of a volume, created when missing.
+fn protectors_of(vol: &mut Map<String, Value>) -> &mut Vec<Value> {
+    let slot = vol.entry("protectors").or_insert_with(|| json!([]));
+    if !slot.is_array() {
+        *slot = json!([]);
+    }
+    slot.as_array_mut().expect("just made an array")
+}
+
+/// A protector's kind: `type` as DESIGN.md writes it, `kind` accepted too.
+fn protector_type(p: &Value) -> Option<&str> {
+    p.get("type").or_else(|| p.get("kind")).and_then(Value::as_str)
+}
+
+fn random_bytes<const N: usize>() -> PResult<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::fill(&mut b)
+        .map_err(|e| PlatformError::Invalid { what: "random number generator", detail: e.to_string() })?;
+    Ok(b)
+}
+
+/// A protector id as BitLocker writes them: `{8-4-4-4-12}` upper-case hex.
+fn random_guid() -> PResult<String> {
+    let h = hex::encode_upper(random_bytes::<16>()?);
+    Ok(format!("{{{}-{}-{}-{}-{}}}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+}
+
+/// A fresh recovery password from 128 random bits, the way BitLocker derives one.
+fn random_recovery_password() -> PResult<zeroize::Zeroizing<String>> {
+    let key = zeroize::Zeroizing::new(random_bytes::<16>()?);
+    Ok(tenon_core::policy::escrow::recovery_password_from_key(&key))
+}
+
+impl SimulatedPlatform {
+    /// Models the passing of time for encrypting volumes: each call moves every encrypting volume
+    /// on by its `encryption_step_percent` (default 25) and marks it encrypted at 100. The agent
+    /// reads the volumes once per policy run plus once after each step it executes, so a test
+    /// sees the percentage advance across syncs.
+    fn advance_encryption(&self) -> PResult<()> {
+        let encrypting = |v: &Value| v.get("encryption").and_then(Value::as_str) == Some("encrypting");
+        let any = self.load()?.get("volumes").and_then(Value::as_array).is_some_and(|vols| vols.iter().any(encrypting));
+        if !any {
+            return Ok(());
+        }
+        self.update(|dev| {
+            let vols = dev.get_mut("volumes").and_then(Value::as_array_mut).into_iter().flatten();
+            for vol in vols.filter(|v| encrypting(v)).filter_map(Value::as_object_mut) {
+                let step = vol
+                    .get("encryption_step_percent")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(DEFAULT_ENCRYPTION_STEP_PERCENT)
+                    .clamp(1, 100);
+                let percent = vol.get("percent_encrypted").and_then(Value::as_u64).unwrap_or(0).saturating_add(step);
+                vol.insert("percent_encrypted".into(), json!(percent.min(100)));
+                if percent >= 100 {
+                    vol.insert("encryption".into(), json!("encrypted"));
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 impl Platform for SimulatedPlatform {
     fn hostname(&self) -> PResult<String> {
         let h: Option<String> = self.field("hostname")?;
@@ -211,6 +289,7 @@ impl Platform for SimulatedPlatform {
         fn none_state() -> VolumeEncryption {
             VolumeEncryption::None
         }
+        self.advance_encryption()?;
         let vols: Vec<SimVolume> = self.field("volumes")?;
         Ok(vols
             .into_iter()
@@ -228,18 +307,41 @@ impl Platform for SimulatedPlatform {
     }
 
     fn add_recovery_password(&self, mount: &str) -> PResult<(String, String)> {
-        let _ = mount;
-        Err(PlatformError::Unavailable {
-            what: "BitLocker on the simulated platform",
-            detail: "not modelled yet".into(),
-        })
+        let id = random_guid()?;
+        let password = random_recovery_password()?;
+        self.update(|dev| {
+            let vol = Self::volume(dev, mount)?;
+            protectors_of(vol).push(json!({
+                "id": id,
+                "type": "recovery_password",
+                // The disk's own secret: the device file plays the disk, so it holds the password as
+                // BitLocker's metadata would. Nothing else the agent writes may contain it.
+                "numerical_password": password.as_str(),
+            }));
+            Ok(())
+        })?;
+        Ok((id, password.to_string()))
     }
 
     fn add_tpm_protector(&self, mount: &str) -> PResult<String> {
-        let _ = mount;
-        Err(PlatformError::Unavailable {
-            what: "BitLocker on the simulated platform",
-            detail: "not modelled yet".into(),
+        let tpm: TpmState = self.field("tpm")?;
+        if !(tpm.present && tpm.ready) {
+            return Err(PlatformError::Os {
+                what: "ProtectKeyWithTPM",
+                code: FVE_E_TPM_NOT_OWNED,
+                detail: "the TPM is not present or not ready".into(),
+            });
+        }
+        let new_id = random_guid()?;
+        self.update(|dev| {
+            let list = protectors_of(Self::volume(dev, mount)?);
+            // A volume has at most one TPM protector; Windows answers FVE_E_PROTECTOR_EXISTS, which
+            // the platform reports as the existing protector.
+            if let Some(existing) = list.iter().find(|p| protector_type(p) == Some("tpm")) {
+                return Ok(existing.get("id").and_then(Value::as_str).unwrap_or_default().to_string());
+            }
+            list.push(json!({"id": new_id, "type": "tpm"}));
+            Ok(new_id.clone())
         })
     }
 
@@ -254,19 +356,73 @@ impl Platform for SimulatedPlatform {
     }
 
     fn encrypt(&self, mount: &str) -> PResult<()> {
-        let _ = mount;
-        Err(PlatformError::Unavailable {
-            what: "BitLocker on the simulated platform",
-            detail: "not modelled yet".into(),
-        })
+        let result = self.update(|dev| {
+            let vol = Self::volume(dev, mount)?;
+            let state = vol.get("encryption").and_then(Value::as_str).unwrap_or("none").to_string();
+            Ok(match state.as_str() {
+                // Already (being) encrypted: nothing to start; the Windows path maps
+                // FVE_E_NOT_DECRYPTED on such a volume to the same answer.
+                "encrypting" | "encrypted" => Ok(()),
+                "none" if protectors_of(vol).is_empty() => Err(PlatformError::Os {
+                    what: "Encrypt",
+                    code: FVE_E_CANNOT_ENCRYPT_NO_KEY,
+                    detail: format!("volume {mount} has no key protector"),
+                }),
+                "none" => {
+                    vol.insert("encryption".into(), json!("encrypting"));
+                    vol.insert("percent_encrypted".into(), json!(0));
+                    vol.insert("encryption_method".into(), json!("XTS-AES-256"));
+                    vol.insert("used_space_only".into(), json!(true));
+                    Ok(())
+                }
+                other => Err(PlatformError::Os {
+                    what: "Encrypt",
+                    code: FVE_E_NOT_DECRYPTED,
+                    detail: format!("volume {mount} is {other}, not fully decrypted"),
+                }),
+            })
+        })?;
+        result
     }
 
     fn backup_to_entra(&self, mount: &str, protector_id: &str) -> PResult<()> {
-        let _ = (mount, protector_id);
-        Err(PlatformError::Unavailable {
-            what: "Entra escrow on the simulated platform",
-            detail: "not modelled yet".into(),
-        })
+        let result = self.update(|dev| {
+            let joined = dev.get("entra_joined").and_then(Value::as_bool).unwrap_or(false);
+            let fails = dev.get("entra_escrow_fails").and_then(Value::as_i64).unwrap_or(0);
+            if !joined {
+                return Ok(Err(PlatformError::Invalid {
+                    what: "BackupRecoveryInformationToCloudDomain",
+                    detail: "the device is not Entra-joined".into(),
+                }));
+            }
+            let vol = Self::volume(dev, mount)?;
+            let Some(protector) = protectors_of(vol)
+                .iter_mut()
+                .find(|p| p.get("id").and_then(Value::as_str) == Some(protector_id))
+                .filter(|p| protector_type(p) == Some("recovery_password"))
+            else {
+                return Ok(Err(PlatformError::Invalid {
+                    what: "BackupRecoveryInformationToCloudDomain",
+                    detail: format!("volume {mount} has no recovery password {protector_id}"),
+                }));
+            };
+            if fails == 0 {
+                if let Some(p) = protector.as_object_mut() {
+                    p.insert("entra_escrowed".into(), json!(true));
+                }
+                return Ok(Ok(()));
+            }
+            // The counter is written back (the closure returns Ok), so the next attempt sees it.
+            if fails > 0 {
+                dev.insert("entra_escrow_fails".into(), json!(fails - 1));
+            }
+            Ok(Err(PlatformError::Os {
+                what: "BackupRecoveryInformationToCloudDomain",
+                code: WININET_E_NAME_NOT_RESOLVED,
+                detail: "Entra ID could not be reached (simulated failure)".into(),
+            }))
+        })?;
+        result
     }
 
     fn signed_in_users(&self) -> PResult<Vec<SessionUser>> {
@@ -360,6 +516,22 @@ impl Platform for SimulatedPlatform {
             }
         }
     }
+
+    fn recovery_password(&self, mount: &str, protector_id: &str) -> PResult<String> {
+        let mut dev = self.load()?;
+        let vol = Self::volume(&mut dev, mount)?;
+        protectors_of(vol)
+            .iter()
+            .find(|p| p.get("id").and_then(Value::as_str) == Some(protector_id))
+            .filter(|p| protector_type(p) == Some("recovery_password"))
+            .and_then(|p| p.get("numerical_password"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or(PlatformError::Invalid {
+                what: "GetKeyProtectorNumericalPassword",
+                detail: format!("volume {mount} has no recovery password {protector_id}"),
+            })
+    }
 }
 
 #[cfg(test)]
@@ -403,6 +575,89 @@ mod tests {
         p.remove_local_group_member("Administrators", &acct).unwrap();
         assert!(p.local_group_members("Administrators").unwrap().is_empty());
         assert!(p.tpm().unwrap() == TpmState::default());
+    }
+
+    #[test]
+    fn bitlocker_state_machine() {
+        let (dir, p) = device(json!({
+            "tpm": {"present": true, "ready": true},
+            "volumes": [{"mount": "C:", "encryption": "none", "protectors": [], "encryption_step_percent": 40}],
+        }));
+        let raw = || -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap()
+        };
+        // Encrypting needs a protector.
+        assert!(matches!(p.encrypt("C:"), Err(PlatformError::Os { code: FVE_E_CANNOT_ENCRYPT_NO_KEY, .. })));
+        let (rp, password) = p.add_recovery_password("C:").unwrap();
+        assert!(tenon_core::policy::escrow::is_recovery_password(&password));
+        assert!(rp.starts_with('{') && rp.ends_with('}') && rp.len() == 38, "{rp}");
+        assert_eq!(p.recovery_password("c:", &rp).unwrap(), password);
+        assert_eq!(raw()["volumes"][0]["protectors"][0]["numerical_password"], password.as_str());
+        let (rp2, password2) = p.add_recovery_password("C:").unwrap();
+        assert_ne!((rp.as_str(), password.as_str()), (rp2.as_str(), password2.as_str()), "random each time");
+        let tpm = p.add_tpm_protector("C:").unwrap();
+        assert_eq!(p.add_tpm_protector("C:").unwrap(), tpm, "one TPM protector; a second add answers the first");
+        assert!(p.recovery_password("C:", &tpm).is_err());
+        p.encrypt("C:").unwrap();
+        assert_eq!(raw()["volumes"][0]["encryption_method"], "XTS-AES-256");
+        assert_eq!(raw()["volumes"][0]["used_space_only"], true);
+        let read = || {
+            let v = p.volumes().unwrap().remove(0);
+            (v.encryption, v.percent_encrypted)
+        };
+        assert_eq!(read(), (VolumeEncryption::Encrypting, 40));
+        p.encrypt("C:").unwrap(); // already encrypting: nothing restarts
+        assert_eq!(read(), (VolumeEncryption::Encrypting, 80));
+        assert_eq!(read(), (VolumeEncryption::Encrypted, 100));
+        assert_eq!(read(), (VolumeEncryption::Encrypted, 100));
+        let v = p.volumes().unwrap().remove(0);
+        assert!(v.is_os_volume);
+        assert_eq!(
+            v.protectors.iter().map(|p| p.kind.as_str()).collect::<Vec<_>>(),
+            ["recovery_password", "recovery_password", "tpm"]
+        );
+        p.delete_protector("C:", &rp2).unwrap();
+        assert_eq!(p.volumes().unwrap()[0].protectors.len(), 2);
+        assert!(p.add_recovery_password("D:").is_err());
+    }
+
+    #[test]
+    fn encrypt_refuses_a_decrypting_volume() {
+        let (_d, p) = device(
+            json!({"volumes": [{"mount": "C:", "encryption": "decrypting", "protectors": [{"id": "x", "type": "tpm"}]}]}),
+        );
+        assert!(matches!(p.encrypt("C:"), Err(PlatformError::Os { code: FVE_E_NOT_DECRYPTED, .. })));
+    }
+
+    #[test]
+    fn entra_backup_fails_the_configured_number_of_times() {
+        let (dir, p) = device(json!({
+            "entra_joined": true, "entra_escrow_fails": 2,
+            "volumes": [{"mount": "C:", "encryption": "none", "protectors": []}],
+        }));
+        let raw = || -> Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("device.json")).unwrap()).unwrap()
+        };
+        let (rp, _) = p.add_recovery_password("C:").unwrap();
+        assert!(matches!(p.backup_to_entra("C:", &rp), Err(PlatformError::Os { .. })));
+        assert_eq!(raw()["entra_escrow_fails"], 1);
+        assert!(p.backup_to_entra("C:", &rp).is_err());
+        assert_eq!(raw()["entra_escrow_fails"], 0);
+        p.backup_to_entra("C:", &rp).unwrap();
+        assert_eq!(raw()["volumes"][0]["protectors"][0]["entra_escrowed"], true);
+        assert!(matches!(p.backup_to_entra("C:", "{NOPE}"), Err(PlatformError::Invalid { .. })));
+
+        let (_d, always) = device(json!({
+            "entra_joined": true, "entra_escrow_fails": -1,
+            "volumes": [{"mount": "C:", "protectors": [{"id": "r", "type": "recovery_password"}]}],
+        }));
+        for _ in 0..5 {
+            assert!(always.backup_to_entra("C:", "r").is_err());
+        }
+        let (_d, not_joined) = device(json!({
+            "entra_joined": false, "volumes": [{"mount": "C:", "protectors": [{"id": "r", "type": "recovery_password"}]}],
+        }));
+        assert!(matches!(not_joined.backup_to_entra("C:", "r"), Err(PlatformError::Invalid { .. })));
     }
 
     #[test]

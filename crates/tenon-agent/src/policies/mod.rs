@@ -4,7 +4,9 @@
 //! A policy's `state` is persisted in the encrypted vault between runs. Policies use it to remember
 //! what Tenon itself wrote, so that they overwrite or remove only their own changes.
 
+pub mod bitlocker;
 pub mod delivery_optimization;
+pub mod escrow;
 pub mod local_admin;
 pub mod mandatory_installs;
 pub mod password_expiry;
@@ -13,6 +15,7 @@ pub mod signatures;
 use crate::platform::Platform;
 use serde_json::{Map, Value};
 use tenon_core::api::PolicyStatus;
+pub use tenon_core::policy::escrow::{EscrowReceipt, SealedRecoveryKey};
 
 /// What a policy sees when it runs.
 pub struct PolicyContext<'a> {
@@ -25,6 +28,50 @@ pub struct PolicyContext<'a> {
     pub now: i64,
     /// This policy's persisted state; `Value::Null` the first time.
     pub state: &'a mut Value,
+    /// The Tenon server's recovery-key escrow ([`NoEscrow`] where there is none).
+    pub escrow: &'a dyn EscrowSink,
+}
+
+/// Where an escrowed key is sealed to: the server's escrow public key, and this device's id, which
+/// the sealed key is bound to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EscrowTarget {
+    pub device_id: String,
+    /// X25519 public key (the `escrow_public_key` of the enrollment answer, decoded).
+    pub public_key: [u8; 32],
+}
+
+/// The Tenon server's recovery-key escrow as policies see it. The agent implements it over HTTP
+/// (`POST /api/v1/device/escrow` with a [`tenon_core::policy::escrow::EscrowUpload`] body);
+/// [`escrow::MemoryEscrow`] is an in-memory server for tests.
+pub trait EscrowSink {
+    /// The key to seal to; `None` when the device is not enrolled or the server has no escrow key.
+    fn escrow_target(&self) -> Option<EscrowTarget>;
+    /// Uploads a sealed recovery key. `Ok` only once the server has stored it durably (its receipt);
+    /// an error says why not (it never contains key material: only the sealed form is sent).
+    /// `replaces` names the protector this key rotates out.
+    fn upload(&self, sealed: &SealedRecoveryKey, replaces: Option<&str>) -> Result<EscrowReceipt, String>;
+    /// Protector ids whose keys the server asks to rotate (an administrator read them). The policy
+    /// remembers each request in its state until done, so the server may stop listing an id once it
+    /// has stored a key uploaded with `replaces` = that id. Empty when unknown or unreachable.
+    fn pending_rotations(&self) -> Vec<String>;
+}
+
+/// No server escrow: every upload fails, so the BitLocker policy stops at `escrow_pending`.
+pub struct NoEscrow;
+
+impl EscrowSink for NoEscrow {
+    fn escrow_target(&self) -> Option<EscrowTarget> {
+        None
+    }
+
+    fn upload(&self, _sealed: &SealedRecoveryKey, _replaces: Option<&str>) -> Result<EscrowReceipt, String> {
+        Err("server escrow not configured".into())
+    }
+
+    fn pending_rotations(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One policy of the agent.
@@ -37,6 +84,7 @@ pub trait Policy {
 /// Every policy the agent runs, in the order it runs them.
 pub fn all() -> Vec<Box<dyn Policy>> {
     vec![
+        Box::new(bitlocker::Bitlocker),
         Box::new(delivery_optimization::DeliveryOptimization),
         Box::new(local_admin::LocalAdmin),
         Box::new(mandatory_installs::MandatoryInstalls),

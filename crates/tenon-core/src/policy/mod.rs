@@ -1,7 +1,9 @@
 //! Pure policy decisions: each module turns configuration and device facts into a plan or a verdict
 //! that the agent then carries out through its platform layer (DESIGN.md section 3).
 
+pub mod bitlocker;
 pub mod delivery_optimization;
+pub mod escrow;
 pub mod install_gate;
 pub mod local_admin;
 pub mod password_expiry;
