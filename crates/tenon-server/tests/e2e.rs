@@ -127,3 +127,47 @@ fn unchanged_check_in_is_a_304_without_a_body() {
     assert_eq!(second.into_string().unwrap(), "");
     server.stop();
 }
+
+#[test]
+fn run_loop_backs_off_while_the_server_is_down_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let token = server.enroll_token(1);
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-RUN", "signed_in_users": []}));
+    a.enroll(&server, &token);
+    server.stop();
+
+    // The agent starts while the server is down.
+    let mut run = std::process::Command::new(common::bin("tenon-agent"))
+        .arg("--state-dir")
+        .arg(&a.state_dir)
+        .arg("--platform")
+        .arg(format!("simulated:{}", a.device_file.display()))
+        .args(["run", "--interval", "1s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.status()["last_sync_result"] != json!("failed") {
+        assert!(std::time::Instant::now() < deadline, "the agent never recorded the failed sync");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(a.status()["last_error"].as_str().unwrap().contains("unreachable"), "{}", a.status());
+
+    // The server comes back on the same address; the agent's backoff brings it back without help.
+    let server = Server::start(&data, &addr);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = a.status();
+        if s["last_error"].is_null() && s["config_version"].as_u64().is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not recover: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = run.kill();
+    let _ = run.wait();
+    server.stop();
+}
