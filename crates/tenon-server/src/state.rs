@@ -586,64 +586,72 @@ impl AppState {
         key: &str,
         value: SettingValue,
     ) -> ApiResult<usize> {
-        let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let mut world = self.world.lock().await;
-        let (kind, name) = self.check_scope(&world, scope)?;
-        let now = self.now();
-        let mut tx = self.db.begin().await?;
-        if let SettingScope::Group(g) = scope {
-            sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
-                .bind(g)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (scope_kind, scope_name, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-        )
-        .bind(kind)
-        .bind(&name)
-        .bind(key.as_str())
-        .bind(value.to_text())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        audit(
-            &mut tx,
-            now,
-            &actor.label(),
-            "settings.set",
-            Some(&scope_label(scope)),
-            json!({"key": key, "value": value.to_text()}),
-        )
-        .await?;
-        tx.commit().await?;
-        scope_settings_mut(&mut world.directory, scope)?.insert(key, value);
-        let ids = Self::devices_for_scope(&world, scope);
-        Ok(self.recompile(&mut world, ids).await?)
+        self.write_setting(actor, scope, key, Some(value)).await
     }
 
     pub async fn unset_setting(&self, actor: &Actor, scope: &SettingScope, key: &str) -> ApiResult<usize> {
+        self.write_setting(actor, scope, key, None).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) one key at one scope, audited, then re-signs the devices
+    /// the scope reaches.
+    async fn write_setting(
+        &self,
+        actor: &Actor,
+        scope: &SettingScope,
+        key: &str,
+        value: Option<SettingValue>,
+    ) -> ApiResult<usize> {
         let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut world = self.world.lock().await;
         let (kind, name) = self.check_scope(&world, scope)?;
         let now = self.now();
         let mut tx = self.db.begin().await?;
-        let done = sqlx::query("DELETE FROM settings WHERE scope_kind = ? AND scope_name = ? AND key = ?")
-            .bind(kind)
-            .bind(&name)
-            .bind(key.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(ApiError::NotFound(format!(
-                "{} has no setting {key}; `tenonctl settings list` shows what is set",
-                scope_label(scope)
-            )));
+        match &value {
+            Some(value) => {
+                if let SettingScope::Group(g) = scope {
+                    sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                        .bind(g)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (scope_kind, scope_name, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )
+                .bind(kind)
+                .bind(&name)
+                .bind(key.as_str())
+                .bind(value.to_text())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let details = json!({"key": key, "value": value.to_text()});
+                audit(&mut tx, now, &actor.label(), "settings.set", Some(&scope_label(scope)), details).await?;
+            }
+            None => {
+                let done = sqlx::query("DELETE FROM settings WHERE scope_kind = ? AND scope_name = ? AND key = ?")
+                    .bind(kind)
+                    .bind(&name)
+                    .bind(key.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(ApiError::NotFound(format!(
+                        "{} has no setting {key}; `tenonctl settings list` shows what is set",
+                        scope_label(scope)
+                    )));
+                }
+                let details = json!({"key": key});
+                audit(&mut tx, now, &actor.label(), "settings.unset", Some(&scope_label(scope)), details).await?;
+            }
         }
-        audit(&mut tx, now, &actor.label(), "settings.unset", Some(&scope_label(scope)), json!({"key": key})).await?;
         tx.commit().await?;
-        scope_settings_mut(&mut world.directory, scope)?.remove(&key);
+        let settings = scope_settings_mut(&mut world.directory, scope)?;
+        match value {
+            Some(v) => settings.insert(key, v),
+            None => settings.remove(&key),
+        };
         let ids = Self::devices_for_scope(&world, scope);
         Ok(self.recompile(&mut world, ids).await?)
     }
