@@ -29,6 +29,12 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         envelope_ttl: u64,
     },
+    /// Create a new envelope-signing key, listed by the root key beside the current one. Run it
+    /// with the server stopped; at its next start the server re-signs every envelope with it.
+    RotateSigningKey {
+        #[arg(long, default_value = "./tenon-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<u64, String> {
@@ -52,7 +58,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Serve { listen, data_dir, database, envelope_ttl } = cli.command;
+    let (listen, data_dir, database, envelope_ttl) = match cli.command {
+        Command::Serve { listen, data_dir, database, envelope_ttl } => (listen, data_dir, database, envelope_ttl),
+        Command::RotateSigningKey { data_dir } => return rotate_signing_key(&data_dir),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -63,6 +72,22 @@ fn main() -> ExitCode {
     let opts = tenon_server::ServeOptions { listen, data_dir, database, envelope_ttl: envelope_ttl as i64 };
     match runtime.block_on(tenon_server::serve(opts)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rotate_signing_key(data_dir: &std::path::Path) -> ExitCode {
+    let now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let result = tenon_server::datadir::DataDir::open(data_dir).and_then(|d| d.rotate_signing_key(now));
+    match result {
+        Ok(n) => {
+            println!("signing key {n} created; start the server to re-sign every envelope with it");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

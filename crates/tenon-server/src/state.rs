@@ -59,6 +59,8 @@ pub struct DeviceMeta {
     pub active: bool,
     pub enrolled_at: i64,
     pub has_reported: bool,
+    /// Key id that signed the current envelope; a rotated signing key re-issues it.
+    pub signed_by: String,
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -145,6 +147,7 @@ impl AppState {
             let version = row.get::<i64, _>(4) as u64;
             let sha: String = row.get(5);
             let envelope: String = row.get(6);
+            let signed_by = envelope_signer(&envelope);
             index.insert(&id, cred, current_envelope(version, &sha, envelope), !active);
             world.devices.insert(
                 id,
@@ -157,6 +160,7 @@ impl AppState {
                     active,
                     enrolled_at: row.get(8),
                     has_reported: row.get::<Option<i64>, _>(9).is_some(),
+                    signed_by,
                 },
             );
         }
@@ -180,6 +184,7 @@ impl AppState {
     /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near.
     pub async fn recompile(&self, world: &mut World, ids: Vec<String>) -> anyhow::Result<usize> {
         let now = self.now();
+        let signer = self.keys.signing_key_id();
         let mut changed = Vec::new();
         for id in ids {
             let Some(meta) = world.devices.get(&id) else { continue };
@@ -189,7 +194,7 @@ impl AppState {
             let compiled = world.directory.device_payload(meta.primary.as_ref(), &meta.users);
             let sha = payload_digest(&compiled.payload).context("payload is not canonicalizable")?;
             let refresh_due = meta.expires_at - now < self.envelope_ttl / 2;
-            if sha == meta.sha256 && !refresh_due {
+            if sha == meta.sha256 && !refresh_due && meta.signed_by == signer {
                 continue;
             }
             let version = meta.version + 1;
@@ -230,6 +235,7 @@ impl AppState {
                 meta.version = e.version;
                 meta.sha256 = e.payload_sha256.clone();
                 meta.expires_at = e.expires_at;
+                meta.signed_by = signer.clone();
             }
             if let Some(slot) = self.index.get(&id) {
                 slot.set_current(current_envelope(e.version, &e.payload_sha256, e.bytes));
@@ -473,6 +479,7 @@ impl AppState {
                 active: true,
                 enrolled_at: now,
                 has_reported: false,
+                signed_by: self.keys.signing_key_id(),
             },
         );
         Ok((device_id, cred.token))
@@ -916,6 +923,14 @@ impl AppState {
 
 pub fn device_not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("no device {id}; `tenonctl devices list` shows the enrolled devices"))
+}
+
+/// The key id of an envelope's first signature.
+fn envelope_signer(envelope: &str) -> String {
+    serde_json::from_str::<Value>(envelope)
+        .ok()
+        .and_then(|v| v["signatures"][0]["keyid"].as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 pub fn current_envelope(version: u64, sha: &str, bytes: String) -> CurrentEnvelope {

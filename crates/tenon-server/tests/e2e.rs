@@ -171,3 +171,41 @@ fn run_loop_backs_off_while_the_server_is_down_and_recovers() {
     let _ = run.wait();
     server.stop();
 }
+
+#[test]
+fn signing_key_rotation_reaches_agents_through_the_root_signed_key_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let token = server.enroll_token(1);
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-ROT"}));
+    a.enroll(&server, &token);
+    a.ok(&["sync", "--once"]);
+    let before = a.status()["config_version"].as_u64().unwrap();
+
+    // While the server runs, rotation is refused (the data dir is locked).
+    let busy = std::process::Command::new(common::bin("tenon-server"))
+        .args(["rotate-signing-key", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(1));
+    server.stop();
+    let out = std::process::Command::new(common::bin("tenon-server"))
+        .args(["rotate-signing-key", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let server = Server::start(&data, &addr);
+    assert!(a.ok(&["sync", "--once"]).contains("sync updated"));
+    let s = a.status();
+    assert_eq!(s["last_error"], json!(null));
+    assert!(s["config_version"].as_u64().unwrap() > before);
+    let trust: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("keys/keylist-2.json")).unwrap()).unwrap();
+    assert_eq!(trust["signed"]["version"], json!(2));
+    server.stop();
+}
