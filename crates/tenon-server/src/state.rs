@@ -577,7 +577,22 @@ impl AppState {
         if primary_changed {
             meta.primary = new_primary;
         }
-        if users_changed || primary_changed {
+        // A device that holds a newer version than the server knows of (the database was restored
+        // from a backup) would refuse everything the server now signs as a rollback: continue the
+        // numbering above what the device holds.
+        let device_ahead = report.config_version.is_some_and(|v| v > meta.version);
+        if device_ahead {
+            let held = report.config_version.unwrap_or(0);
+            tracing::warn!(
+                device = device_id,
+                held,
+                server = meta.version,
+                "device holds a newer configuration version than the server; re-issuing above it"
+            );
+            meta.version = held;
+            meta.sha256.clear();
+        }
+        if users_changed || primary_changed || device_ahead {
             self.recompile(&mut world, vec![device_id.to_string()]).await?;
         }
         let meta = &world.devices[device_id];

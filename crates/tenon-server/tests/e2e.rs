@@ -209,3 +209,46 @@ fn signing_key_rotation_reaches_agents_through_the_root_signed_key_list() {
     assert_eq!(trust["signed"]["version"], json!(2));
     server.stop();
 }
+
+#[test]
+fn a_database_restored_from_backup_continues_above_the_devices_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let backup = tmp.path().join("backup");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let token = server.enroll_token(1);
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-BAK"}));
+    a.enroll(&server, &token);
+    a.ok(&["sync", "--once"]);
+    server.stop();
+    std::fs::create_dir_all(&backup).unwrap();
+    for f in ["tenon.db", "tenon.db-wal", "tenon.db-shm"] {
+        let _ = std::fs::copy(data.join(f), backup.join(f));
+    }
+
+    let server = Server::start(&data, &addr);
+    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Step", "1"]);
+    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Step", "2"]);
+    a.ok(&["sync", "--once"]);
+    let held = a.status()["config_version"].as_u64().unwrap();
+    server.stop();
+    for f in ["tenon.db", "tenon.db-wal", "tenon.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+        if backup.join(f).exists() {
+            std::fs::copy(backup.join(f), data.join(f)).unwrap();
+        }
+    }
+
+    // The restored server is behind: its envelope is refused as a rollback, the report tells the
+    // server what the device holds, and the next sync gets a version above it.
+    let server = Server::start(&data, &addr);
+    let out = a.run(&["sync", "--once"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(a.status()["last_error"].as_str().unwrap().contains("rollback"));
+    assert_eq!(a.status()["config_version"], json!(held));
+    assert!(a.ok(&["sync", "--once"]).contains("sync updated"));
+    assert!(a.status()["config_version"].as_u64().unwrap() > held);
+    assert_eq!(a.status()["last_error"], json!(null));
+    server.stop();
+}
