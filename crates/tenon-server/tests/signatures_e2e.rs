@@ -248,5 +248,33 @@ fn signature_endpoints_answer_bad_input_with_problems() {
     }
     let resp = ureq::get(&url).call();
     assert!(matches!(resp, Err(ureq::Error::Status(401, _))));
+
+    // Templates that each fit but together would push a device's config past what the agent
+    // accepts are refused before they are stored, naming the device; the device keeps syncing.
+    let users = tmp.path().join("users.json");
+    std::fs::write(&users, json!([{"userPrincipalName": ANNA, "groups": ["Staff"]}]).to_string()).unwrap();
+    server.ctl_ok(&["users", "import", users.to_str().unwrap()]);
+    let agent = SimAgent::new(tmp.path(), "pc", json!({"hostname": "PC", "signed_in_users": [ANNA]}));
+    let id = agent.enroll(&server, &server.enroll_token(1));
+    agent.ok(&["sync", "--once"]);
+    let image = "A".repeat(1000 * 1024);
+    let mut refused = None;
+    for n in 0..6 {
+        let (code, p) =
+            put(&format!("Big{n}"), json!({"html": "<p>x</p>", "groups": ["All Users"], "images": {"i.png": image}}));
+        if code == 400 {
+            refused = Some((n, p));
+            break;
+        }
+        assert_eq!(code, 201, "{p}");
+    }
+    let (n, p) = refused.expect("the device's config limit is enforced");
+    assert!(n >= 3, "refused too early, at template {n}");
+    assert!(p["detail"].as_str().unwrap().contains(&id), "{p}");
+    let names: Vec<Value> =
+        server.ctl_json(&["signatures", "list"]).as_array().unwrap().iter().map(|t| t["name"].clone()).collect();
+    assert!(!names.contains(&json!(format!("Big{n}"))), "a refused template is not stored: {names:?}");
+    agent.ok(&["sync", "--once"]);
+    assert_eq!(agent.status()["last_error"], json!(null));
     server.stop();
 }
