@@ -9,6 +9,7 @@ pub mod datadir;
 pub mod error;
 pub mod index;
 pub mod secrets;
+pub mod signatures;
 pub mod state;
 
 use anyhow::{bail, Context};

@@ -19,6 +19,7 @@ use tenon_core::api::{envelope_etag, DeviceReport, SettingScope};
 use tenon_core::directory::{Directory, Group, User};
 use tenon_core::envelope::{issue, payload_digest, EnvelopeFields};
 use tenon_core::ids::{DeviceId, GroupName, SettingKey, Upn};
+use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::{ScopeSettings, SettingValue};
 
 /// Unix seconds. Passed in so tests and tools can control time.
@@ -129,6 +130,28 @@ impl AppState {
             let u = Upn::parse(row.get::<&str, _>(0))?;
             let g = GroupName::parse(row.get::<&str, _>(1))?;
             world.directory.users.entry(u).or_default().groups.insert(g);
+        }
+        for row in sqlx::query("SELECT name, html, txt, default_use, groups, images FROM signatures ORDER BY name")
+            .fetch_all(&db)
+            .await?
+        {
+            let name: String = row.get(0);
+            let default = row
+                .get::<Option<&str>, _>(3)
+                .map(str::parse::<DefaultUse>)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("stored default use of signature {name:?}"))?;
+            world.directory.signatures.push(SignatureTemplate {
+                html: row.get(1),
+                txt: row.get(2),
+                default,
+                groups: serde_json::from_str(row.get::<&str, _>(4))
+                    .with_context(|| format!("stored groups of signature {name:?}"))?,
+                images: serde_json::from_str(row.get::<&str, _>(5))
+                    .with_context(|| format!("stored images of signature {name:?}"))?,
+                name,
+            });
         }
         let index = CheckinIndex::default();
         for row in sqlx::query(
@@ -257,7 +280,7 @@ impl AppState {
     }
 
     /// Devices whose payload a change at `scope` can affect.
-    fn devices_for_scope(world: &World, scope: &SettingScope) -> Vec<String> {
+    pub(crate) fn devices_for_scope(world: &World, scope: &SettingScope) -> Vec<String> {
         match scope {
             SettingScope::Tenant => world.devices.keys().cloned().collect(),
             SettingScope::Group(g) if g == GroupName::ALL_USERS => world.devices.keys().cloned().collect(),
