@@ -3,3 +3,6 @@
 
 pub mod platform;
 pub mod policies;
+pub mod rotating_log;
+#[cfg(windows)]
+pub mod service;

@@ -192,7 +192,8 @@ impl WindowsPlatform {
         let (Some(get), Some(free)) = (get, free) else { return None };
         // SAFETY: the addresses come from GetProcAddress for these exact exports, whose documented
         // signatures are `GetJoin`/`FreeJoin` (netapi32, lmjoin.h); fn pointers and usize have one size.
-        let (get, free): (GetJoin, FreeJoin) = unsafe { (std::mem::transmute(get), std::mem::transmute(free)) };
+        let (get, free): (GetJoin, FreeJoin) =
+            unsafe { (std::mem::transmute::<usize, GetJoin>(get), std::mem::transmute::<usize, FreeJoin>(free)) };
         let mut info: *mut DSREG_JOIN_INFO = std::ptr::null_mut();
         // SAFETY: a null tenant id asks about the device; `info` is a live out-pointer.
         let hr = unsafe { get(PCWSTR::null(), &mut info) };
@@ -269,7 +270,8 @@ impl WindowsPlatform {
         // SAFETY: addresses from GetProcAddress for these exports, whose signatures (netioapi.h) are
         // `Init`/`Get`; the row is a zeroed POD struct we own, initialised as the API requires.
         unsafe {
-            let (init, get): (Init, Get) = (std::mem::transmute(init), std::mem::transmute(get));
+            let (init, get): (Init, Get) =
+                (std::mem::transmute::<usize, Init>(init), std::mem::transmute::<usize, Get>(get));
             let mut row: MIB_IPINTERFACE_ROW = std::mem::zeroed();
             init(&mut row);
             row.Family = family;
@@ -332,7 +334,10 @@ impl Platform for WindowsPlatform {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("reading a registry value", e)),
         };
-        let bad = |e: std::io::Error| PlatformError::Invalid { what: "registry value", detail: format!("{key}\\{name}: {e}") };
+        let bad = |e: std::io::Error| PlatformError::Invalid {
+            what: "registry value",
+            detail: format!("{key}\\{name}: {e}"),
+        };
         let value = match raw.vtype {
             // REG_EXPAND_SZ is returned as stored (unexpanded), like `reg query` shows it.
             RegType::REG_SZ | RegType::REG_EXPAND_SZ => RegValue::Sz(String::from_reg_value(&raw).map_err(bad)?),
@@ -447,7 +452,7 @@ impl Platform for WindowsPlatform {
             // SAFETY: address from GetProcAddress for ResolveIpNetEntry2 (netioapi.h signature
             // `Resolve`); the row is zeroed POD we own, with the address and interface filled in.
             let (rc, row) = unsafe {
-                let resolve: Resolve = std::mem::transmute(resolve);
+                let resolve = std::mem::transmute::<usize, Resolve>(resolve);
                 let mut row: MIB_IPNET_ROW2 = std::mem::zeroed();
                 row.Address = ip_sockaddr(ip);
                 row.InterfaceIndex = interface_index;
@@ -539,8 +544,9 @@ impl Platform for WindowsPlatform {
         let tpms: Vec<Tpm> = wmi.raw_query("SELECT __Path FROM Win32_Tpm").map_err(|e| wmi_err("Win32_Tpm", e))?;
         // The provider is there but the machine has no TPM (or it is disabled in firmware).
         let Some(tpm) = tpms.into_iter().next() else { return Ok(TpmState { present: false, ready: false }) };
-        let out: IsReadyOut =
-            wmi.exec_instance_method::<Tpm, IsReadyOut>(&tpm.path, "IsReady", ()).map_err(|e| wmi_err("Win32_Tpm.IsReady", e))?;
+        let out: IsReadyOut = wmi
+            .exec_instance_method::<Tpm, IsReadyOut>(&tpm.path, "IsReady", ())
+            .map_err(|e| wmi_err("Win32_Tpm.IsReady", e))?;
         if out.return_value != 0 {
             return Err(os_err("Win32_Tpm.IsReady", out.return_value));
         }
@@ -585,8 +591,9 @@ impl Platform for WindowsPlatform {
             }
         }
         let wmi = bitlocker_connect()?;
-        let vols: Vec<EncryptableVolume> =
-            wmi.raw_query("SELECT * FROM Win32_EncryptableVolume").map_err(|e| wmi_err("Win32_EncryptableVolume", e))?;
+        let vols: Vec<EncryptableVolume> = wmi
+            .raw_query("SELECT * FROM Win32_EncryptableVolume")
+            .map_err(|e| wmi_err("Win32_EncryptableVolume", e))?;
         let mut out = Vec::new();
         for v in vols {
             // Volumes without a drive letter (recovery partitions) are not Tenon's business.
@@ -837,7 +844,10 @@ impl Platform for WindowsPlatform {
         // SAFETY: `ctx` stays valid until both registrations are cancelled below (we hold `signal`);
         // CancelMibChangeNotify2 waits for running callbacks, so none runs after `signal` drops.
         unsafe {
-            check_win32("NotifyRouteChange2", NotifyRouteChange2(AF_UNSPEC, Some(on_route), ctx, false, &mut route_handle))?;
+            check_win32(
+                "NotifyRouteChange2",
+                NotifyRouteChange2(AF_UNSPEC, Some(on_route), ctx, false, &mut route_handle),
+            )?;
             let rc = NotifyIpInterfaceChange(AF_UNSPEC, Some(on_interface), Some(ctx), false, &mut if_handle);
             if rc != NO_ERROR {
                 let _ = CancelMibChangeNotify2(route_handle);
@@ -1057,7 +1067,8 @@ impl WindowsPlatform {
         let list: ProtectorsOut = self.volume_method(wmi, v, "GetKeyProtectors", KindIn { kind: 0 })?;
         let mut out = Vec::new();
         for id in list.ids.unwrap_or_default() {
-            let t: ProtectorTypeOut = self.volume_method(wmi, v, "GetKeyProtectorType", ProtectorIdIn { id: id.clone() })?;
+            let t: ProtectorTypeOut =
+                self.volume_method(wmi, v, "GetKeyProtectorType", ProtectorIdIn { id: id.clone() })?;
             out.push(Protector { id, kind: protector_kind(t.kind.unwrap_or(0)).to_owned() });
         }
         Ok(out)
@@ -1104,8 +1115,7 @@ fn wmi_connect(namespace: &str, what: &'static str) -> PResult<wmi::WMIConnectio
 fn bitlocker_connect() -> PResult<wmi::WMIConnection> {
     let wmi = wmi_connect(BITLOCKER_NAMESPACE, "BitLocker (Win32_EncryptableVolume)")?;
     // The BitLocker provider refuses calls that are not encrypted on the wire.
-    wmi.set_proxy_blanket(wmi::AuthLevel::PktPrivacy)
-        .map_err(|e| wmi_err("BitLocker (Win32_EncryptableVolume)", e))?;
+    wmi.set_proxy_blanket(wmi::AuthLevel::PktPrivacy).map_err(|e| wmi_err("BitLocker (Win32_EncryptableVolume)", e))?;
     Ok(wmi)
 }
 
@@ -1304,7 +1314,13 @@ fn translate_name_to_upn(sam: &str) -> Option<String> {
     let mut buf = vec![0u16; len as usize];
     // SAFETY: `buf` has `len` u16s.
     let ok = unsafe {
-        TranslateNameW(PCWSTR(w.as_ptr()), NameSamCompatible, NameUserPrincipal, Some(PWSTR(buf.as_mut_ptr())), &mut len)
+        TranslateNameW(
+            PCWSTR(w.as_ptr()),
+            NameSamCompatible,
+            NameUserPrincipal,
+            Some(PWSTR(buf.as_mut_ptr())),
+            &mut len,
+        )
     };
     let upn = from_wide_buf(&buf);
     (ok && upn.contains('@')).then_some(upn)
@@ -1437,8 +1453,7 @@ impl Drop for LocalStr {
 fn system_proc(dll: &str, name: &CStr) -> Option<usize> {
     let wdll = wide(dll);
     // SAFETY: NUL-terminated DLL name; loading from System32 only avoids DLL planting.
-    let module: HMODULE =
-        unsafe { LoadLibraryExW(PCWSTR(wdll.as_ptr()), None, LOAD_LIBRARY_SEARCH_SYSTEM32) }.ok()?;
+    let module: HMODULE = unsafe { LoadLibraryExW(PCWSTR(wdll.as_ptr()), None, LOAD_LIBRARY_SEARCH_SYSTEM32) }.ok()?;
     // SAFETY: `module` is loaded; `name` is NUL-terminated.
     let f = unsafe { GetProcAddress(module, PCSTR(name.as_ptr().cast())) }?;
     Some(f as usize)
