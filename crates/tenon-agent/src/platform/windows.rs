@@ -385,60 +385,72 @@ impl Platform for WindowsPlatform {
     }
 
     fn routes(&self) -> PResult<Vec<Route>> {
-        let mut table: *mut MIB_IPFORWARD_TABLE2 = std::ptr::null_mut();
-        // SAFETY: `table` is a live out-pointer; on success it is a MIB table freed by `MibTable`.
-        check_win32("GetIpForwardTable2", unsafe { GetIpForwardTable2(AF_UNSPEC, &mut table) })?;
-        let table = MibTable(table as *const c_void);
-        // SAFETY: the table holds `NumEntries` rows laid out contiguously from `Table`, and stays
-        // alive (owned by `table`) while the slice is used.
-        let rows: &[MIB_IPFORWARD_ROW2] = unsafe {
-            let t = table.0 as *const MIB_IPFORWARD_TABLE2;
-            std::slice::from_raw_parts((*t).Table.as_ptr(), (*t).NumEntries as usize)
-        };
         let mut if_metrics: HashMap<(u16, u32), u32> = HashMap::new();
-        let mut routes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let (Some(dest), Some(gateway)) = (sockaddr_ip(&row.DestinationPrefix.Prefix), sockaddr_ip(&row.NextHop))
-            else {
+        let mut routes = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            let mut table: *mut MIB_IPFORWARD_TABLE2 = std::ptr::null_mut();
+            // SAFETY: `table` is a live out-pointer; on success it is a MIB table freed by `MibTable`.
+            let rc = unsafe { GetIpForwardTable2(family, &mut table) };
+            let table = MibTable(table as *const c_void);
+            if !family_ok("GetIpForwardTable2", family, rc)? {
                 continue;
+            }
+            // SAFETY: the table holds `NumEntries` rows laid out contiguously from `Table`, and stays
+            // alive (owned by `table`) while the slice is used.
+            let rows: &[MIB_IPFORWARD_ROW2] = unsafe {
+                let t = table.0 as *const MIB_IPFORWARD_TABLE2;
+                std::slice::from_raw_parts((*t).Table.as_ptr(), (*t).NumEntries as usize)
             };
-            let family = if dest.is_ipv4() { AF_INET } else { AF_INET6 };
-            let if_metric = *if_metrics
-                .entry((family.0, row.InterfaceIndex))
-                .or_insert_with(|| self.interface_metric(family, row.InterfaceIndex));
-            let prefix_len = row.DestinationPrefix.PrefixLength;
-            routes.push(Route {
-                destination: format!("{dest}/{prefix_len}"),
-                prefix_len,
-                gateway,
-                metric: row.Metric.saturating_add(if_metric),
-                interface_index: row.InterfaceIndex,
-            });
+            for row in rows {
+                let (Some(dest), Some(gateway)) =
+                    (sockaddr_ip(&row.DestinationPrefix.Prefix), sockaddr_ip(&row.NextHop))
+                else {
+                    continue;
+                };
+                let if_metric = *if_metrics
+                    .entry((family.0, row.InterfaceIndex))
+                    .or_insert_with(|| self.interface_metric(family, row.InterfaceIndex));
+                let prefix_len = row.DestinationPrefix.PrefixLength;
+                routes.push(Route {
+                    destination: format!("{dest}/{prefix_len}"),
+                    prefix_len,
+                    gateway,
+                    metric: row.Metric.saturating_add(if_metric),
+                    interface_index: row.InterfaceIndex,
+                });
+            }
         }
         Ok(routes)
     }
 
     fn neighbours(&self) -> PResult<Vec<Neighbour>> {
-        let mut table: *mut MIB_IPNET_TABLE2 = std::ptr::null_mut();
-        // SAFETY: as in `routes`: live out-pointer, table freed by `MibTable`.
-        check_win32("GetIpNetTable2", unsafe { GetIpNetTable2(AF_UNSPEC, &mut table) })?;
-        let table = MibTable(table as *const c_void);
-        // SAFETY: `NumEntries` contiguous rows from `Table`, alive while `table` is.
-        let rows: &[MIB_IPNET_ROW2] = unsafe {
-            let t = table.0 as *const MIB_IPNET_TABLE2;
-            std::slice::from_raw_parts((*t).Table.as_ptr(), (*t).NumEntries as usize)
-        };
-        Ok(rows
-            .iter()
-            // Unreachable and incomplete entries carry no (or a stale zero) MAC.
-            .filter(|r| r.State != NlnsUnreachable && r.State != NlnsIncomplete && r.PhysicalAddressLength == 6)
-            .filter_map(|r| {
-                let ip = sockaddr_ip(&r.Address)?;
-                let mut mac = [0u8; 6];
-                mac.copy_from_slice(&r.PhysicalAddress[..6]);
-                Some(Neighbour { ip, mac, interface_index: r.InterfaceIndex })
-            })
-            .collect())
+        let mut out = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            let mut table: *mut MIB_IPNET_TABLE2 = std::ptr::null_mut();
+            // SAFETY: as in `routes`: live out-pointer, table freed by `MibTable`.
+            let rc = unsafe { GetIpNetTable2(family, &mut table) };
+            let table = MibTable(table as *const c_void);
+            if !family_ok("GetIpNetTable2", family, rc)? {
+                continue;
+            }
+            // SAFETY: `NumEntries` contiguous rows from `Table`, alive while `table` is.
+            let rows: &[MIB_IPNET_ROW2] = unsafe {
+                let t = table.0 as *const MIB_IPNET_TABLE2;
+                std::slice::from_raw_parts((*t).Table.as_ptr(), (*t).NumEntries as usize)
+            };
+            out.extend(
+                rows.iter()
+                    // Unreachable and incomplete entries carry no (or a stale zero) MAC.
+                    .filter(|r| r.State != NlnsUnreachable && r.State != NlnsIncomplete && r.PhysicalAddressLength == 6)
+                    .filter_map(|r| {
+                        let ip = sockaddr_ip(&r.Address)?;
+                        let mut mac = [0u8; 6];
+                        mac.copy_from_slice(&r.PhysicalAddress[..6]);
+                        Some(Neighbour { ip, mac, interface_index: r.InterfaceIndex })
+                    }),
+            );
+        }
+        Ok(out)
     }
 
     fn resolve_mac(&self, ip: IpAddr, interface_index: u32) -> PResult<Option<[u8; 6]>> {
@@ -1508,6 +1520,19 @@ fn wide_os(s: &std::ffi::OsStr) -> Vec<u16> {
 fn from_wide_buf(buf: &[u16]) -> String {
     let end = buf.iter().position(|&c| c == 0).unwrap_or(buf.len());
     String::from_utf16_lossy(&buf[..end])
+}
+
+/// Whether a per-family IP Helper table call succeeded. A family the stack does not serve (IPv6
+/// disabled, or Wine, which has no IPv6 neighbour table) is skipped rather than failing the whole
+/// query; IPv4 failing is an error, since the gateway fingerprint depends on it.
+fn family_ok(what: &'static str, family: ADDRESS_FAMILY, rc: WIN32_ERROR) -> PResult<bool> {
+    const ERROR_INVALID_FUNCTION: WIN32_ERROR = WIN32_ERROR(1);
+    match rc {
+        NO_ERROR => Ok(true),
+        ERROR_NOT_FOUND => Ok(false), // an empty table
+        ERROR_INVALID_FUNCTION | ERROR_NOT_SUPPORTED if family == AF_INET6 => Ok(false),
+        code => Err(os_err(what, code.0)),
+    }
 }
 
 fn check_win32(what: &'static str, rc: WIN32_ERROR) -> PResult<()> {
