@@ -111,17 +111,21 @@ pub fn install(exe_path: &Path, state_dir: &Path, extra_args: &[OsString]) -> Re
         .create_service(&info, ServiceAccess::CHANGE_CONFIG | ServiceAccess::START)
         .map_err(scm("creating the service"))?;
     service.set_description(DESCRIPTION).map_err(scm("setting the service description"))?;
+    // Recovery actions are a convenience on top of a working installation: where the SCM does not
+    // support them (Wine lacks the non-crash flag), warn and keep the service installed.
     let restart = |secs| ServiceAction { action_type: ServiceActionType::Restart, delay: Duration::from_secs(secs) };
-    service
-        .update_failure_actions(ServiceFailureActions {
-            reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(24 * 3600)),
-            reboot_msg: None,
-            command: None,
-            actions: Some(vec![restart(10), restart(60), restart(300)]),
-        })
-        .map_err(scm("setting the service's recovery actions"))?;
+    if let Err(e) = service.update_failure_actions(ServiceFailureActions {
+        reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(24 * 3600)),
+        reboot_msg: None,
+        command: None,
+        actions: Some(vec![restart(10), restart(60), restart(300)]),
+    }) {
+        tracing::warn!(error = %e, "could not set the service's restart-on-failure actions");
+    }
     // Also restart when the loop returns an error (non-zero exit code), not only on a crash.
-    service.set_failure_actions_on_non_crash_failures(true).map_err(scm("setting the service's recovery actions"))?;
+    if let Err(e) = service.set_failure_actions_on_non_crash_failures(true) {
+        tracing::warn!(error = %e, "could not make the service restart after an error exit");
+    }
     Ok(())
 }
 

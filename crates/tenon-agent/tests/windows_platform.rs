@@ -297,3 +297,78 @@ fn arp_resolution_is_unavailable_under_wine() {
     // Loopback: even where ARP works, this sends nothing on the wire.
     assert_unavailable("resolve_mac", p().resolve_mac(IpAddr::V4(Ipv4Addr::LOCALHOST), 1));
 }
+
+#[test]
+fn service_install_and_uninstall_through_the_scm() {
+    use tenon_agent::service::{self, ServiceError};
+    if !under_wine() {
+        // Needs administrator rights and would replace a real installation.
+        eprintln!("only under Wine, whose throwaway service database may be changed");
+        return;
+    }
+    let p = p();
+    let key = r"HKLM\SYSTEM\CurrentControlSet\Services\TenonAgent";
+    let exe = std::env::current_exe().unwrap();
+    let state = std::path::Path::new(r"C:\ProgramData\Tenon");
+    assert!(matches!(service::start(), Err(ServiceError::NotInstalled)), "start before install");
+    service::install(&exe, state, &["--platform".into(), "native".into()]).unwrap();
+    assert!(matches!(service::install(&exe, state, &[]), Err(ServiceError::AlreadyInstalled)));
+    // The SCM keeps its configuration in the registry: read it back from there.
+    let image = p.reg_get(key, "ImagePath").unwrap();
+    let start = p.reg_get(key, "Start").unwrap();
+    let account = p.reg_get(key, "ObjectName").unwrap();
+    service::uninstall().unwrap();
+    let Some(RegValue::Sz(image)) = image else { panic!("ImagePath: {image:?}") };
+    assert!(image.contains(&*exe.to_string_lossy()), "{image}");
+    assert!(image.ends_with(r#"--state-dir C:\ProgramData\Tenon --platform native service run"#), "{image}");
+    assert_eq!(start, Some(RegValue::Dword(2)), "automatic start");
+    assert_eq!(account, Some(RegValue::Sz("LocalSystem".into())));
+    assert!(matches!(service::uninstall(), Err(ServiceError::NotInstalled)), "uninstalled");
+}
+
+/// The service entry point under the real SCM: `TENON_SERVICE_PROBE` is the `service_probe` example
+/// (a `run_dispatcher` caller), which the harness puts beside this exe.
+#[test]
+fn service_runs_the_loop_and_stops_gracefully() {
+    use tenon_agent::service;
+    let Some(probe) = harness_env("TENON_SERVICE_PROBE") else { return };
+    if !under_wine() {
+        return;
+    }
+    let state = std::env::temp_dir().join(format!("tenon-service-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&state).unwrap();
+    service::install(std::path::Path::new(&probe), &state, &[]).unwrap();
+    let outcome = (|| -> Result<(), String> {
+        service::start().map_err(|e| format!("start: {e}"))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !state.join("started").exists() {
+            if std::time::Instant::now() > deadline {
+                return Err("the service loop never started".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // `stop` returns once the SCM reports Stopped, which the service only does after its loop
+        // returned: the marker must already be there.
+        service::stop().map_err(|e| format!("stop: {e}"))?;
+        match std::fs::read_to_string(state.join("stopped")) {
+            Ok(s) if s == "graceful" => Ok(()),
+            other => Err(format!("the loop did not finish before Stopped: {other:?}")),
+        }
+    })();
+    let uninstalled = service::uninstall();
+    let _ = std::fs::remove_dir_all(&state);
+    outcome.unwrap();
+    uninstalled.unwrap();
+}
+
+#[test]
+fn service_log_goes_to_program_data() {
+    use std::io::Write;
+    let log = tenon_agent::service::open_log().unwrap();
+    let expected = program_data_dir().join("Tenon").join("logs").join("tenon-agent.log");
+    assert_eq!(log.path(), expected.as_path());
+    let line = format!("windows test line {}\n", std::process::id());
+    (&log).write_all(line.as_bytes()).unwrap();
+    let text = std::fs::read_to_string(&expected).unwrap();
+    assert!(text.contains(line.trim_end()), "{text}");
+}
