@@ -1006,8 +1006,9 @@ trait HasReturnValue {
 
 #[derive(serde::Serialize)]
 struct PrecisionIn {
+    /// A CIM uint8: WMI wants it as VT_UI1, which `u8` serialises to.
     #[serde(rename = "PrecisionFactor")]
-    precision_factor: u32,
+    precision_factor: u8,
 }
 
 #[derive(serde::Serialize)]
@@ -1359,7 +1360,9 @@ fn dpapi(data: &[u8], protect: bool) -> PResult<Vec<u8>> {
     let input = CRYPT_INTEGER_BLOB { cbData: len, pbData: data.as_ptr() as *mut u8 };
     let entropy = CRYPT_INTEGER_BLOB { cbData: DPAPI_ENTROPY.len() as u32, pbData: DPAPI_ENTROPY.as_ptr() as *mut u8 };
     let mut out = CRYPT_INTEGER_BLOB::default();
-    let flags = CRYPTPROTECT_LOCAL_MACHINE | CRYPTPROTECT_UI_FORBIDDEN;
+    // The scope is recorded in the blob; unprotecting takes only the no-UI flag.
+    let flags =
+        if protect { CRYPTPROTECT_LOCAL_MACHINE | CRYPTPROTECT_UI_FORBIDDEN } else { CRYPTPROTECT_UI_FORBIDDEN };
     // SAFETY: `input` and `entropy` point at live byte slices that DPAPI only reads (the `*mut` is an
     // API artefact); on success `out` is LocalAlloc'd and freed below after copying.
     let result = unsafe {
