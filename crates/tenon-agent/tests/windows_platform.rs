@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 use tenon_agent::platform::windows::{
-    dir_dacl_sddl, program_data_dir, restrict_dir_to_system_and_admins, WindowsPlatform,
+    dir_dacl_sddl, process_memory, program_data_dir, restrict_dir_to_system_and_admins, WindowsPlatform,
 };
 use tenon_agent::platform::{default_gateway, Account, Platform, PlatformError, RegValue, SessionUser};
 
@@ -371,4 +371,13 @@ fn service_log_goes_to_program_data() {
     (&log).write_all(line.as_bytes()).unwrap();
     let text = std::fs::read_to_string(&expected).unwrap();
     assert!(text.contains(line.trim_end()), "{text}");
+}
+
+#[test]
+fn process_memory_is_reported() {
+    let (now, peak) = process_memory().unwrap();
+    println!("working set {now} bytes, peak {peak} bytes");
+    // A running test process has touched at least a megabyte, and the peak bounds the current.
+    assert!(now > 1 << 20, "{now}");
+    assert!(peak >= now, "{peak} < {now}");
 }

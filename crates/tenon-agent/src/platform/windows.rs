@@ -159,6 +159,25 @@ pub fn dir_dacl_sddl(path: &Path) -> PResult<String> {
     Ok(text.to_string_lossy())
 }
 
+/// This process's memory as Windows accounts it: (working set, peak working set) in bytes. Lets
+/// `sync --once` report its resident memory, also under Wine (which fills it from /proc).
+pub fn process_memory() -> PResult<(u64, u64)> {
+    use ::windows::Win32::System::ProcessStatus::{K32GetProcessMemoryInfo, PROCESS_MEMORY_COUNTERS};
+    use ::windows::Win32::System::Threading::GetCurrentProcess;
+    let mut counters =
+        PROCESS_MEMORY_COUNTERS { cb: std::mem::size_of::<PROCESS_MEMORY_COUNTERS>() as u32, ..Default::default() };
+    // SAFETY: the pseudo-handle of the current process needs no closing; `counters` is a live,
+    // correctly sized out-struct whose `cb` says its size.
+    let ok = unsafe { K32GetProcessMemoryInfo(GetCurrentProcess(), &mut counters, counters.cb) };
+    if !ok.as_bool() {
+        return Err(os_err(
+            "K32GetProcessMemoryInfo",
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as u32,
+        ));
+    }
+    Ok((counters.WorkingSetSize as u64, counters.PeakWorkingSetSize as u64))
+}
+
 /// The real Windows implementation of [`Platform`]. Stateless: every call asks the OS afresh.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WindowsPlatform;
