@@ -6,5 +6,8 @@ pub mod client;
 pub mod netwatch;
 pub mod platform;
 pub mod policies;
+pub mod rotating_log;
+#[cfg(windows)]
+pub mod service;
 pub mod status;
 pub mod vault;
