@@ -52,6 +52,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The Windows service: install, uninstall, start, stop (and `run`, which the service manager calls).
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum ServiceCmd {
+    /// Register the service (LocalSystem, automatic start) with this --state-dir and --platform.
+    Install,
+    /// Stop and remove the service.
+    Uninstall,
+    Start,
+    Stop,
+    /// The service entry point (started by the service manager, not by hand).
+    Run,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -96,16 +111,21 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    if !matches!(cli.command, Command::Service(ServiceCmd::Run)) {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info".into()))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let Some(state_dir) = cli.state_dir.clone().or_else(default_state_dir) else {
         eprintln!("error: --state-dir DIR is required on this system");
         return ExitCode::from(2);
     };
     if let Command::Status { json } = cli.command {
         return show_status(&state_dir, json);
+    }
+    if let Command::Service(cmd) = cli.command {
+        return service(cmd, &state_dir, &cli.platform);
     }
     let platform = match open_platform(&cli.platform) {
         Ok(p) => p,
@@ -119,13 +139,17 @@ fn main() -> ExitCode {
         Command::Enroll { server, token, force } => agent.enroll(&server, &token, force).map(|id| {
             println!("{id}");
         }),
-        Command::Sync { .. } => agent.sync_once().map(|s| {
-            let v = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
-            println!("sync {}: configuration version {v}", s.result);
-            for p in &s.problems {
-                eprintln!("warning: {p}");
-            }
-        }),
+        Command::Sync { .. } => {
+            let r = agent.sync_once().map(|s| {
+                let v = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+                println!("sync {}: configuration version {v}", s.result);
+                for p in &s.problems {
+                    eprintln!("warning: {p}");
+                }
+            });
+            report_memory();
+            r
+        }
         Command::Run { interval } => {
             // Ctrl-C and SIGTERM end the process; every write the agent makes is atomic, so an
             // interrupted sync leaves the last complete state. The Windows service stops through
@@ -133,7 +157,7 @@ fn main() -> ExitCode {
             let stop = AtomicBool::new(false);
             agent.run(interval, &stop)
         }
-        Command::Status { .. } => unreachable!("handled above"),
+        Command::Status { .. } | Command::Service(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,4 +188,84 @@ fn show_status(dir: &std::path::Path, json: bool) -> ExitCode {
         println!("policy {name}: {}", s.get("state").and_then(|v| v.as_str()).unwrap_or("?"));
     }
     ExitCode::SUCCESS
+}
+
+/// With `TENON_PRINT_MEMORY=1`, prints the process's resident memory (a figure for benchmarks).
+fn report_memory() {
+    if std::env::var_os("TENON_PRINT_MEMORY").is_none() {
+        return;
+    }
+    #[cfg(windows)]
+    if let Ok((working_set, peak)) = tenon_agent::platform::windows::process_memory() {
+        eprintln!("resident memory: {working_set} bytes (peak {peak} bytes)");
+    }
+    #[cfg(unix)]
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines().filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM")) {
+            eprintln!("{line}");
+        }
+    }
+}
+
+#[cfg(windows)]
+static SERVICE_ARGS: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLock::new();
+
+/// The service's loop: the same as `run`, stopped by the service manager through `stop`.
+#[cfg(windows)]
+fn service_loop(stop: std::sync::Arc<AtomicBool>) -> anyhow::Result<()> {
+    let (dir, spec) = SERVICE_ARGS.get().ok_or_else(|| anyhow::anyhow!("service arguments missing"))?;
+    let platform = open_platform(spec).map_err(anyhow::Error::msg)?;
+    let agent = Agent::new(dir, platform.as_ref(), system_clock());
+    agent.run(Duration::from_secs(60), &stop).map_err(anyhow::Error::from)
+}
+
+#[cfg(windows)]
+fn service(cmd: ServiceCmd, state_dir: &std::path::Path, platform: &str) -> ExitCode {
+    use tenon_agent::service;
+    let result = match cmd {
+        ServiceCmd::Install => std::env::current_exe()
+            .map_err(|e| anyhow::anyhow!("cannot find this program's path: {e}"))
+            .and_then(|exe| {
+                service::install(&exe, state_dir, &["--platform".into(), platform.into()]).map_err(anyhow::Error::from)
+            })
+            .map(|()| {
+                println!("service {} installed; start it with `tenon-agent service start`", service::SERVICE_NAME)
+            }),
+        ServiceCmd::Uninstall => {
+            service::uninstall().map_err(anyhow::Error::from).map(|()| println!("service removed"))
+        }
+        ServiceCmd::Start => service::start().map_err(anyhow::Error::from).map(|()| println!("service started")),
+        ServiceCmd::Stop => service::stop().map_err(anyhow::Error::from).map(|()| println!("service stopped")),
+        ServiceCmd::Run => {
+            match service::open_log() {
+                Ok(log) => {
+                    let _ = tracing_subscriber::fmt()
+                        .with_env_filter(
+                            tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info".into()),
+                        )
+                        .with_ansi(false)
+                        .with_writer(log)
+                        .try_init();
+                }
+                Err(e) => eprintln!("warning: cannot open the service log: {e}"),
+            }
+            let _ = SERVICE_ARGS.set((state_dir.to_path_buf(), platform.to_string()));
+            service::run_dispatcher(service_loop).map_err(anyhow::Error::from)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(windows))]
+fn service(_cmd: ServiceCmd, _state_dir: &std::path::Path, _platform: &str) -> ExitCode {
+    eprintln!(
+        "error: the service commands are for Windows; on this system run `tenon-agent run` under your service manager"
+    );
+    ExitCode::from(2)
 }

@@ -102,7 +102,7 @@ mod tests {
         // Atomically, as a person editing the device would not leave it half-written for long either.
         let tmp = path.with_extension("edit");
         std::fs::write(&tmp, json!({"hostname": "LAPTOP", "network": network}).to_string()).unwrap();
-        std::fs::rename(&tmp, path).unwrap();
+        crate::platform::simulated::replace_file(&tmp, path).unwrap();
     }
 
     #[test]
@@ -116,6 +116,14 @@ mod tests {
 
         std::thread::scope(|s| {
             let watcher = s.spawn(|| watch_network(&platform, &stop, move |gw| tx.send(gw).unwrap()));
+            // A failed assertion must still stop the watcher, or the scope would wait for ever.
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stop_on_drop = StopOnDrop(&stop);
             std::thread::sleep(Duration::from_millis(300));
 
             // The laptop moves to another site.

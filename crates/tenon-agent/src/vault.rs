@@ -221,14 +221,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Only the owner (root/SYSTEM) may enter the state directory.
+/// Only the owner (root; on Windows SYSTEM and Administrators) may enter the state directory.
 pub fn restrict_dir(dir: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    let _ = dir;
+    #[cfg(windows)]
+    crate::platform::windows::restrict_dir_to_system_and_admins(dir)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(())
 }
 

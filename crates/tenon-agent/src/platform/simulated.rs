@@ -48,7 +48,7 @@ impl SimulatedPlatform {
         let text = serde_json::to_string_pretty(&Value::Object(dev)).expect("JSON values serialise");
         let tmp = self.path.with_extension("tmp-write");
         std::fs::write(&tmp, text).map_err(|e| self.err(format!("cannot write it: {e}")))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| self.err(format!("cannot replace it: {e}")))?;
+        replace_file(&tmp, &self.path).map_err(|e| self.err(format!("cannot replace it: {e}")))?;
         Ok(out)
     }
 
@@ -90,6 +90,23 @@ impl SimulatedPlatform {
         let mac = parse_mac(&mac)
             .ok_or_else(|| self.err(format!("network.gateway_mac {mac:?} is not a MAC like 00:11:22:33:44:55")))?;
         Ok(Some((ip, mac)))
+    }
+}
+
+/// Renames `tmp` over `path`. On Windows a rename fails while another thread or process has the
+/// file open (a sharing violation, as when a test edits the device file while the agent reads it),
+/// so it is retried for a short while there.
+pub fn replace_file(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::rename(tmp, path) {
+            Err(e) if cfg!(windows) && tries < 100 => {
+                tries += 1;
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 
