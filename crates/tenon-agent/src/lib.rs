@@ -6,5 +6,6 @@ pub mod client;
 pub mod netwatch;
 pub mod platform;
 pub mod policies;
+pub mod server_escrow;
 pub mod status;
 pub mod vault;

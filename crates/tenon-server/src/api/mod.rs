@@ -1,6 +1,7 @@
 //! The HTTP API: routes, body limits and the problem+json fallbacks.
 
 mod admin;
+pub use admin::rfc3339;
 mod device;
 pub mod extract;
 
@@ -29,6 +30,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/config", get(admin::device_config))
         .route("/devices/{id}/primary", put(admin::set_primary))
         .route("/devices/{id}/decommission", post(admin::decommission))
+        .route("/devices/{id}/recovery-keys", get(admin::recovery_keys))
+        .route("/tokens", post(admin::create_admin_token))
         .route("/audit", get(admin::audit_list))
         .route("/networks", get(admin::networks));
     let api = Router::new()
@@ -36,6 +39,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/device/config", get(device::config))
         .route("/device/trust", get(device::trust))
         .route("/device/report", post(device::report))
+        .route("/device/escrow", post(device::escrow))
+        .route("/device/escrow/rotations", get(device::escrow_rotations))
         .nest("/admin", admin);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
