@@ -27,9 +27,8 @@ impl<'c> ServerEscrow<'c> {
         device_id: &str,
         escrow_public_key: Option<&str>,
     ) -> Self {
-        let public_key = escrow_public_key
-            .and_then(|k| B64.decode(k.trim()).ok())
-            .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        let public_key =
+            escrow_public_key.and_then(|k| B64.decode(k.trim()).ok()).and_then(|b| <[u8; 32]>::try_from(b).ok());
         if escrow_public_key.is_some() && public_key.is_none() {
             tracing::warn!("the escrow public key in the vault is malformed; recovery keys cannot be escrowed");
         }

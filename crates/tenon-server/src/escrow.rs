@@ -21,8 +21,8 @@ use serde_json::{json, Value};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
 use tenon_core::policy::escrow::{
-    escrow_key_id, escrow_public_key, is_recovery_password, open, seal, EscrowReceipt, EscrowUpload,
-    SealRandomness, SealedRecoveryKey, SEAL_ALG,
+    escrow_key_id, escrow_public_key, is_recovery_password, open, seal, EscrowReceipt, EscrowUpload, SealRandomness,
+    SealedRecoveryKey, SEAL_ALG,
 };
 use zeroize::Zeroizing;
 
@@ -52,7 +52,8 @@ impl EscrowKeyring {
 
     /// Opens a sealed key with the secret it names.
     pub fn open(&self, sealed: &SealedRecoveryKey) -> Result<Zeroizing<String>, &'static str> {
-        let secret = self.secret_for(&sealed.escrow_key_id).ok_or("sealed to an escrow key this server does not hold")?;
+        let secret =
+            self.secret_for(&sealed.escrow_key_id).ok_or("sealed to an escrow key this server does not hold")?;
         open(secret, sealed).map_err(|_| "does not open (wrong key or damaged)")
     }
 
@@ -134,7 +135,9 @@ impl AppState {
             }
         }
         let password = self.keys.escrow.open(sealed).map_err(|why| {
-            ApiError::BadRequest(format!("the sealed key was refused: it {why}; seal it to the escrow key from enrollment"))
+            ApiError::BadRequest(format!(
+                "the sealed key was refused: it {why}; seal it to the escrow key from enrollment"
+            ))
         })?;
         if !is_recovery_password(&password) {
             return Err(ApiError::BadRequest("the sealed secret is not a BitLocker recovery password".into()));
@@ -273,7 +276,11 @@ impl AppState {
                 continue;
             }
             let sealed: Result<SealedRecoveryKey, _> = serde_json::from_str(r.get::<&str, _>("sealed"));
-            let (password, error) = match sealed.as_ref().map_err(|_| "is not a readable sealed key").and_then(|s| self.keys.escrow.open(s)) {
+            let (password, error) = match sealed
+                .as_ref()
+                .map_err(|_| "is not a readable sealed key")
+                .and_then(|s| self.keys.escrow.open(s))
+            {
                 Ok(pw) => (Some(pw), None),
                 Err(why) => (None, Some(format!("stored key {why}"))),
             };

@@ -400,7 +400,9 @@ pub async fn create_admin_token(
     let mut roles: Vec<&str> = Vec::new();
     for r in &req.roles {
         let Some(k) = known.iter().find(|k| **k == r.as_str()) else {
-            return Err(ApiError::BadRequest(format!("unknown role {r:?}; roles are {ROLE_ADMIN} and {ROLE_RECOVERY_KEYS}")));
+            return Err(ApiError::BadRequest(format!(
+                "unknown role {r:?}; roles are {ROLE_ADMIN} and {ROLE_RECOVERY_KEYS}"
+            )));
         };
         if !roles.contains(k) {
             roles.push(k);

@@ -80,7 +80,10 @@ pub async fn escrow(
 }
 
 /// The protectors whose keys an administrator read and the device should rotate.
-pub async fn escrow_rotations(State(state): State<Arc<AppState>>, device: Device) -> ApiResult<Json<serde_json::Value>> {
+pub async fn escrow_rotations(
+    State(state): State<Arc<AppState>>,
+    device: Device,
+) -> ApiResult<Json<serde_json::Value>> {
     let rotations = state.escrow_rotations(&device.id).await?;
     Ok(Json(json!({ "rotations": rotations })))
 }
