@@ -101,6 +101,24 @@ fn audit(server: &Server, t: &mut Transcript) -> Vec<Value> {
     serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
 }
 
+/// The log without terminal colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
@@ -495,6 +513,35 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
     let log = std::fs::read_to_string(data.with_extension("server.log")).unwrap();
     assert!(log.contains("escrowed recovery keys verified"), "the start-up check ran");
     assert!(!log.contains("do NOT open"));
+
+    // A lost escrow key: the start-up check says so (counts only), and a rotation refuses to run
+    // rather than drop the keys it cannot open; restoring the key file brings everything back.
+    let current = data.join("keys/escrow.x25519");
+    let good_key = std::fs::read(&current).unwrap();
+    std::fs::write(&current, [7u8; 32]).unwrap();
+    let server = Server::start(&data, &addr);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        // The check runs in the background right after start.
+        let log = std::fs::read_to_string(data.with_extension("server.log")).unwrap();
+        if log.contains("do NOT open") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    server.stop();
+    assert!(strip_ansi(&log).contains("total=2 current=0 older_key=0 failed=2"), "{log}");
+    assert!(!contains(log.as_bytes(), &new_keys[0].1));
+    let out = Command::new(bin("tenon-server")).args(["rotate-escrow-key", "--data-dir"]).arg(&data).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("do not open with any escrow key"), "{out:?}");
+    std::fs::remove_file(data.join("keys/escrow.x25519.next")).unwrap();
+    std::fs::write(&current, &good_key).unwrap();
+    let server = Server::start(&data, &addr);
+    let read = server.ctl_json(&["recovery-keys", "show", &id, "--all"]);
+    assert_eq!(read.as_array().unwrap().len(), 2, "the archive is intact: {read:#}");
+    assert!(read.as_array().unwrap().iter().all(|k| k["error"].is_null() && k["recovery_password"].is_string()));
+    server.stop();
 }
 
 #[test]
