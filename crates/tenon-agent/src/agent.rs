@@ -332,17 +332,13 @@ impl<'p> Agent<'p> {
     pub fn run(&self, interval: Duration, stop: &AtomicBool) -> Result<(), AgentError> {
         let network_changed = AtomicBool::new(false);
         std::thread::scope(|scope| {
+            // A gateway change (a laptop moving between sites) triggers a sync at once, which
+            // re-runs the network-dependent policies; the interval stays the fallback.
             scope.spawn(|| {
-                while !stop.load(Ordering::SeqCst) {
-                    match self.platform.wait_network_change(Duration::from_secs(5)) {
-                        Ok(true) => network_changed.store(true, Ordering::SeqCst),
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::debug!(error = %e, "network change notifications unavailable; relying on the sync interval");
-                            sleep_until(stop, &AtomicBool::new(false), Duration::from_secs(30));
-                        }
-                    }
-                }
+                crate::netwatch::watch_network(self.platform, stop, |gw| {
+                    tracing::info!(gateway = ?gw, "network changed; syncing now");
+                    network_changed.store(true, Ordering::SeqCst);
+                })
             });
             let result = self.run_loop(interval, stop, &network_changed);
             stop.store(true, Ordering::SeqCst);

@@ -3,9 +3,11 @@
 //!
 //! `machine` is the effective config of the device's primary user, or tenant and "All Users"
 //! settings while it has none. `users` holds every user known to sign in to the device. The
-//! compiler adds the fields the server derives (`Client.*`) and strips backend-only keys.
+//! compiler adds the fields the server derives (`Client.*`, a user's `Signatures` templates and
+//! directory values) and strips backend-only keys.
 
 use crate::ids::{GroupName, SettingKey, Upn};
+use crate::policy::signatures::{user_signature_config, SignatureTemplate};
 use crate::settings::{EffectiveSettings, Layers, ScopeSettings};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -35,6 +37,8 @@ pub struct Directory {
     pub tenant: ScopeSettings,
     pub groups: BTreeMap<GroupName, Group>,
     pub users: HashMap<Upn, User>,
+    /// Outlook signature templates, sorted by name (a slice is what the signature compiler takes).
+    pub signatures: Vec<SignatureTemplate>,
 }
 
 /// A compiled payload and the primary user's directory id for the envelope.
@@ -71,8 +75,10 @@ impl Directory {
         })
     }
 
-    /// The config one user receives on one device.
-    fn user_config(&self, upn: Option<&Upn>, primary: Option<&Upn>) -> Map<String, Value> {
+    /// The config one user receives on one device. `Signatures` (templates with images, and the
+    /// user's directory values) goes only into `users[upn]`, where the per-user policy reads it:
+    /// repeating it in `machine` would double the largest part of the payload for nothing.
+    fn user_config(&self, upn: Option<&Upn>, primary: Option<&Upn>, with_signatures: bool) -> Map<String, Value> {
         let mut eff = self.effective_for(upn);
         let is_primary = upn.is_some() && upn == primary;
         set(&mut eff, "Client.IsPrimaryOfUser", Value::Bool(is_primary));
@@ -81,15 +87,40 @@ impl Directory {
                 set(&mut eff, "Client.PasswordExpiry", json!({ "filetime": filetime }));
             }
         }
+        if let Some(user) = upn.and_then(|u| self.users.get(u)).filter(|_| with_signatures) {
+            self.merge_signatures(&mut eff, user);
+        }
         if eff.is_true("SoftwarePackageOverrides.IgnoreUserRestrictions") {
             set(&mut eff, "Client.MandatoryInstalls.IgnoreUserRestrictions", Value::Bool(true));
         }
         eff.for_device()
     }
 
+    /// Object-merges the user's signature templates and directory values at `Signatures`, so an
+    /// admin's `Signatures.Options.*` setting stays next to them. A user without any assigned
+    /// template gets no `Templates`, which the agent reads as "remove what Tenon wrote"; leaving
+    /// out `Values` too keeps a directory change from re-signing devices where it shows nowhere.
+    fn merge_signatures(&self, eff: &mut EffectiveSettings, user: &User) {
+        let groups: Vec<String> = user.groups.iter().map(|g| g.to_string()).collect();
+        let computed = user_signature_config(&self.signatures, &groups, &user.record);
+        if computed["Templates"].as_object().is_none_or(Map::is_empty) {
+            return;
+        }
+        let slot = eff.0.entry("Signatures").or_insert_with(|| json!({}));
+        if !slot.is_object() {
+            // A scalar set by an admin at `Signatures` cannot hold templates; the templates win.
+            *slot = json!({});
+        }
+        if let (Some(slot), Value::Object(computed)) = (slot.as_object_mut(), computed) {
+            for (k, v) in computed {
+                slot.insert(k, v);
+            }
+        }
+    }
+
     /// Compiles one device's payload.
     pub fn device_payload(&self, primary: Option<&Upn>, device_users: &BTreeSet<Upn>) -> DevicePayload {
-        let mut machine = self.user_config(primary, primary);
+        let mut machine = self.user_config(primary, primary, false);
         if let Some(p) = primary {
             let client = machine.entry("Client").or_insert_with(|| json!({}));
             if let Some(c) = client.as_object_mut() {
@@ -99,7 +130,7 @@ impl Directory {
         let mut users = Map::new();
         for upn in device_users.iter().chain(primary) {
             if !users.contains_key(upn.as_str()) {
-                users.insert(upn.to_string(), Value::Object(self.user_config(Some(upn), primary)));
+                users.insert(upn.to_string(), Value::Object(self.user_config(Some(upn), primary, true)));
             }
         }
         DevicePayload {
@@ -200,5 +231,61 @@ mod tests {
             json!({"machine": {"Policies": {"A": "tenant", "B": 2}, "Client": {"IsPrimaryOfUser": false}}, "users": {}})
         );
         assert_eq!(p.user_id, None);
+    }
+
+    fn template(name: &str, groups: &[&str]) -> SignatureTemplate {
+        SignatureTemplate {
+            name: name.into(),
+            html: "<p>{{Graph_User_DisplayName}}</p>".into(),
+            txt: None,
+            default: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            images: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn signatures_go_to_assigned_users_only_and_keep_admin_options() {
+        let mut d = directory();
+        d.groups.get_mut(&GroupName::parse("Sales").unwrap()).unwrap().settings =
+            scope(&[("Signatures.Options.IncludeUpnInName", json!(true))]);
+        d.users.get_mut(&upn("anna@x.com")).unwrap().record["jobTitle"] = json!("CTO");
+        d.signatures = vec![template("Corporate", &["Eng"]), template("Everyone", &[GroupName::ALL_USERS])];
+        d.users.insert(upn("cleo@x.com"), User { record: json!({"displayName": "Cleo"}), ..Default::default() });
+        let users: BTreeSet<Upn> = [upn("ben@x.com"), upn("cleo@x.com")].into();
+        let p = d.device_payload(Some(&upn("anna@x.com")), &users);
+        let names = |u: &str| -> Vec<String> {
+            p.payload["users"][u]["Signatures"]["Templates"].as_object().unwrap().keys().cloned().collect()
+        };
+        assert_eq!(names("anna@x.com"), ["Corporate", "Everyone"]);
+        assert_eq!(names("ben@x.com"), ["Everyone"]);
+        assert_eq!(names("cleo@x.com"), ["Everyone"]);
+        let anna = &p.payload["users"]["anna@x.com"]["Signatures"];
+        assert_eq!(anna["Values"]["Graph_User_JobTitle"], json!("CTO"));
+        assert_eq!(anna["Options"]["IncludeUpnInName"], json!(true));
+        assert_eq!(p.payload["users"]["cleo@x.com"]["Signatures"]["Values"]["Graph_User_DisplayName"], json!("Cleo"));
+        assert!(p.payload["users"]["cleo@x.com"]["Signatures"].get("Options").is_none());
+        // Templates and values are per user; the machine config does not repeat them.
+        assert_eq!(p.payload["machine"]["Signatures"], json!({"Options": {"IncludeUpnInName": true}}));
+
+        // Without an assigned template there is no `Templates` (the agent removes what Tenon
+        // wrote), and an admin's option is all that is left.
+        d.signatures = vec![template("Corporate", &["Eng"])];
+        let p = d.device_payload(Some(&upn("anna@x.com")), &users);
+        assert_eq!(p.payload["users"]["ben@x.com"]["Signatures"], json!({"Options": {"IncludeUpnInName": true}}));
+        assert!(p.payload["users"]["cleo@x.com"].get("Signatures").is_none());
+        assert!(p.payload["users"]["anna@x.com"]["Signatures"]["Templates"]["Corporate"].is_object());
+    }
+
+    #[test]
+    fn a_changed_directory_value_changes_the_payload() {
+        let mut d = directory();
+        d.signatures = vec![template("Corporate", &["Sales"])];
+        let users: BTreeSet<Upn> = [upn("ben@x.com")].into();
+        let before = d.device_payload(None, &users).payload;
+        d.users.get_mut(&upn("ben@x.com")).unwrap().record["jobTitle"] = json!("Head of Sales");
+        let after = d.device_payload(None, &users).payload;
+        assert_ne!(before, after);
+        assert_eq!(after["users"]["ben@x.com"]["Signatures"]["Values"]["Graph_User_JobTitle"], json!("Head of Sales"));
     }
 }

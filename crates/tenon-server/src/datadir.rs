@@ -97,6 +97,21 @@ impl DataDir {
         Ok(ServerKeys { root, signing, key_lists, escrow })
     }
 
+    /// Creates signing key N+1 and the root-signed key list N+1 naming it beside key N, so that
+    /// envelopes signed by either verify while devices move over. The server signs with the newest
+    /// key from its next start and re-issues every envelope then.
+    pub fn rotate_signing_key(&self, now: i64) -> anyhow::Result<u64> {
+        let keys = self.load_or_create_keys(now)?;
+        let dir = self.keys_dir()?;
+        let next = keys.key_lists.len() as u64 + 1;
+        let new_key = SigningKey::from_bytes(&random_bytes::<32>());
+        let doc = sign_key_list(&keys.root, next, now, &[keys.signing.verifying_key(), new_key.verifying_key()]);
+        // The list first: a key file without its list would be picked up with a list naming only it.
+        write_secret_file(&dir.join(format!("keylist-{next}.json")), doc.as_bytes())?;
+        write_secret_file(&dir.join(format!("signing-{next}.ed25519")), &new_key.to_bytes())?;
+        Ok(next)
+    }
+
     /// Writes the bootstrap admin token (mode 0600).
     pub fn write_admin_token(&self, token: &str) -> anyhow::Result<PathBuf> {
         let p = self.admin_token_path();
@@ -116,6 +131,11 @@ pub struct ServerKeys {
 }
 
 impl ServerKeys {
+    /// Key id of the key that signs envelopes now.
+    pub fn signing_key_id(&self) -> String {
+        key_id(&self.signing.verifying_key())
+    }
+
     pub fn root_fingerprint(&self) -> String {
         key_id(&self.root.verifying_key())
     }

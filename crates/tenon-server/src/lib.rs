@@ -10,6 +10,7 @@ pub mod error;
 pub mod escrow;
 pub mod index;
 pub mod secrets;
+pub mod signatures;
 pub mod state;
 
 use anyhow::{bail, Context};

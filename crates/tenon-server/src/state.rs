@@ -19,6 +19,7 @@ use tenon_core::api::{envelope_etag, DeviceReport, SettingScope};
 use tenon_core::directory::{Directory, Group, User};
 use tenon_core::envelope::{issue, payload_digest, EnvelopeFields};
 use tenon_core::ids::{DeviceId, GroupName, SettingKey, Upn};
+use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::{ScopeSettings, SettingValue};
 
 /// Unix seconds. Passed in so tests and tools can control time.
@@ -59,6 +60,8 @@ pub struct DeviceMeta {
     pub active: bool,
     pub enrolled_at: i64,
     pub has_reported: bool,
+    /// Key id that signed the current envelope; a rotated signing key re-issues it.
+    pub signed_by: String,
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -128,6 +131,28 @@ impl AppState {
             let g = GroupName::parse(row.get::<&str, _>(1))?;
             world.directory.users.entry(u).or_default().groups.insert(g);
         }
+        for row in sqlx::query("SELECT name, html, txt, default_use, groups, images FROM signatures ORDER BY name")
+            .fetch_all(&db)
+            .await?
+        {
+            let name: String = row.get(0);
+            let default = row
+                .get::<Option<&str>, _>(3)
+                .map(str::parse::<DefaultUse>)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("stored default use of signature {name:?}"))?;
+            world.directory.signatures.push(SignatureTemplate {
+                html: row.get(1),
+                txt: row.get(2),
+                default,
+                groups: serde_json::from_str(row.get::<&str, _>(4))
+                    .with_context(|| format!("stored groups of signature {name:?}"))?,
+                images: serde_json::from_str(row.get::<&str, _>(5))
+                    .with_context(|| format!("stored images of signature {name:?}"))?,
+                name,
+            });
+        }
         let index = CheckinIndex::default();
         for row in sqlx::query(
             "SELECT id, credential_sha256, status, primary_user, config_version, config_sha256, envelope,
@@ -145,6 +170,7 @@ impl AppState {
             let version = row.get::<i64, _>(4) as u64;
             let sha: String = row.get(5);
             let envelope: String = row.get(6);
+            let signed_by = envelope_signer(&envelope);
             index.insert(&id, cred, current_envelope(version, &sha, envelope), !active);
             world.devices.insert(
                 id,
@@ -157,6 +183,7 @@ impl AppState {
                     active,
                     enrolled_at: row.get(8),
                     has_reported: row.get::<Option<i64>, _>(9).is_some(),
+                    signed_by,
                 },
             );
         }
@@ -180,6 +207,7 @@ impl AppState {
     /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near.
     pub async fn recompile(&self, world: &mut World, ids: Vec<String>) -> anyhow::Result<usize> {
         let now = self.now();
+        let signer = self.keys.signing_key_id();
         let mut changed = Vec::new();
         for id in ids {
             let Some(meta) = world.devices.get(&id) else { continue };
@@ -189,7 +217,7 @@ impl AppState {
             let compiled = world.directory.device_payload(meta.primary.as_ref(), &meta.users);
             let sha = payload_digest(&compiled.payload).context("payload is not canonicalizable")?;
             let refresh_due = meta.expires_at - now < self.envelope_ttl / 2;
-            if sha == meta.sha256 && !refresh_due {
+            if sha == meta.sha256 && !refresh_due && meta.signed_by == signer {
                 continue;
             }
             let version = meta.version + 1;
@@ -230,6 +258,7 @@ impl AppState {
                 meta.version = e.version;
                 meta.sha256 = e.payload_sha256.clone();
                 meta.expires_at = e.expires_at;
+                meta.signed_by = signer.clone();
             }
             if let Some(slot) = self.index.get(&id) {
                 slot.set_current(current_envelope(e.version, &e.payload_sha256, e.bytes));
@@ -251,7 +280,7 @@ impl AppState {
     }
 
     /// Devices whose payload a change at `scope` can affect.
-    fn devices_for_scope(world: &World, scope: &SettingScope) -> Vec<String> {
+    pub(crate) fn devices_for_scope(world: &World, scope: &SettingScope) -> Vec<String> {
         match scope {
             SettingScope::Tenant => world.devices.keys().cloned().collect(),
             SettingScope::Group(g) if g == GroupName::ALL_USERS => world.devices.keys().cloned().collect(),
@@ -473,6 +502,7 @@ impl AppState {
                 active: true,
                 enrolled_at: now,
                 has_reported: false,
+                signed_by: self.keys.signing_key_id(),
             },
         );
         Ok((device_id, cred.token))
@@ -570,7 +600,22 @@ impl AppState {
         if primary_changed {
             meta.primary = new_primary;
         }
-        if users_changed || primary_changed {
+        // A device that holds a newer version than the server knows of (the database was restored
+        // from a backup) would refuse everything the server now signs as a rollback: continue the
+        // numbering above what the device holds.
+        let device_ahead = report.config_version.is_some_and(|v| v > meta.version);
+        if device_ahead {
+            let held = report.config_version.unwrap_or(0);
+            tracing::warn!(
+                device = device_id,
+                held,
+                server = meta.version,
+                "device holds a newer configuration version than the server; re-issuing above it"
+            );
+            meta.version = held;
+            meta.sha256.clear();
+        }
+        if users_changed || primary_changed || device_ahead {
             self.recompile(&mut world, vec![device_id.to_string()]).await?;
         }
         let meta = &world.devices[device_id];
@@ -586,64 +631,72 @@ impl AppState {
         key: &str,
         value: SettingValue,
     ) -> ApiResult<usize> {
-        let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let mut world = self.world.lock().await;
-        let (kind, name) = self.check_scope(&world, scope)?;
-        let now = self.now();
-        let mut tx = self.db.begin().await?;
-        if let SettingScope::Group(g) = scope {
-            sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
-                .bind(g)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (scope_kind, scope_name, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-        )
-        .bind(kind)
-        .bind(&name)
-        .bind(key.as_str())
-        .bind(value.to_text())
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        audit(
-            &mut tx,
-            now,
-            &actor.label(),
-            "settings.set",
-            Some(&scope_label(scope)),
-            json!({"key": key, "value": value.to_text()}),
-        )
-        .await?;
-        tx.commit().await?;
-        scope_settings_mut(&mut world.directory, scope)?.insert(key, value);
-        let ids = Self::devices_for_scope(&world, scope);
-        Ok(self.recompile(&mut world, ids).await?)
+        self.write_setting(actor, scope, key, Some(value)).await
     }
 
     pub async fn unset_setting(&self, actor: &Actor, scope: &SettingScope, key: &str) -> ApiResult<usize> {
+        self.write_setting(actor, scope, key, None).await
+    }
+
+    /// Sets (`Some`) or removes (`None`) one key at one scope, audited, then re-signs the devices
+    /// the scope reaches.
+    async fn write_setting(
+        &self,
+        actor: &Actor,
+        scope: &SettingScope,
+        key: &str,
+        value: Option<SettingValue>,
+    ) -> ApiResult<usize> {
         let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut world = self.world.lock().await;
         let (kind, name) = self.check_scope(&world, scope)?;
         let now = self.now();
         let mut tx = self.db.begin().await?;
-        let done = sqlx::query("DELETE FROM settings WHERE scope_kind = ? AND scope_name = ? AND key = ?")
-            .bind(kind)
-            .bind(&name)
-            .bind(key.as_str())
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(ApiError::NotFound(format!(
-                "{} has no setting {key}; `tenonctl settings list` shows what is set",
-                scope_label(scope)
-            )));
+        match &value {
+            Some(value) => {
+                if let SettingScope::Group(g) = scope {
+                    sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                        .bind(g)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES (?, ?, ?, ?, ?)
+                     ON CONFLICT (scope_kind, scope_name, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )
+                .bind(kind)
+                .bind(&name)
+                .bind(key.as_str())
+                .bind(value.to_text())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let details = json!({"key": key, "value": value.to_text()});
+                audit(&mut tx, now, &actor.label(), "settings.set", Some(&scope_label(scope)), details).await?;
+            }
+            None => {
+                let done = sqlx::query("DELETE FROM settings WHERE scope_kind = ? AND scope_name = ? AND key = ?")
+                    .bind(kind)
+                    .bind(&name)
+                    .bind(key.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 0 {
+                    return Err(ApiError::NotFound(format!(
+                        "{} has no setting {key}; `tenonctl settings list` shows what is set",
+                        scope_label(scope)
+                    )));
+                }
+                let details = json!({"key": key});
+                audit(&mut tx, now, &actor.label(), "settings.unset", Some(&scope_label(scope)), details).await?;
+            }
         }
-        audit(&mut tx, now, &actor.label(), "settings.unset", Some(&scope_label(scope)), json!({"key": key})).await?;
         tx.commit().await?;
-        scope_settings_mut(&mut world.directory, scope)?.remove(&key);
+        let settings = scope_settings_mut(&mut world.directory, scope)?;
+        match value {
+            Some(v) => settings.insert(key, v),
+            None => settings.remove(&key),
+        };
         let ids = Self::devices_for_scope(&world, scope);
         Ok(self.recompile(&mut world, ids).await?)
     }
@@ -908,6 +961,14 @@ impl AppState {
 
 pub fn device_not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("no device {id}; `tenonctl devices list` shows the enrolled devices"))
+}
+
+/// The key id of an envelope's first signature.
+fn envelope_signer(envelope: &str) -> String {
+    serde_json::from_str::<Value>(envelope)
+        .ok()
+        .and_then(|v| v["signatures"][0]["keyid"].as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 pub fn current_envelope(version: u64, sha: &str, bytes: String) -> CurrentEnvelope {

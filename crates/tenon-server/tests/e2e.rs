@@ -127,3 +127,128 @@ fn unchanged_check_in_is_a_304_without_a_body() {
     assert_eq!(second.into_string().unwrap(), "");
     server.stop();
 }
+
+#[test]
+fn run_loop_backs_off_while_the_server_is_down_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let token = server.enroll_token(1);
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-RUN", "signed_in_users": []}));
+    a.enroll(&server, &token);
+    server.stop();
+
+    // The agent starts while the server is down.
+    let mut run = std::process::Command::new(common::bin("tenon-agent"))
+        .arg("--state-dir")
+        .arg(&a.state_dir)
+        .arg("--platform")
+        .arg(format!("simulated:{}", a.device_file.display()))
+        .args(["run", "--interval", "1s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.status()["last_sync_result"] != json!("failed") {
+        assert!(std::time::Instant::now() < deadline, "the agent never recorded the failed sync");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(a.status()["last_error"].as_str().unwrap().contains("unreachable"), "{}", a.status());
+
+    // The server comes back on the same address; the agent's backoff brings it back without help.
+    let server = Server::start(&data, &addr);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = a.status();
+        if s["last_error"].is_null() && s["config_version"].as_u64().is_some() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not recover: {s}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = run.kill();
+    let _ = run.wait();
+    server.stop();
+}
+
+#[test]
+fn signing_key_rotation_reaches_agents_through_the_root_signed_key_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let token = server.enroll_token(1);
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-ROT"}));
+    a.enroll(&server, &token);
+    a.ok(&["sync", "--once"]);
+    let before = a.status()["config_version"].as_u64().unwrap();
+
+    // While the server runs, rotation is refused (the data dir is locked).
+    let busy = std::process::Command::new(common::bin("tenon-server"))
+        .args(["rotate-signing-key", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(busy.status.code(), Some(1));
+    server.stop();
+    let out = std::process::Command::new(common::bin("tenon-server"))
+        .args(["rotate-signing-key", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let server = Server::start(&data, &addr);
+    assert!(a.ok(&["sync", "--once"]).contains("sync updated"));
+    let s = a.status();
+    assert_eq!(s["last_error"], json!(null));
+    assert!(s["config_version"].as_u64().unwrap() > before);
+    let trust: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("keys/keylist-2.json")).unwrap()).unwrap();
+    assert_eq!(trust["signed"]["version"], json!(2));
+    server.stop();
+}
+
+#[test]
+fn a_database_restored_from_backup_continues_above_the_devices_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let backup = tmp.path().join("backup");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let token = server.enroll_token(1);
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-BAK"}));
+    a.enroll(&server, &token);
+    a.ok(&["sync", "--once"]);
+    server.stop();
+    std::fs::create_dir_all(&backup).unwrap();
+    for f in ["tenon.db", "tenon.db-wal", "tenon.db-shm"] {
+        let _ = std::fs::copy(data.join(f), backup.join(f));
+    }
+
+    let server = Server::start(&data, &addr);
+    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Step", "1"]);
+    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Step", "2"]);
+    a.ok(&["sync", "--once"]);
+    let held = a.status()["config_version"].as_u64().unwrap();
+    server.stop();
+    for f in ["tenon.db", "tenon.db-wal", "tenon.db-shm"] {
+        let _ = std::fs::remove_file(data.join(f));
+        if backup.join(f).exists() {
+            std::fs::copy(backup.join(f), data.join(f)).unwrap();
+        }
+    }
+
+    // The restored server is behind: its envelope is refused as a rollback, the report tells the
+    // server what the device holds, and the next sync gets a version above it.
+    let server = Server::start(&data, &addr);
+    let out = a.run(&["sync", "--once"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(a.status()["last_error"].as_str().unwrap().contains("rollback"));
+    assert_eq!(a.status()["config_version"], json!(held));
+    assert!(a.ok(&["sync", "--once"]).contains("sync updated"));
+    assert!(a.status()["config_version"].as_u64().unwrap() > held);
+    assert_eq!(a.status()["last_error"], json!(null));
+    server.stop();
+}

@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tenon_core::api::{Problem, SettingScope};
+use tenon_core::ids::GroupName;
+use tenon_core::policy::signatures::DefaultUse;
+
+mod signature_files;
 
 #[derive(Parser)]
 #[command(name = "tenonctl", version, about = "Administer a Tenon server")]
@@ -58,6 +62,9 @@ enum Command {
     /// Admin tokens and their roles.
     #[command(name = "admin-tokens", subcommand)]
     AdminTokens(AdminTokensCmd),
+    /// Outlook signature templates.
+    #[command(subcommand)]
+    Signatures(SignaturesCmd),
 }
 
 #[derive(Subcommand)]
@@ -209,6 +216,39 @@ enum AuditCmd {
 enum NetworksCmd {
     /// Each peer group with its gateway MAC, device count and last seen.
     List,
+}
+
+#[derive(Subcommand)]
+enum SignaturesCmd {
+    /// Create or replace a template. Images the HTML references (`src=` or `background=`, relative
+    /// to the HTML file's folder) are uploaded with it. Placeholders such as
+    /// {{Graph_User_DisplayName}} are filled per user from the directory.
+    Set {
+        /// Template name; the files on the devices are NAME.htm, NAME.txt and NAME.rtf.
+        name: String,
+        /// The HTML template (UTF-8, UTF-16 with BOM, or Windows-1252 as Word saves it).
+        #[arg(long)]
+        html: PathBuf,
+        /// A text version; without it the text is derived from the HTML.
+        #[arg(long)]
+        txt: Option<PathBuf>,
+        /// Make it Outlook's default for new mail, replies, or both; `none` clears it. Without
+        /// this option an existing template keeps its default and a new one has none.
+        #[arg(long, value_name = "new|reply|both|none")]
+        default: Option<String>,
+        /// A group whose members get it (repeatable). Without it an existing template keeps its
+        /// groups and a new one goes to "All Users" (everyone).
+        #[arg(long = "group", value_name = "NAME")]
+        groups: Vec<String>,
+    },
+    /// List templates: groups, default, images.
+    List {
+        /// Include the HTML and text of each template (with --json).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Remove a template; devices delete the files Tenon wrote for it at their next sync.
+    Remove { name: String },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -494,6 +534,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &[("AT", "at"), ("ACTOR", "actor"), ("ACTION", "action"), ("TARGET", "target"), ("DETAILS", "details")],
             );
         }
+        Command::Signatures(cmd) => signatures(&c, json_out, cmd)?,
         Command::Networks(NetworksCmd::List) => {
             let v = c.call("GET", "/networks", None)?;
             print_table(
@@ -570,6 +611,100 @@ fn print_bitlocker(s: &Value) {
     for e in s.get("errors").and_then(Value::as_array).into_iter().flatten() {
         println!("  error: {}", cell(e));
     }
+}
+
+fn signatures(c: &Client, json_out: bool, cmd: SignaturesCmd) -> anyhow::Result<()> {
+    match cmd {
+        SignaturesCmd::Set { name, html, txt, default, groups } => {
+            let default = match default.as_deref().map(|d| d.trim().to_ascii_lowercase()) {
+                None => None,
+                Some(d) if d == "none" => Some(Value::Null),
+                Some(d) => Some(json!(d.parse::<DefaultUse>().map_err(|e| usage(format!("--default {e} or none")))?)),
+            };
+            let template = signature_files::read_template(&html, txt.as_deref()).map_err(|e| usage(e.to_string()))?;
+            // What the admin left out stays as it is on an existing template.
+            let existing = if groups.is_empty() || default.is_none() {
+                let list = c.call("GET", "/signatures", None)?;
+                list.as_array().into_iter().flatten().find(|t| t["name"] == json!(name)).cloned()
+            } else {
+                None
+            };
+            let groups = match (groups.is_empty(), &existing) {
+                (false, _) => json!(groups),
+                (true, Some(e)) => e["groups"].clone(),
+                (true, None) => json!([GroupName::ALL_USERS]),
+            };
+            let default = default.or_else(|| existing.as_ref().map(|e| e["default"].clone())).unwrap_or(Value::Null);
+            let body = json!({"html": template.html, "txt": template.txt, "default": default, "groups": groups,
+                              "images": template.images});
+            let v = c.call("PUT", &format!("/signatures/{}", urlencode(&name)), Some(&body))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let images = template.images.keys().cloned().collect::<Vec<_>>();
+                println!(
+                    "signature {name} {} for {} ({} users{}); {} devices re-signed",
+                    if v["created"] == json!(true) { "created" } else { "updated" },
+                    cell(&groups),
+                    v["users"],
+                    if images.is_empty() { String::new() } else { format!(", images {}", images.join(", ")) },
+                    v["devices_updated"]
+                );
+            }
+            if v["users"] == json!(0) {
+                eprintln!(
+                    "warning: no user is in {} yet; check the group names with `tenonctl users list`",
+                    cell(&groups)
+                );
+            }
+        }
+        SignaturesCmd::List { full } => {
+            let v = c.call("GET", &format!("/signatures?full={full}"), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let rows: Vec<Value> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| {
+                        let images: Vec<String> = t["images"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .map(|(n, size)| format!("{n} ({} B)", cell(size)))
+                            .collect();
+                        json!({"name": t["name"], "groups": t["groups"], "default": t["default"],
+                               "images": images, "updated_at": t["updated_at"]})
+                    })
+                    .collect();
+                print_table(
+                    false,
+                    &Value::Array(rows),
+                    &[
+                        ("NAME", "name"),
+                        ("GROUPS", "groups"),
+                        ("DEFAULT", "default"),
+                        ("IMAGES", "images"),
+                        ("UPDATED", "updated_at"),
+                    ],
+                );
+            }
+        }
+        SignaturesCmd::Remove { name } => {
+            let v = c.call("DELETE", &format!("/signatures/{}", urlencode(&name)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "signature {} removed; {} devices re-signed; they delete its files at their next sync",
+                    cell(&v["name"]),
+                    v["devices_updated"]
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn urlencode(s: &str) -> String {

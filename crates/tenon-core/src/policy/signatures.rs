@@ -321,28 +321,64 @@ pub fn file_base(name: &str, upn: &str, include_upn: bool) -> String {
     }
 }
 
-/// Points relative `src` attributes whose file name is one of `images` at `BASE_files/IMAGE`,
-/// where the images are written. Absolute URLs (`https:`, `cid:`, `data:`) stay as they are.
-pub fn link_images<'a>(html_src: &str, base: &str, images: impl IntoIterator<Item = &'a String> + Clone) -> String {
-    let mut out = String::with_capacity(html_src.len());
-    let mut last = 0;
+/// Attributes that reference an image file: `src` (`<img>`, Word's `<v:imagedata>`) and
+/// `background` (`<body>`, `<table>`, `<td>`).
+const IMAGE_ATTRIBUTES: [&str; 2] = ["src", "background"];
+
+/// Every relative image reference of `html_src`: the byte range of the attribute value and the
+/// value. Absolute URLs (`https:`, `cid:`, `data:`, `//host/...`) are not references to upload.
+fn relative_image_attributes(html_src: &str) -> Vec<(std::ops::Range<usize>, String)> {
+    let mut out = Vec::new();
     let mut from = 0;
     while let Some(open) = html_src[from..].find('<').map(|p| from + p) {
         let Some(close) = html_src[open..].find('>').map(|p| open + p + 1) else { break };
         from = close;
         let tag = &html_src[open..close];
-        let Some((range, value)) = html::attribute(tag, "src") else { continue };
-        if value.contains(':') {
-            continue;
+        let mut hits: Vec<_> = IMAGE_ATTRIBUTES.iter().filter_map(|a| html::attribute(tag, a)).collect();
+        hits.sort_by_key(|(range, _)| range.start);
+        for (range, value) in hits {
+            let v = value.trim();
+            if v.is_empty() || v.contains(':') || v.starts_with("//") || v.starts_with('#') {
+                continue;
+            }
+            out.push((open + range.start..open + range.end, value));
         }
-        let file = value.rsplit(['/', '\\']).next().unwrap_or("");
-        let file = percent_decode(file);
+    }
+    out
+}
+
+/// The relative image paths a template's HTML references (`src=`, `background=`), percent-decoded,
+/// in order of appearance, each once. The admin tool uploads these files with the template.
+pub fn image_references(html_src: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (_, value) in relative_image_attributes(html_src) {
+        let path = percent_decode(value.trim());
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The file name an image reference is delivered under: its last path component.
+pub fn image_file_name(reference: &str) -> &str {
+    reference.rsplit(['/', '\\']).next().unwrap_or(reference)
+}
+
+/// Points relative `src` and `background` attributes whose file name is one of `images` at
+/// `BASE_files/IMAGE`, where the images are written. Absolute URLs (`https:`, `cid:`, `data:`)
+/// stay as they are.
+pub fn link_images<'a>(html_src: &str, base: &str, images: impl IntoIterator<Item = &'a String> + Clone) -> String {
+    let mut out = String::with_capacity(html_src.len());
+    let mut last = 0;
+    for (range, value) in relative_image_attributes(html_src) {
+        let file = percent_decode(image_file_name(&value));
         let Some(image) = images.clone().into_iter().find(|i| i.eq_ignore_ascii_case(&file)) else { continue };
-        out.push_str(&html_src[last..open + range.start]);
+        out.push_str(&html_src[last..range.start]);
         out.push_str(&percent_encode(&format!("{base}_files")));
         out.push('/');
         out.push_str(&percent_encode(image));
-        last = open + range.end;
+        last = range.end;
     }
     out.push_str(&html_src[last..]);
     out
@@ -575,6 +611,21 @@ mod tests {
             "<img src=\"https://x/logo.png\"><img src=\"cid:logo.png\">",
         );
         check("<img src=\"other.png\"> a > b", "<img src=\"other.png\"> a > b");
+        check(
+            "<td background=\"bg/logo.png\"><img src=logo.png alt=x>",
+            "<td background=\"Corp%20(a@x.com)_files/logo.png\"><img src=Corp%20(a@x.com)_files/logo.png alt=x>",
+        );
+    }
+
+    #[test]
+    fn finds_the_images_a_template_references() {
+        let html = "<body background='img/bg.png'><img src=\"img/logo.png\"><img src=\"https://x/y.png\">\
+                    <img src=\"cid:a.png\"><img src=\"//cdn/x.png\"><img src=\"data:image/png;base64,AA\">\
+                    <v:imagedata src=\"Corp_files/image%20001.png\"/><img src=\"img/logo.png\"><img src=\"\">";
+        assert_eq!(image_references(html), ["img/bg.png", "img/logo.png", "Corp_files/image 001.png"]);
+        assert_eq!(image_file_name("Corp_files/image 001.png"), "image 001.png");
+        assert_eq!(image_file_name("a\\b.png"), "b.png");
+        assert_eq!(image_file_name("b.png"), "b.png");
     }
 
     #[test]

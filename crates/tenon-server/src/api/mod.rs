@@ -4,6 +4,7 @@ mod admin;
 pub use admin::rfc3339;
 mod device;
 pub mod extract;
+mod signatures;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -15,6 +16,9 @@ use std::sync::Arc;
 /// Most bodies are small; user imports may be large.
 const BODY_LIMIT: usize = 1024 * 1024;
 const IMPORT_LIMIT: usize = 32 * 1024 * 1024;
+/// Signature templates carry their images; the domain answers a too-large template with a
+/// message that says what to shrink, so the transport limit sits well above that.
+const SIGNATURE_LIMIT: usize = 16 * 1024 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
@@ -32,6 +36,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/decommission", post(admin::decommission))
         .route("/devices/{id}/recovery-keys", get(admin::recovery_keys))
         .route("/tokens", post(admin::create_admin_token))
+        .route("/signatures", get(signatures::list_signatures))
+        .route(
+            "/signatures/{name}",
+            put(signatures::put_signature)
+                .delete(signatures::remove_signature)
+                .layer(DefaultBodyLimit::max(SIGNATURE_LIMIT)),
+        )
         .route("/audit", get(admin::audit_list))
         .route("/networks", get(admin::networks));
     let api = Router::new()

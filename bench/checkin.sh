@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Unchanged check-ins per second against a tenon-server with N enrolled devices (default 10,000),
+# and the same load generator against nginx serving a static file, for the ratio.
+#
+#   bench/checkin.sh [DEVICES] [DURATION]      e.g. bench/checkin.sh 10000 15s
+#
+# Needs wrk and nginx (Debian packages `wrk` and `nginx-light`; installed when missing) and python3.
+# Every address is on loopback. Prints the figures; nothing is asserted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICES=${1:-10000}
+DURATION=${2:-15s}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release -q -p tenon-server -p tenonctl
+work=$(mktemp -d)
+cleanup() {
+  [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true
+  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$((20000 + RANDOM % 20000))
+target/release/tenon-server serve --listen 127.0.0.1:$port --data-dir "$work/data" >"$work/server.out" 2>"$work/server.err" &
+server_pid=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+export TENON_SERVER=http://127.0.0.1:$port TENON_TOKEN=$(cat "$work/data/admin.token")
+token=$(target/release/tenonctl enroll-token create --uses "$DEVICES" --ttl 2h)
+
+echo "enrolling $DEVICES devices..."
+python3 - "$TENON_SERVER" "$token" "$DEVICES" "$work/creds.txt" <<'PY'
+import json, sys, urllib.request, concurrent.futures, time
+base, token, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def one(i):
+    req = urllib.request.Request(base + "/api/v1/enroll", method="POST",
+        data=json.dumps({"token": token, "hostname": f"BENCH-{i:05d}", "agent_version": "bench"}).encode(),
+        headers={"Content-Type": "application/json"})
+    cred = json.load(urllib.request.urlopen(req))["credential"]
+    r = urllib.request.urlopen(urllib.request.Request(base + "/api/v1/device/config",
+        headers={"Authorization": "Bearer " + cred}))
+    return cred, r.headers["ETag"]
+t = time.time()
+with concurrent.futures.ThreadPoolExecutor(8) as ex, open(out, "w") as f:
+    for k, (cred, etag) in enumerate(ex.map(one, range(n)), 1):
+        f.write(f"{cred} {etag}\n")
+        if k % 2000 == 0:
+            print(f"  {k}/{n} enrolled ({time.time() - t:.0f}s)", flush=True)
+PY
+
+cat > "$work/checkin.lua" <<'LUA'
+-- Rotates through every device's credential and ETag: each request is an unchanged check-in.
+local creds = {}
+for line in io.lines(os.getenv("CREDS")) do
+  local c, e = line:match("^(%S+) (.+)$")
+  creds[#creds + 1] = { c, e }
+end
+local i = 0
+request = function()
+  i = i % #creds + 1
+  return wrk.format("GET", "/api/v1/device/config",
+    { ["Authorization"] = "Bearer " .. creds[i][1], ["If-None-Match"] = creds[i][2] })
+end
+local not304 = 0
+response = function(status)
+  if status ~= 304 then not304 = not304 + 1 end
+end
+LUA
+
+# Sanity: one check-in of the first device is a 304.
+read -r cred etag < "$work/creds.txt"
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $cred" -H "If-None-Match: $etag" "$TENON_SERVER/api/v1/device/config")
+[ "$code" = 304 ] || { echo "expected 304 from an unchanged check-in, got $code"; exit 1; }
+
+# nginx workers run unprivileged: the document root must be world-readable.
+mkdir -p "$work/www" && : > "$work/www/checkin"
+chmod 755 "$work" "$work/www" && chmod 644 "$work/www/checkin"
+nport=$((port + 1))
+cat > "$work/nginx.conf" <<NGX
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$nport; root $work/www; location / { etag on; } }
+}
+NGX
+"$NGINX" -c "$work/nginx.conf"
+sleep 0.5
+code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$nport/checkin")
+[ "$code" = 200 ] || { echo "nginx answered $code for the static file; see $work/nginx.err"; exit 1; }
+
+echo "== tenon-server: unchanged check-ins ($DEVICES devices, wrk -t$THREADS -c$CONNECTIONS -d$DURATION)"
+CREDS="$work/creds.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$work/checkin.lua" "$TENON_SERVER" | tee "$work/tenon.txt"
+echo "== nginx: static empty file (same wrk settings)"
+wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$nport/checkin" | tee "$work/nginx.txt"
+
+t=$(awk '/Requests\/sec/ {print $2}' "$work/tenon.txt")
+n=$(awk '/Requests\/sec/ {print $2}' "$work/nginx.txt")
+errs=$(awk '/Non-2xx or 3xx/ {print $5}' "$work/tenon.txt")
+nerrs=$(awk '/Non-2xx or 3xx/ {print $5}' "$work/nginx.txt")
+rss=$(awk '/VmRSS/ {print $2 " " $3}' "/proc/$server_pid/status")
+echo
+echo "tenon-server unchanged check-ins/s: $t   (non-2xx/3xx answers: ${errs:-0})"
+echo "nginx static file requests/s:       $n   (non-2xx/3xx answers: ${nerrs:-0})"
+python3 -c "print(f'ratio tenon/nginx: {float(\"$t\")/float(\"$n\"):.2f}')"
+echo "tenon-server resident memory with $DEVICES devices: $rss"
