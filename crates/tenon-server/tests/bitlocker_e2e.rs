@@ -638,9 +638,34 @@ fn escrow_and_token_endpoints_refuse_bad_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"));
     let created = server.ctl_json(&["admin-tokens", "create", "both", "--role", "admin", "--role", "recovery-keys"]);
     assert_eq!(created["roles"], json!(["admin", "recovery-keys"]));
+
     let log = server.ctl_json(&["audit", "list"]);
     assert!(log.as_array().unwrap().iter().any(|e| e["action"] == json!("admin_token.create")
         && e["details"]["name"] == json!("officer")
         && e["actor"].as_str().unwrap().starts_with("bootstrap")));
+
+    // Listing never shows secrets; a revoked token stops working at once; the last admin stays.
+    let listed = server.ctl_json(&["admin-tokens", "list"]);
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["bootstrap", "officer", "both"]);
+    let secret = officer.rsplit('.').next().unwrap();
+    assert!(!listed.to_string().contains(secret));
+    let officer_id = officer.split('.').nth(1).unwrap();
+    server.ctl_ok(&["admin-tokens", "revoke", officer_id]);
+    let out = ctl_with(&server, &officer, &["recovery-keys", "show", &id]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{out:?}");
+    let both = created["token"].as_str().unwrap();
+    let bootstrap_id = server.token.split('.').nth(1).unwrap().to_string();
+    assert!(ctl_with(&server, both, &["admin-tokens", "revoke", &bootstrap_id]).status.success());
+    let both_id = created["id"].as_str().unwrap();
+    let out = ctl_with(&server, both, &["admin-tokens", "revoke", both_id]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("last one with the admin role"), "{out:?}");
+    let log = ctl_with(&server, both, &["audit", "list", "--json"]);
+    let log: Value = serde_json::from_slice(&log.stdout).unwrap();
+    assert!(log
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["action"] == json!("admin_token.revoke") && e["target"] == json!(officer_id)));
     server.stop();
 }

@@ -88,6 +88,10 @@ enum AdminTokensCmd {
         #[arg(long = "role", required = true, value_parser = ["admin", "recovery-keys"])]
         roles: Vec<String>,
     },
+    /// List admin tokens (names, roles, created, revoked; never the secrets).
+    List,
+    /// Revoke an admin token by its id (the middle part of tadm.ID.SECRET).
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -570,6 +574,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     eprintln!("warning: protector {}: {}", cell(&k["protector_id"]), cell(&k["error"]));
                 }
                 eprintln!("this read was audited; the device will rotate these keys at its next sync");
+            }
+        }
+        Command::AdminTokens(AdminTokensCmd::List) => {
+            let v = c.call("GET", "/tokens", None)?;
+            print_table(
+                json_out,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("NAME", "name"),
+                    ("ROLES", "roles"),
+                    ("CREATED", "created_at"),
+                    ("REVOKED", "revoked_at"),
+                ],
+            );
+        }
+        Command::AdminTokens(AdminTokensCmd::Revoke { id }) => {
+            c.call("POST", &format!("/tokens/{}/revoke", urlencode(&id)), None)?;
+            if !json_out {
+                println!("admin token {id} revoked");
             }
         }
         Command::AdminTokens(AdminTokensCmd::Create { name, roles }) => {

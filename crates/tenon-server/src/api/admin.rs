@@ -416,3 +416,16 @@ pub async fn create_admin_token(
     let (token, id) = state.create_admin_token(name, &roles, Some(&actor)).await?;
     Ok((StatusCode::CREATED, Json(json!({"token": token, "id": id, "name": name, "roles": roles}))).into_response())
 }
+
+pub async fn list_admin_tokens(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
+    Ok(Json(Value::Array(state.list_admin_tokens().await?)))
+}
+
+pub async fn revoke_admin_token(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.revoke_admin_token(&actor, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -35,7 +35,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/primary", put(admin::set_primary))
         .route("/devices/{id}/decommission", post(admin::decommission))
         .route("/devices/{id}/recovery-keys", get(admin::recovery_keys))
-        .route("/tokens", post(admin::create_admin_token))
+        .route("/tokens", post(admin::create_admin_token).get(admin::list_admin_tokens))
+        .route("/tokens/{id}/revoke", post(admin::revoke_admin_token))
         .route("/signatures", get(signatures::list_signatures))
         .route(
             "/signatures/{name}",
