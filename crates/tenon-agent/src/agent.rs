@@ -215,7 +215,7 @@ impl<'p> Agent<'p> {
             st.generation += 1;
             vault.save(&st)?;
 
-            let statuses = self.apply(&client, &mut st, lkg.as_ref());
+            let statuses = self.apply(&client, &trusted, &mut st, lkg.as_ref());
             st.generation += 1;
             vault.save(&st)?;
             status.policies = statuses.clone();
@@ -299,11 +299,17 @@ impl<'p> Agent<'p> {
     }
 
     /// Applies every policy to the last known good payload.
-    fn apply(&self, client: &ServerClient, st: &mut VaultState, lkg: Option<&VerifiedEnvelope>) -> Map<String, Value> {
+    fn apply(
+        &self,
+        client: &ServerClient,
+        trusted: &KeyList,
+        st: &mut VaultState,
+        lkg: Option<&VerifiedEnvelope>,
+    ) -> Map<String, Value> {
         let mut statuses = Map::new();
         let Some(env) = lkg else { return statuses };
         let credential = st.credential.clone();
-        let escrow = ServerEscrow::new(client, &credential, &st.device_id, st.escrow_public_key.as_deref());
+        let escrow = ServerEscrow::new(client, &credential, trusted, &st.device_id, st.escrow_public_key.as_deref());
         let empty = Map::new();
         let machine = env.body.payload.get("machine").and_then(Value::as_object).unwrap_or(&empty);
         let users = env.body.payload.get("users").and_then(Value::as_object).unwrap_or(&empty);
@@ -322,6 +328,11 @@ impl<'p> Agent<'p> {
             if !state.is_null() {
                 st.policy_state.insert(policy.name().to_string(), state);
             }
+        }
+        // The server rotated its escrow key and signed the new one: seal to it from now on.
+        if let Some(key) = escrow.adopted_key() {
+            tracing::info!("the server's escrow key changed (signed by a trusted key); using the new one");
+            st.escrow_public_key = Some(key);
         }
         statuses
     }

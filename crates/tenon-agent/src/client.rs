@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
-use tenon_core::policy::escrow::{EscrowReceipt, EscrowUpload};
+use tenon_core::policy::escrow::{EscrowReceipt, EscrowUpload, SignedEscrowKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -124,19 +124,23 @@ impl ServerClient {
         self.json(resp)
     }
 
-    /// Protector ids whose recovery keys the server asks this device to rotate.
-    pub fn escrow_rotations(&self, credential: &str) -> Result<Vec<String>, ClientError> {
+    /// Protector ids whose recovery keys the server asks this device to rotate, and the server's
+    /// current escrow key as it signed it (older servers send none).
+    pub fn escrow_rotations(&self, credential: &str) -> Result<EscrowInfo, ClientError> {
         let resp = self
             .http
             .get(&self.url("/api/v1/device/escrow/rotations"))
             .set("Authorization", &format!("Bearer {credential}"))
             .call()
             .map_err(|e| self.map_err(e))?;
-        let v: serde_json::Value = self.json(resp)?;
-        let list = v
-            .get("rotations")
-            .and_then(|r| r.as_array())
-            .ok_or_else(|| ClientError::Protocol("rotation list has no \"rotations\" array".into()))?;
-        Ok(list.iter().filter_map(|p| p.as_str().map(str::to_string)).collect())
+        self.json(resp)
     }
+}
+
+/// The answer of `GET /api/v1/device/escrow/rotations`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EscrowInfo {
+    pub rotations: Vec<String>,
+    #[serde(default)]
+    pub escrow_key: Option<SignedEscrowKey>,
 }

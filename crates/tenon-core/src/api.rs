@@ -7,7 +7,8 @@
 //! - `POST /api/v1/device/report` [`DeviceReport`] -> 202
 //! - `POST /api/v1/device/escrow` [`crate::policy::escrow::EscrowUpload`] -> 201
 //!   [`crate::policy::escrow::EscrowReceipt`], sent only after the key is committed
-//! - `GET  /api/v1/device/escrow/rotations` -> `{"rotations": [protector id]}` (keys an admin read)
+//! - `GET  /api/v1/device/escrow/rotations` -> `{"rotations": [protector id], "escrow_key":
+//!   SignedEscrowKey}`: keys an admin read, and the current escrow key signed by a signing key
 //!
 //! Admin endpoints (Bearer admin token) live under `/api/v1/admin/`; they need the token role
 //! `admin`, except `GET devices/{id}/recovery-keys[?all=true]`, which needs `recovery-keys`.

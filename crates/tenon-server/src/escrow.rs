@@ -8,9 +8,10 @@
 //!
 //! Escrow key files in `DATA_DIR/keys/`: `escrow.x25519` (current: enrollment hands out its public
 //! key, new seals go to it), `escrow.x25519.next` (exists only while a rotation is unfinished) and
-//! `escrow.x25519.old-N` (earlier keys). All of them form the [`EscrowKeyring`]: agents keep the
-//! public key they pinned at enrollment, so an upload sealed to an older key is still accepted and
-//! re-sealed to the current key before it is stored.
+//! `escrow.x25519.old-N` (earlier keys). All of them form the [`EscrowKeyring`]. Agents seal to
+//! the key they pinned at enrollment until the server hands them a newer one, signed by the
+//! envelope-signing key, with their next rotation check; meanwhile an upload sealed to an older key
+//! is still accepted and re-sealed to the current key before it is stored.
 
 use crate::datadir::{write_secret_file, DataDir};
 use crate::error::{ApiError, ApiResult};
@@ -413,8 +414,9 @@ pub struct RotationSummary {
 /// (2) the current secret is copied to `escrow.x25519.old-N`; (3) one transaction re-seals every
 /// row and writes the audit row; a key that does not open aborts it and nothing changes;
 /// (4) `.next` is renamed over `escrow.x25519`. The server loads all these files, so it can open
-/// every row after a crash at any step; the old key file is kept because agents still seal to the
-/// public key they pinned at enrollment (the server re-seals such uploads on receipt).
+/// every row after a crash at any step; the old key file is kept because agents seal to the key
+/// they hold until their next escrow check hands them the new one (the server re-seals such
+/// uploads on receipt).
 pub async fn rotate_escrow_key(data_dir: &DataDir, db: &SqlitePool, now: i64) -> anyhow::Result<RotationSummary> {
     let dir = data_dir.keys_dir()?;
     let current_path = dir.join(CURRENT_FILE);

@@ -111,8 +111,9 @@ pub async fn rotate_escrow_key(data_dir: &std::path::Path, database: Option<&str
     let summary = escrow::rotate_escrow_key(&data_dir, &db, clock()).await?;
     db.close().await;
     println!(
-        "escrow key rotated: {} stored recovery keys re-sealed to key {}; the previous key is kept in {} \
-         (enrolled agents still seal to it and the server re-seals such uploads on receipt)",
+        "escrow key rotated: {} stored recovery keys re-sealed to key {}; the previous key is kept in {}: \
+         devices move to the new key at their next escrow (the server signs it for them) and uploads \
+         sealed to the old one are re-sealed on receipt, so delete it only once every device has escrowed since",
         summary.resealed,
         summary.new_key_id,
         summary.old_key_file.display()

@@ -492,12 +492,14 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
     assert_eq!(std::fs::read(data.join("keys/escrow.x25519.old-1")).unwrap(), old_key);
     assert!(!data.join("keys/escrow.x25519.next").exists());
 
-    // The server opens the re-wrapped key; it verified all of them at start.
+    // The server opens the re-wrapped key with the new escrow key alone: the old key file is
+    // set aside, so anything sealed to the old key would now be refused.
+    std::fs::rename(data.join("keys/escrow.x25519.old-1"), tmp.path().join("old-escrow-key")).unwrap();
     let server = Server::start(&data, &addr);
     let read = server.ctl_json(&["recovery-keys", "show", &id]);
     assert_eq!(read[0]["recovery_password"], json!(password));
-    // The agent still seals to the key it pinned at enrollment; the rotation the read asked for
-    // goes through and the new key is stored under the new escrow key.
+    // The agent pinned the old key at enrollment; the server hands it the new one, signed, so the
+    // rotation the read asked for is sealed to the new key and accepted.
     let mut new_keys = Vec::new();
     for _ in 0..4 {
         sync(&agent, None, &mut t);
@@ -509,6 +511,13 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
     assert_ne!(new_keys[0].0, protector, "rotated after the read");
     let read = server.ctl_json(&["recovery-keys", "show", &id]);
     assert_eq!(read[0]["recovery_password"], json!(new_keys[0].1));
+    let held = {
+        let platform = tenon_agent::platform::simulated::SimulatedPlatform::open(&agent.device_file).unwrap();
+        tenon_agent::vault::Vault::new(&agent.state_dir, &platform).load().unwrap().state.escrow_public_key
+    };
+    let new_public = tenon_core::policy::escrow::escrow_public_key(&new_key.clone().try_into().unwrap());
+    use base64::Engine;
+    assert_eq!(held, Some(base64::engine::general_purpose::STANDARD.encode(new_public)), "the vault holds the new key");
     server.stop();
     let log = std::fs::read_to_string(data.with_extension("server.log")).unwrap();
     assert!(log.contains("escrowed recovery keys verified"), "the start-up check ran");
@@ -609,7 +618,10 @@ fn escrow_and_token_endpoints_refuse_bad_input() {
         .unwrap()
         .into_json()
         .unwrap();
-    assert_eq!(rotations, json!({"rotations": []}));
+    assert_eq!(rotations["rotations"], json!([]));
+    // The current escrow key, signed by the envelope-signing key the device trusts.
+    assert_eq!(rotations["escrow_key"]["public_key"], enrolled["escrow_public_key"]);
+    assert_eq!(rotations["escrow_key"]["signature"]["keyid"].as_str().map(str::len), Some(64));
     assert_eq!(server.ctl_json(&["recovery-keys", "show", &id])[0]["recovery_password"], json!(pw));
     let rotations: Value = ureq::get(&format!("{}/api/v1/device/escrow/rotations", server.url))
         .set("Authorization", &cred)
@@ -617,7 +629,7 @@ fn escrow_and_token_endpoints_refuse_bad_input() {
         .unwrap()
         .into_json()
         .unwrap();
-    assert_eq!(rotations, json!({"rotations": ["{P-1}"]}), "a read asks for rotation");
+    assert_eq!(rotations["rotations"], json!(["{P-1}"]), "a read asks for rotation");
     // Unknown device: 404 for a reader, and the admin endpoint needs a known device.
     let out = server.ctl(&["recovery-keys", "show", "no-such-device"]);
     assert_eq!(out.status.code(), Some(1));
