@@ -137,7 +137,7 @@ impl AppState {
         }
         let password = self.keys.escrow.open(sealed).map_err(|why| {
             ApiError::BadRequest(format!(
-                "the sealed key was refused: it {why}; seal it to the escrow key from enrollment"
+                "the sealed key was refused: it {why}; seal it to the server's current escrow key"
             ))
         })?;
         if !is_recovery_password(&password) {
