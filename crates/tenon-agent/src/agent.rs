@@ -8,6 +8,7 @@
 use crate::client::{ClientError, Fetch, ServerClient};
 use crate::platform::Platform;
 use crate::policies::{self, PolicyContext};
+use crate::server_escrow::ServerEscrow;
 use crate::status::{rfc3339, Status};
 use crate::vault::{Vault, VaultError, VaultState};
 use serde_json::{Map, Value};
@@ -214,7 +215,7 @@ impl<'p> Agent<'p> {
             st.generation += 1;
             vault.save(&st)?;
 
-            let statuses = self.apply(&mut st, lkg.as_ref());
+            let statuses = self.apply(&client, &trusted, &mut st, lkg.as_ref());
             st.generation += 1;
             vault.save(&st)?;
             status.policies = statuses.clone();
@@ -298,9 +299,17 @@ impl<'p> Agent<'p> {
     }
 
     /// Applies every policy to the last known good payload.
-    fn apply(&self, st: &mut VaultState, lkg: Option<&VerifiedEnvelope>) -> Map<String, Value> {
+    fn apply(
+        &self,
+        client: &ServerClient,
+        trusted: &KeyList,
+        st: &mut VaultState,
+        lkg: Option<&VerifiedEnvelope>,
+    ) -> Map<String, Value> {
         let mut statuses = Map::new();
         let Some(env) = lkg else { return statuses };
+        let credential = st.credential.clone();
+        let escrow = ServerEscrow::new(client, &credential, trusted, &st.device_id, st.escrow_public_key.as_deref());
         let empty = Map::new();
         let machine = env.body.payload.get("machine").and_then(Value::as_object).unwrap_or(&empty);
         let users = env.body.payload.get("users").and_then(Value::as_object).unwrap_or(&empty);
@@ -312,13 +321,18 @@ impl<'p> Agent<'p> {
                 users,
                 now: self.now(),
                 state: &mut state,
-                escrow: &policies::NoEscrow,
+                escrow: &escrow,
             };
             let s = policy.apply(&mut ctx);
             statuses.insert(policy.name().to_string(), serde_json::to_value(s).unwrap_or(Value::Null));
             if !state.is_null() {
                 st.policy_state.insert(policy.name().to_string(), state);
             }
+        }
+        // The server rotated its escrow key and signed the new one: seal to it from now on.
+        if let Some(key) = escrow.adopted_key() {
+            tracing::info!("the server's escrow key changed (signed by a trusted key); using the new one");
+            st.escrow_public_key = Some(key);
         }
         statuses
     }

@@ -3,6 +3,7 @@
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
+use tenon_core::policy::escrow::{EscrowReceipt, EscrowUpload, SignedEscrowKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -107,4 +108,39 @@ impl ServerClient {
         let v: serde_json::Value = self.json(resp)?;
         Ok(v.get("etag").and_then(|e| e.as_str()).map(str::to_string))
     }
+
+    /// Escrows a sealed recovery key; `Ok` only with the server's receipt, which it sends after
+    /// committing the key.
+    pub fn escrow_upload(&self, credential: &str, upload: &EscrowUpload) -> Result<EscrowReceipt, ClientError> {
+        let resp = self
+            .http
+            .post(&self.url("/api/v1/device/escrow"))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .send_json(upload)
+            .map_err(|e| self.map_err(e))?;
+        if resp.status() != 201 {
+            return Err(ClientError::Protocol(format!("unexpected status {} for an escrow upload", resp.status())));
+        }
+        self.json(resp)
+    }
+
+    /// Protector ids whose recovery keys the server asks this device to rotate, and the server's
+    /// current escrow key as it signed it (older servers send none).
+    pub fn escrow_rotations(&self, credential: &str) -> Result<EscrowInfo, ClientError> {
+        let resp = self
+            .http
+            .get(&self.url("/api/v1/device/escrow/rotations"))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .call()
+            .map_err(|e| self.map_err(e))?;
+        self.json(resp)
+    }
+}
+
+/// The answer of `GET /api/v1/device/escrow/rotations`.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct EscrowInfo {
+    pub rotations: Vec<String>,
+    #[serde(default)]
+    pub escrow_key: Option<SignedEscrowKey>,
 }

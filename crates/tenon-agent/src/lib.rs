@@ -7,6 +7,7 @@ pub mod netwatch;
 pub mod platform;
 pub mod policies;
 pub mod rotating_log;
+pub mod server_escrow;
 #[cfg(windows)]
 pub mod service;
 pub mod status;

@@ -1,12 +1,18 @@
 //! tenon-agent command line:
 //! `tenon-agent --state-dir DIR [--platform native | --platform simulated:FILE] COMMAND`.
+//!
+//! Environment: `TENON_LOG` (log filter, default `info`); `TENON_AGENT_CLOCK_OFFSET` (a duration
+//! such as `6h`, honoured ONLY with `--platform simulated:FILE`) moves the agent's clock forward,
+//! so tests and demos can play through schedules measured in hours (the Entra escrow backoff)
+//! without waiting. The native platform ignores it: a real device runs on the real clock.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
-use tenon_agent::agent::{system_clock, Agent};
+use tenon_agent::agent::{system_clock, Agent, Clock};
 use tenon_agent::platform::Platform;
 use tenon_agent::status::Status;
 
@@ -16,7 +22,8 @@ struct Cli {
     /// Where the agent keeps its vault and status (Windows default: %ProgramData%\Tenon).
     #[arg(long, global = true)]
     state_dir: Option<PathBuf>,
-    /// `native` (the real OS; Windows only) or `simulated:FILE` (a device described by a JSON file).
+    /// `native` (the real OS; Windows only) or `simulated:FILE` (a device described by a JSON file;
+    /// with it, the environment variable TENON_AGENT_CLOCK_OFFSET=DURATION moves the clock forward).
     #[arg(long, global = true, default_value = "native")]
     platform: String,
     #[command(subcommand)]
@@ -103,6 +110,22 @@ fn native_platform() -> Result<Box<dyn Platform>, String> {
     Err("the native platform is Windows only; on this system use --platform simulated:FILE".into())
 }
 
+/// The system clock; on the simulated platform moved forward by `TENON_AGENT_CLOCK_OFFSET`.
+fn clock_for(platform: &str) -> Result<Clock, String> {
+    let system = system_clock();
+    let Some(offset) = std::env::var("TENON_AGENT_CLOCK_OFFSET").ok().filter(|v| !v.trim().is_empty()) else {
+        return Ok(system);
+    };
+    if !platform.starts_with("simulated:") {
+        tracing::warn!("TENON_AGENT_CLOCK_OFFSET is ignored: it applies only to --platform simulated:FILE");
+        return Ok(system);
+    }
+    let secs = humantime::parse_duration(offset.trim())
+        .map_err(|e| format!("TENON_AGENT_CLOCK_OFFSET={offset:?} is not a duration ({e}); use such as 6h"))?
+        .as_secs() as i64;
+    Ok(Arc::new(move || system().saturating_add(secs)))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -134,7 +157,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let agent = Agent::new(&state_dir, platform.as_ref(), system_clock());
+    let clock = match clock_for(&cli.platform) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let agent = Agent::new(&state_dir, platform.as_ref(), clock);
     let result = match cli.command {
         Command::Enroll { server, token, force } => agent.enroll(&server, &token, force).map(|id| {
             println!("{id}");

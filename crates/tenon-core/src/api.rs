@@ -5,8 +5,14 @@
 //! - `GET  /api/v1/device/config` with `If-None-Match: "<etag>"` -> 200 envelope + `ETag`, or 304
 //! - `GET  /api/v1/device/trust` -> [`TrustBundle`]
 //! - `POST /api/v1/device/report` [`DeviceReport`] -> 202
+//! - `POST /api/v1/device/escrow` [`crate::policy::escrow::EscrowUpload`] -> 201
+//!   [`crate::policy::escrow::EscrowReceipt`], sent only after the key is committed
+//! - `GET  /api/v1/device/escrow/rotations` -> `{"rotations": [protector id], "escrow_key":
+//!   SignedEscrowKey}`: keys an admin read, and the current escrow key signed by a signing key
 //!
-//! Admin endpoints (Bearer admin token) live under `/api/v1/admin/`.
+//! Admin endpoints (Bearer admin token) live under `/api/v1/admin/`; they need the token role
+//! `admin`, except `GET devices/{id}/recovery-keys[?all=true]`, which needs `recovery-keys`.
+//! `POST tokens {name, roles}` creates tokens.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -1,7 +1,8 @@
 //! The server's data directory: an exclusive lock, the key files, and the bootstrap admin token.
 //!
 //! Layout: `.lock` (held while serving), `keys/root.ed25519` (root key seed), `keys/signing-N.ed25519`,
-//! `keys/keylist-N.json` (root-signed key lists), `keys/escrow.x25519`, `admin.token`, `tenon.db`.
+//! `keys/keylist-N.json` (root-signed key lists), `keys/escrow.x25519` (and `.old-N`, `.next`: see
+//! `escrow`), `admin.token`, `tenon.db`.
 //! Every secret file is created with mode 0600.
 
 use anyhow::{bail, Context};
@@ -61,7 +62,7 @@ impl DataDir {
         self.path.join("admin.token")
     }
 
-    fn keys_dir(&self) -> anyhow::Result<PathBuf> {
+    pub fn keys_dir(&self) -> anyhow::Result<PathBuf> {
         let dir = self.path.join("keys");
         std::fs::create_dir_all(&dir)?;
         restrict_dir(&dir)?;
@@ -91,8 +92,9 @@ impl DataDir {
                 .with_context(|| format!("{} is not signed by this server's root key", p.display()))?;
             key_lists.push(doc);
         }
-        let escrow_secret = load_or_create_secret(&dir.join("escrow.x25519"))?;
-        Ok(ServerKeys { root, signing, key_lists, escrow_secret })
+        let escrow_secret = load_or_create_secret(&dir.join(crate::escrow::CURRENT_FILE))?;
+        let escrow = crate::escrow::EscrowKeyring::load(&dir, escrow_secret)?;
+        Ok(ServerKeys { root, signing, key_lists, escrow })
     }
 
     /// Creates signing key N+1 and the root-signed key list N+1 naming it beside key N, so that
@@ -124,8 +126,8 @@ pub struct ServerKeys {
     pub signing: SigningKey,
     /// Root-signed key lists, oldest first.
     pub key_lists: Vec<String>,
-    /// X25519 secret that recovery keys are sealed to.
-    pub escrow_secret: [u8; 32],
+    /// X25519 secrets recovery keys are sealed to: the current one, and older ones still met.
+    pub escrow: crate::escrow::EscrowKeyring,
 }
 
 impl ServerKeys {

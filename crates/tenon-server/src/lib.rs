@@ -7,6 +7,7 @@
 pub mod api;
 pub mod datadir;
 pub mod error;
+pub mod escrow;
 pub mod index;
 pub mod secrets;
 pub mod signatures;
@@ -30,8 +31,8 @@ pub struct ServeOptions {
     pub envelope_ttl: i64,
 }
 
-async fn open_database(opts: &ServeOptions, default_path: PathBuf) -> anyhow::Result<sqlx::SqlitePool> {
-    let connect = match &opts.database {
+async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow::Result<sqlx::SqlitePool> {
+    let connect = match database {
         None => SqliteConnectOptions::new().filename(default_path),
         Some(url) if url.starts_with("sqlite:") => SqliteConnectOptions::from_str(url)
             .with_context(|| format!("--database {url:?} is not a valid SQLite URL (sqlite:///path/to/tenon.db)"))?,
@@ -58,7 +59,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let data_dir = datadir::DataDir::open(&opts.data_dir)?;
     let clock = state::system_clock();
     let keys = data_dir.load_or_create_keys(clock())?;
-    let db = open_database(&opts, data_dir.db_path()).await?;
+    let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
     let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?);
     if let Some(token) = state.bootstrap_admin_token().await? {
         let path = data_dir.write_admin_token(&token)?;
@@ -75,8 +76,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let background = tokio::spawn(async move {
         let mut flush = tokio::time::interval(Duration::from_secs(15));
         let mut refresh = tokio::time::interval(Duration::from_secs(600));
+        // At start (the first tick is immediate) and daily: do all escrowed keys still open?
+        let mut verify = tokio::time::interval(Duration::from_secs(24 * 3600));
         loop {
             tokio::select! {
+                _ = verify.tick() => escrow::log_verification(&bg.db, &bg.keys.escrow).await,
                 _ = flush.tick() => if let Err(e) = bg.flush_last_seen().await {
                     tracing::warn!(error = format!("{e:#}"), "cannot record last-seen times; will retry");
                 },
@@ -93,6 +97,27 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     background.abort();
     state.flush_last_seen().await?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `tenon-server rotate-escrow-key`: offline; takes the data-dir lock, so a running server must be
+/// stopped first. Prints what it did.
+pub async fn rotate_escrow_key(data_dir: &std::path::Path, database: Option<&str>) -> anyhow::Result<()> {
+    let data_dir = datadir::DataDir::open(data_dir)?;
+    let clock = state::system_clock();
+    // Creates the keys on a fresh data dir, and checks the key files are readable.
+    data_dir.load_or_create_keys(clock())?;
+    let db = open_database(database, data_dir.db_path()).await?;
+    let summary = escrow::rotate_escrow_key(&data_dir, &db, clock()).await?;
+    db.close().await;
+    println!(
+        "escrow key rotated: {} stored recovery keys re-sealed to key {}; the previous key is kept in {}: \
+         devices move to the new key at their next escrow (the server signs it for them) and uploads \
+         sealed to the old one are re-sealed on receipt, so delete it only once every device has escrowed since",
+        summary.resealed,
+        summary.new_key_id,
+        summary.old_key_file.display()
+    );
     Ok(())
 }
 

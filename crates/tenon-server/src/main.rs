@@ -1,4 +1,5 @@
-//! tenon-server command line: `tenon-server serve [--listen ADDR] [--data-dir DIR] [--database URL]`.
+//! tenon-server command line: `tenon-server serve [--listen ADDR] [--data-dir DIR] [--database URL]`
+//! and `tenon-server rotate-escrow-key [--data-dir DIR]`.
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -29,6 +30,16 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         envelope_ttl: u64,
     },
+    /// Generate a new escrow key and re-seal every stored recovery key to it (offline: stop the
+    /// server first; this takes the data-dir lock).
+    RotateEscrowKey {
+        /// The server's data directory.
+        #[arg(long, default_value = "./tenon-data")]
+        data_dir: PathBuf,
+        /// Database URL (default: SQLite at DATA_DIR/tenon.db).
+        #[arg(long)]
+        database: Option<String>,
+    },
     /// Create a new envelope-signing key, listed by the root key beside the current one. Run it
     /// with the server stopped; at its next start the server re-signs every envelope with it.
     RotateSigningKey {
@@ -58,10 +69,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (listen, data_dir, database, envelope_ttl) = match cli.command {
-        Command::Serve { listen, data_dir, database, envelope_ttl } => (listen, data_dir, database, envelope_ttl),
-        Command::RotateSigningKey { data_dir } => return rotate_signing_key(&data_dir),
-    };
+    if let Command::RotateSigningKey { data_dir } = &cli.command {
+        return rotate_signing_key(data_dir);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -69,8 +79,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let opts = tenon_server::ServeOptions { listen, data_dir, database, envelope_ttl: envelope_ttl as i64 };
-    match runtime.block_on(tenon_server::serve(opts)) {
+    let result = match cli.command {
+        Command::Serve { listen, data_dir, database, envelope_ttl } => {
+            let opts = tenon_server::ServeOptions { listen, data_dir, database, envelope_ttl: envelope_ttl as i64 };
+            runtime.block_on(tenon_server::serve(opts))
+        }
+        Command::RotateEscrowKey { data_dir, database } => {
+            runtime.block_on(tenon_server::rotate_escrow_key(&data_dir, database.as_deref()))
+        }
+        Command::RotateSigningKey { .. } => unreachable!("handled above"),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -339,6 +339,65 @@ impl AppState {
         Ok((cred.token, id))
     }
 
+    /// Every admin token (never its secret), oldest first.
+    pub async fn list_admin_tokens(&self) -> ApiResult<Vec<Value>> {
+        let rows = sqlx::query("SELECT id, name, roles, created_at, revoked_at FROM admin_tokens ORDER BY rowid")
+            .fetch_all(&self.db)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "id": r.get::<String, _>(0),
+                    "name": r.get::<String, _>(1),
+                    "roles": serde_json::from_str::<Value>(r.get::<&str, _>(2)).unwrap_or(Value::Null),
+                    "created_at": crate::api::rfc3339(r.get(3)),
+                    "revoked_at": r.get::<Option<i64>, _>(4).map(crate::api::rfc3339),
+                })
+            })
+            .collect())
+    }
+
+    /// Revokes an admin token. The last active token with the admin role cannot be revoked: nobody
+    /// could administer the server afterwards.
+    pub async fn revoke_admin_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        let row = sqlx::query("SELECT name, roles, revoked_at FROM admin_tokens WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("no admin token {id}; `tenonctl admin-tokens list` shows them"))
+            })?;
+        if row.get::<Option<i64>, _>(2).is_some() {
+            return Err(ApiError::Conflict(format!("admin token {id} is already revoked")));
+        }
+        let is_admin = serde_json::from_str::<Vec<String>>(row.get::<&str, _>(1))
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r == ROLE_ADMIN);
+        if is_admin {
+            let admins: Vec<String> = sqlx::query_scalar("SELECT roles FROM admin_tokens WHERE revoked_at IS NULL")
+                .fetch_all(&mut *tx)
+                .await?;
+            let active_admins = admins
+                .iter()
+                .filter(|r| serde_json::from_str::<Vec<String>>(r).unwrap_or_default().iter().any(|r| r == ROLE_ADMIN))
+                .count();
+            if active_admins <= 1 {
+                return Err(ApiError::Conflict(format!(
+                    "admin token {id} is the last one with the {ROLE_ADMIN} role; create another before revoking it"
+                )));
+            }
+        }
+        sqlx::query("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
+        audit(&mut tx, now, &actor.label(), "admin_token.revoke", Some(id), json!({"name": row.get::<String, _>(0)}))
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     pub async fn authenticate_admin(&self, token: &str) -> ApiResult<Actor> {
         let unauthorized = || {
             ApiError::Unauthorized(

@@ -55,9 +55,43 @@ enum Command {
     /// Delivery Optimization peer groups.
     #[command(subcommand)]
     Networks(NetworksCmd),
+    /// BitLocker recovery keys escrowed by devices (needs the recovery-keys role; every read is
+    /// audited and makes the device rotate the keys it returned).
+    #[command(name = "recovery-keys", subcommand)]
+    RecoveryKeys(RecoveryKeysCmd),
+    /// Admin tokens and their roles.
+    #[command(name = "admin-tokens", subcommand)]
+    AdminTokens(AdminTokensCmd),
     /// Outlook signature templates.
     #[command(subcommand)]
     Signatures(SignaturesCmd),
+}
+
+#[derive(Subcommand)]
+enum RecoveryKeysCmd {
+    /// The current recovery password of each protector of a device.
+    Show {
+        device_id: String,
+        /// Also the superseded keys kept in the archive.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminTokensCmd {
+    /// Create an admin token; prints the token alone (or JSON with --json). Needs the admin role.
+    Create {
+        name: String,
+        /// A role: admin (everything but reading recovery keys) or recovery-keys (reading them).
+        /// Repeat for both.
+        #[arg(long = "role", required = true, value_parser = ["admin", "recovery-keys"])]
+        roles: Vec<String>,
+    },
+    /// List admin tokens (names, roles, created, revoked; never the secrets).
+    List,
+    /// Revoke an admin token by its id (the middle part of tadm.ID.SECRET).
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -448,6 +482,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         let reason =
                             s.get("reason").and_then(Value::as_str).map(|r| format!(" ({r})")).unwrap_or_default();
                         println!("policy {name:<17} {}{reason}", cell(&s["state"]));
+                        if name == "bitlocker" {
+                            print_bitlocker(s);
+                        }
                     }
                 }
             }
@@ -516,8 +553,88 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ],
             );
         }
+        Command::RecoveryKeys(RecoveryKeysCmd::Show { device_id, all }) => {
+            let v = c.call("GET", &format!("/devices/{}/recovery-keys?all={all}", urlencode(&device_id)), None)?;
+            if json_out {
+                print_json(&v);
+            } else if v.as_array().is_none_or(|a| a.is_empty()) {
+                println!("no recovery keys escrowed for device {device_id}");
+            } else {
+                let mut cols = vec![
+                    ("MOUNT", "mount"),
+                    ("PROTECTOR ID", "protector_id"),
+                    ("RECOVERY PASSWORD", "recovery_password"),
+                    ("RECEIVED", "received_at"),
+                ];
+                if all {
+                    cols.push(("SUPERSEDED BY", "superseded_by"));
+                }
+                print_table(false, &v, &cols);
+                for k in v.as_array().into_iter().flatten().filter(|k| !k["error"].is_null()) {
+                    eprintln!("warning: protector {}: {}", cell(&k["protector_id"]), cell(&k["error"]));
+                }
+                eprintln!("this read was audited; the device will rotate these keys at its next sync");
+            }
+        }
+        Command::AdminTokens(AdminTokensCmd::List) => {
+            let v = c.call("GET", "/tokens", None)?;
+            print_table(
+                json_out,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("NAME", "name"),
+                    ("ROLES", "roles"),
+                    ("CREATED", "created_at"),
+                    ("REVOKED", "revoked_at"),
+                ],
+            );
+        }
+        Command::AdminTokens(AdminTokensCmd::Revoke { id }) => {
+            c.call("POST", &format!("/tokens/{}/revoke", urlencode(&id)), None)?;
+            if !json_out {
+                println!("admin token {id} revoked");
+            }
+        }
+        Command::AdminTokens(AdminTokensCmd::Create { name, roles }) => {
+            let v = c.call("POST", "/tokens", Some(&json!({"name": name, "roles": roles})))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+            }
+        }
     }
     Ok(())
+}
+
+/// The BitLocker status details of `devices show`: progress and each recovery key's escrow.
+fn print_bitlocker(s: &Value) {
+    if let Some(m) = s.get("message").or_else(|| s.get("warning")).and_then(Value::as_str) {
+        println!("  {m}");
+    }
+    if s.get("mount").is_some() {
+        println!("  volume {} {} {}%", cell(&s["mount"]), cell(&s["encryption"]), cell(&s["percent"]));
+    }
+    for p in s.get("protectors").and_then(Value::as_array).into_iter().flatten() {
+        if p.get("tenon_escrowed").is_some() {
+            println!(
+                "  recovery password {}: tenon escrow {}, entra {} ({} attempts)",
+                cell(&p["id"]),
+                if p["tenon_escrowed"] == json!(true) { "stored" } else { "pending" },
+                cell(&p["entra"]),
+                cell(&p["entra_attempts"])
+            );
+        } else {
+            println!("  protector {} ({})", cell(&p["id"]), cell(&p["kind"]));
+        }
+    }
+    if let Some(r) = s.get("rotations_pending") {
+        println!("  rotations pending: {}", cell(r));
+    }
+    for e in s.get("errors").and_then(Value::as_array).into_iter().flatten() {
+        println!("  error: {}", cell(e));
+    }
 }
 
 fn signatures(c: &Client, json_out: bool, cmd: SignaturesCmd) -> anyhow::Result<()> {

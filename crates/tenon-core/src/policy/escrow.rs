@@ -15,13 +15,19 @@
 //! shift the boundaries). Binding both the key and the AAD means a sealed key cannot be replayed as
 //! the key of another device, volume or protector: opening it under other labels fails.
 //!
+//! Escrow-key rotation: the server hands out its current escrow public key signed by an
+//! envelope-signing key ([`SignedEscrowKey`]); an agent adopts it only when a key of its trusted,
+//! root-signed key list signed it ([`verify_escrow_key`]).
+//!
 //! The caller provides the randomness (the ephemeral secret and the nonce), because tenon-core does
 //! no I/O. The ephemeral key is fresh per seal, so the AEAD key is unique per message as well.
 
+use crate::trust::{KeyList, SignatureEntry};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use ed25519_dalek::SigningKey;
 use hkdf::Hkdf;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -221,6 +227,67 @@ pub fn open(escrow_secret: &[u8; 32], sealed: &SealedRecoveryKey) -> Result<Zero
     Ok(Zeroizing::new(text.to_string()))
 }
 
+/// Domain separation for the statement by which the server hands out its current escrow key.
+const ESCROW_KEY_STATEMENT: &[u8] = b"tenon/escrow-key/v1\n";
+
+/// The server's current escrow public key, signed by an envelope-signing key, so that an agent
+/// can move to a rotated escrow key with the same trust it gives its configuration (the key it
+/// pinned at enrollment came unsigned, in the enrollment answer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEscrowKey {
+    /// X25519 public key, standard base64.
+    pub public_key: String,
+    pub signature: SignatureEntry,
+}
+
+/// Why a signed escrow key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EscrowKeyError {
+    #[error("the escrow key is not 32 bytes of base64")]
+    Malformed,
+    #[error("the escrow key is a low-order point")]
+    Weak,
+    #[error("the escrow key is not signed by a key in the trusted key list")]
+    Untrusted,
+}
+
+fn escrow_key_message(public: &[u8; 32]) -> Vec<u8> {
+    let mut m = ESCROW_KEY_STATEMENT.to_vec();
+    m.extend_from_slice(public);
+    m
+}
+
+/// Signs `escrow_public` with an envelope-signing key (server side).
+pub fn sign_escrow_key(signing: &SigningKey, escrow_public: &[u8; 32]) -> SignedEscrowKey {
+    SignedEscrowKey {
+        public_key: B64.encode(escrow_public),
+        signature: SignatureEntry::sign(signing, &escrow_key_message(escrow_public)),
+    }
+}
+
+/// Checks a signed escrow key against the agent's trusted key list; returns the key.
+pub fn verify_escrow_key(signed: &SignedEscrowKey, trusted: &KeyList) -> Result<[u8; 32], EscrowKeyError> {
+    let public: [u8; 32] =
+        B64.decode(&signed.public_key).ok().and_then(|b| b.try_into().ok()).ok_or(EscrowKeyError::Malformed)?;
+    let message = escrow_key_message(&public);
+    let trusted_signer = trusted
+        .body
+        .keys
+        .iter()
+        .filter(|k| k.keyid == signed.signature.keyid)
+        .filter_map(|k| k.key().ok())
+        .any(|k| signed.signature.verifies(&k, &message));
+    if !trusted_signer {
+        return Err(EscrowKeyError::Untrusted);
+    }
+    // A low-order point would make every seal to it readable; seal() refuses it too.
+    let probe = StaticSecret::from([1u8; 32]).diffie_hellman(&PublicKey::from(public));
+    if !probe.was_contributory() {
+        return Err(EscrowKeyError::Weak);
+    }
+    Ok(public)
+}
+
 /// The largest value of one group: BitLocker writes 16 bits of key per group as `value * 11`.
 const MAX_GROUP: u32 = 65_535 * 11;
 
@@ -403,6 +470,33 @@ mod tests {
             [1, 0, 0, 1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             "000011-002816-002805-000000-000000-000000-000000-000000",
         );
+    }
+
+    #[test]
+    fn signed_escrow_keys() {
+        use crate::trust::{sign_key_list, verify_key_list};
+        let root = SigningKey::from_bytes(&[1; 32]);
+        let signer = SigningKey::from_bytes(&[2; 32]);
+        let other = SigningKey::from_bytes(&[3; 32]);
+        let trusted =
+            verify_key_list(&sign_key_list(&root, 1, 0, &[signer.verifying_key()]), &root.verifying_key()).unwrap();
+        let pk = escrow_public_key(&server_secret(7));
+        let check = |signed: &SignedEscrowKey, expected: Result<[u8; 32], EscrowKeyError>| {
+            assert_eq!(verify_escrow_key(signed, &trusted), expected)
+        };
+        check(&sign_escrow_key(&signer, &pk), Ok(pk));
+        check(&sign_escrow_key(&other, &pk), Err(EscrowKeyError::Untrusted));
+        check(&sign_escrow_key(&root, &pk), Err(EscrowKeyError::Untrusted));
+        let mut swapped = sign_escrow_key(&signer, &pk);
+        swapped.public_key = B64.encode(escrow_public_key(&server_secret(8)));
+        check(&swapped, Err(EscrowKeyError::Untrusted));
+        let mut claimed = sign_escrow_key(&other, &pk);
+        claimed.signature.keyid = sign_escrow_key(&signer, &pk).signature.keyid;
+        check(&claimed, Err(EscrowKeyError::Untrusted));
+        let mut short = sign_escrow_key(&signer, &pk);
+        short.public_key = "AAAA".into();
+        check(&short, Err(EscrowKeyError::Malformed));
+        check(&sign_escrow_key(&signer, &[0; 32]), Err(EscrowKeyError::Weak));
     }
 
     #[test]

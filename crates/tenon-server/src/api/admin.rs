@@ -1,9 +1,9 @@
 //! Admin endpoints: thin handlers that parse, authorise, call the domain in `state`, and shape
 //! the answer. Every write is audited inside its own transaction (see `state`).
 
-use super::extract::{Admin, ApiJson, ApiQuery};
+use super::extract::{Admin, AdminToken, ApiJson, ApiQuery};
 use crate::error::{ApiError, ApiResult};
-use crate::state::{device_not_found, AppState};
+use crate::state::{device_not_found, AppState, ROLE_ADMIN, ROLE_RECOVERY_KEYS};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -357,4 +357,75 @@ pub async fn networks(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Ap
             })
             .collect(),
     )))
+}
+
+#[derive(Deserialize)]
+pub struct RecoveryKeysQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+/// A device's recovery keys, for a token with the `recovery-keys` role: audited, counted, and the
+/// keys read are marked for rotation (see `escrow`). A token without the role gets 403, audited.
+pub async fn recovery_keys(
+    State(state): State<Arc<AppState>>,
+    AdminToken(actor): AdminToken,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<RecoveryKeysQuery>,
+) -> ApiResult<Response> {
+    let keys = state.read_recovery_keys(&actor, &id.to_lowercase(), q.all).await?;
+    let mut resp = Json(Value::Array(keys)).into_response();
+    // Recovery passwords must not linger in caches between the server and the administrator.
+    resp.headers_mut().insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+pub struct CreateTokenRequest {
+    name: String,
+    roles: Vec<String>,
+}
+
+/// Creates an admin token with the given roles (needs the `admin` role). The token is shown once.
+pub async fn create_admin_token(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    ApiJson(req): ApiJson<CreateTokenRequest>,
+) -> ApiResult<Response> {
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("name must be 1 to 100 printable characters".into()));
+    }
+    let known = [ROLE_ADMIN, ROLE_RECOVERY_KEYS];
+    let mut roles: Vec<&str> = Vec::new();
+    for r in &req.roles {
+        let Some(k) = known.iter().find(|k| **k == r.as_str()) else {
+            return Err(ApiError::BadRequest(format!(
+                "unknown role {r:?}; roles are {ROLE_ADMIN} and {ROLE_RECOVERY_KEYS}"
+            )));
+        };
+        if !roles.contains(k) {
+            roles.push(k);
+        }
+    }
+    if roles.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "give at least one role ({ROLE_ADMIN}, {ROLE_RECOVERY_KEYS}); a token without roles can do nothing"
+        )));
+    }
+    let (token, id) = state.create_admin_token(name, &roles, Some(&actor)).await?;
+    Ok((StatusCode::CREATED, Json(json!({"token": token, "id": id, "name": name, "roles": roles}))).into_response())
+}
+
+pub async fn list_admin_tokens(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
+    Ok(Json(Value::Array(state.list_admin_tokens().await?)))
+}
+
+pub async fn revoke_admin_token(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.revoke_admin_token(&actor, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

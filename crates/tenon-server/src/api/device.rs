@@ -1,4 +1,5 @@
-//! Device endpoints: enrollment, the check-in (the hot path), the trust chain and reports.
+//! Device endpoints: enrollment, the check-in (the hot path), the trust chain, reports and
+//! recovery-key escrow.
 
 use super::extract::{ApiJson, Device};
 use crate::error::{ApiError, ApiResult};
@@ -12,11 +13,12 @@ use base64::Engine;
 use serde_json::json;
 use std::sync::Arc;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, TrustBundle};
+use tenon_core::policy::escrow::{escrow_public_key, sign_escrow_key, EscrowReceipt, EscrowUpload};
 
 pub async fn enroll(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<EnrollRequest>) -> ApiResult<Response> {
     let (device_id, credential) = state.enroll(&req.token, &req.hostname, &req.agent_version).await?;
     tracing::info!(device = %device_id, hostname = %req.hostname, "device enrolled");
-    let escrow_public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(state.keys.escrow_secret));
+    let escrow_public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(state.keys.escrow.current));
     let body = EnrollResponse {
         device_id: device_id.to_string(),
         credential,
@@ -65,4 +67,26 @@ pub async fn report(
     }
     let etag = state.record_report(&device.id, &report).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "etag": etag }))).into_response())
+}
+
+/// Escrows a sealed recovery key. 201 with the receipt only once the key is committed.
+pub async fn escrow(
+    State(state): State<Arc<AppState>>,
+    device: Device,
+    ApiJson(upload): ApiJson<EscrowUpload>,
+) -> ApiResult<(StatusCode, Json<EscrowReceipt>)> {
+    let receipt = state.escrow_upload(&device.id, &upload).await?;
+    Ok((StatusCode::CREATED, Json(receipt)))
+}
+
+/// The protectors whose keys an administrator read and the device should rotate, and the
+/// current escrow key, signed.
+pub async fn escrow_rotations(
+    State(state): State<Arc<AppState>>,
+    device: Device,
+) -> ApiResult<Json<serde_json::Value>> {
+    let rotations = state.escrow_rotations(&device.id).await?;
+    // The current escrow key, signed, so agents move to it after `rotate-escrow-key`.
+    let escrow_key = sign_escrow_key(&state.keys.signing, &escrow_public_key(&state.keys.escrow.current));
+    Ok(Json(json!({ "rotations": rotations, "escrow_key": escrow_key })))
 }

@@ -4,7 +4,7 @@
 use crate::error::ApiError;
 use crate::index::{DeviceAuth, DeviceSlot};
 use crate::secrets;
-use crate::state::{Actor, AppState};
+use crate::state::{Actor, AppState, ROLE_ADMIN};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
@@ -52,17 +52,35 @@ fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
 }
 
-/// An authenticated administrator.
+/// An authenticated administrator with the `admin` role (every admin endpoint but the
+/// recovery-key read, which checks its own role and audits refusals).
 pub struct Admin(pub Actor);
 
 impl FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let AdminToken(actor) = AdminToken::from_request_parts(parts, state).await?;
+        if !actor.has_role(ROLE_ADMIN) {
+            return Err(ApiError::Forbidden(format!(
+                "this admin token lacks the {ROLE_ADMIN} role; use a token created with `tenonctl admin-tokens create NAME --role {ROLE_ADMIN}`"
+            )));
+        }
+        Ok(Admin(actor))
+    }
+}
+
+/// A valid admin token, whatever its roles; the handler decides.
+pub struct AdminToken(pub Actor);
+
+impl FromRequestParts<Arc<AppState>> for AdminToken {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or_else(|| {
             ApiError::Unauthorized("missing admin token: send Authorization: Bearer <token> (tenonctl --token)".into())
         })?;
-        state.authenticate_admin(token).await.map(Admin)
+        state.authenticate_admin(token).await.map(AdminToken)
     }
 }
 

@@ -34,6 +34,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/devices/{id}/config", get(admin::device_config))
         .route("/devices/{id}/primary", put(admin::set_primary))
         .route("/devices/{id}/decommission", post(admin::decommission))
+        .route("/devices/{id}/recovery-keys", get(admin::recovery_keys))
+        .route("/tokens", post(admin::create_admin_token).get(admin::list_admin_tokens))
+        .route("/tokens/{id}/revoke", post(admin::revoke_admin_token))
         .route("/signatures", get(signatures::list_signatures))
         .route(
             "/signatures/{name}",
@@ -48,6 +51,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/device/config", get(device::config))
         .route("/device/trust", get(device::trust))
         .route("/device/report", post(device::report))
+        .route("/device/escrow", post(device::escrow))
+        .route("/device/escrow/rotations", get(device::escrow_rotations))
         .nest("/admin", admin);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

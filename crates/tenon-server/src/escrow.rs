@@ -1,0 +1,505 @@
+//! The recovery-key escrow vault: accepting sealed keys from devices (acknowledged only after the
+//! row is committed), administrators' audited reads that trigger rotation, the background check
+//! that every stored key still opens, and the offline escrow-key rotation that re-wraps them.
+//!
+//! Keys arrive sealed to the server's escrow public key (tenon-core `policy::escrow`); the server
+//! opens them only to check an upload and to answer an authorised read. Neither the password nor
+//! any part of it is ever logged, audited or put in an error: only protector ids and counts.
+//!
+//! Escrow key files in `DATA_DIR/keys/`: `escrow.x25519` (current: enrollment hands out its public
+//! key, new seals go to it), `escrow.x25519.next` (exists only while a rotation is unfinished) and
+//! `escrow.x25519.old-N` (earlier keys). All of them form the [`EscrowKeyring`]. Agents seal to
+//! the key they pinned at enrollment until the server hands them a newer one, signed by the
+//! envelope-signing key, with their next rotation check; meanwhile an upload sealed to an older key
+//! is still accepted and re-sealed to the current key before it is stored.
+
+use crate::datadir::{write_secret_file, DataDir};
+use crate::error::{ApiError, ApiResult};
+use crate::secrets::random_bytes;
+use crate::state::{audit, device_not_found, Actor, AppState, ROLE_RECOVERY_KEYS};
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use sqlx::{Row, SqlitePool};
+use std::path::Path;
+use tenon_core::policy::escrow::{
+    escrow_key_id, escrow_public_key, is_recovery_password, open, seal, EscrowReceipt, EscrowUpload, SealRandomness,
+    SealedRecoveryKey, SEAL_ALG,
+};
+use zeroize::Zeroizing;
+
+pub const CURRENT_FILE: &str = "escrow.x25519";
+pub const NEXT_FILE: &str = "escrow.x25519.next";
+const OLD_PREFIX: &str = "escrow.x25519.old-";
+
+/// Every escrow secret the server holds: the current one and those it may still meet in sealed
+/// keys (older keys agents pinned, or the new key of an unfinished rotation).
+#[derive(Clone)]
+pub struct EscrowKeyring {
+    pub current: [u8; 32],
+    pub others: Vec<[u8; 32]>,
+}
+
+impl EscrowKeyring {
+    pub fn current_id(&self) -> String {
+        escrow_key_id(&escrow_public_key(&self.current))
+    }
+
+    /// The secret whose public key has this id.
+    pub fn secret_for(&self, key_id: &str) -> Option<&[u8; 32]> {
+        std::iter::once(&self.current)
+            .chain(self.others.iter())
+            .find(|s| escrow_key_id(&escrow_public_key(s)) == key_id)
+    }
+
+    /// Opens a sealed key with the secret it names.
+    pub fn open(&self, sealed: &SealedRecoveryKey) -> Result<Zeroizing<String>, &'static str> {
+        let secret =
+            self.secret_for(&sealed.escrow_key_id).ok_or("sealed to an escrow key this server does not hold")?;
+        open(secret, sealed).map_err(|_| "does not open (wrong key or damaged)")
+    }
+
+    /// Loads the extra secrets (`.next`, `.old-N`) next to the current one in `dir`.
+    pub fn load(dir: &Path, current: [u8; 32]) -> anyhow::Result<Self> {
+        let mut others = Vec::new();
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+            .filter(|n| n == NEXT_FILE || n.starts_with(OLD_PREFIX))
+            .collect();
+        names.sort();
+        for name in names {
+            let p = dir.join(&name);
+            let bytes = std::fs::read(&p).with_context(|| format!("cannot read key {}", p.display()))?;
+            let secret: [u8; 32] = bytes.try_into().map_err(|_| {
+                anyhow::anyhow!("escrow key file {} is damaged (not 32 bytes); restore it from backup", p.display())
+            })?;
+            if name == NEXT_FILE {
+                tracing::warn!(
+                    "an escrow-key rotation was interrupted ({} exists); run `tenon-server rotate-escrow-key` again to finish it",
+                    p.display()
+                );
+            }
+            others.push(secret);
+        }
+        Ok(Self { current, others })
+    }
+}
+
+/// Longest mount / protector id the server accepts (Windows: `C:` or a volume GUID path; `{GUID}`).
+const MAX_LABEL: usize = 128;
+
+fn check_label(what: &str, v: &str) -> ApiResult<()> {
+    if v.is_empty() || v.len() > MAX_LABEL || v.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!("{what} must be 1 to {MAX_LABEL} printable characters")));
+    }
+    Ok(())
+}
+
+fn fresh_randomness() -> SealRandomness {
+    let bytes = Zeroizing::new(random_bytes::<56>());
+    SealRandomness::from_bytes(&bytes)
+}
+
+/// Re-seals an opened password to `secret`'s public key under the same labels.
+fn reseal(secret: &[u8; 32], sealed: &SealedRecoveryKey, password: &str) -> anyhow::Result<SealedRecoveryKey> {
+    seal(
+        &escrow_public_key(secret),
+        &sealed.device_id,
+        &sealed.mount,
+        &sealed.protector_id,
+        password,
+        &fresh_randomness(),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot re-seal protector {}: {e}", sealed.protector_id))
+}
+
+impl AppState {
+    /// `POST /api/v1/device/escrow`: checks the sealed key opens to a recovery password bound to
+    /// this device, stores it in one transaction with its audit row (the database runs with
+    /// `synchronous=FULL`, so a commit is durable), and only then returns the receipt.
+    pub async fn escrow_upload(&self, device_id: &str, upload: &EscrowUpload) -> ApiResult<EscrowReceipt> {
+        let sealed = &upload.sealed;
+        if sealed.alg != SEAL_ALG {
+            return Err(ApiError::BadRequest(format!("unknown sealing scheme {:?}; expected {SEAL_ALG}", sealed.alg)));
+        }
+        if sealed.device_id != device_id {
+            return Err(ApiError::BadRequest(
+                "the sealed key is bound to another device id; seal it to this device's id".into(),
+            ));
+        }
+        check_label("mount", &sealed.mount)?;
+        check_label("protector_id", &sealed.protector_id)?;
+        if let Some(r) = &upload.replaces {
+            check_label("replaces", r)?;
+            if r == &sealed.protector_id {
+                return Err(ApiError::BadRequest("a key cannot replace itself".into()));
+            }
+        }
+        let password = self.keys.escrow.open(sealed).map_err(|why| {
+            ApiError::BadRequest(format!(
+                "the sealed key was refused: it {why}; seal it to the server's current escrow key"
+            ))
+        })?;
+        if !is_recovery_password(&password) {
+            return Err(ApiError::BadRequest("the sealed secret is not a BitLocker recovery password".into()));
+        }
+        // Stored keys are always sealed to the current escrow key, so a later rotation of an old
+        // key cannot strand them.
+        let stored = if sealed.escrow_key_id == self.keys.escrow.current_id() {
+            sealed.clone()
+        } else {
+            reseal(&self.keys.escrow.current, sealed, &password)?
+        };
+        drop(password);
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        sqlx::query(
+            "INSERT INTO recovery_keys (device_id, mount, protector_id, sealed, escrow_key_id, received_at, replaces)
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(device_id)
+        .bind(&stored.mount)
+        .bind(&stored.protector_id)
+        .bind(serde_json::to_string(&stored).map_err(|e| ApiError::Internal(e.into()))?)
+        .bind(&stored.escrow_key_id)
+        .bind(now)
+        .bind(&upload.replaces)
+        .execute(&mut *tx)
+        .await?;
+        let mut rotation_done = false;
+        if let Some(old) = &upload.replaces {
+            sqlx::query(
+                "UPDATE recovery_keys SET superseded_by = ?, superseded_at = ?
+                 WHERE device_id = ? AND protector_id = ? AND superseded_by IS NULL",
+            )
+            .bind(&stored.protector_id)
+            .bind(now)
+            .bind(device_id)
+            .bind(old)
+            .execute(&mut *tx)
+            .await?;
+            rotation_done = sqlx::query(
+                "UPDATE recovery_key_rotations SET completed_at = ?, replaced_by = ?
+                 WHERE device_id = ? AND protector_id = ? AND completed_at IS NULL",
+            )
+            .bind(now)
+            .bind(&stored.protector_id)
+            .bind(device_id)
+            .bind(old)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+        }
+        audit(
+            &mut tx,
+            now,
+            &format!("device {device_id}"),
+            "recovery_key.escrow",
+            Some(device_id),
+            json!({"mount": stored.mount, "protector_id": stored.protector_id, "replaces": upload.replaces,
+                   "rotation_completed": rotation_done, "escrow_key_id": stored.escrow_key_id}),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(device = %device_id, protector = %stored.protector_id, "recovery key escrowed");
+        Ok(EscrowReceipt { protector_id: stored.protector_id, stored_at: now })
+    }
+
+    /// Protector ids of this device whose keys an administrator read and that are not yet rotated.
+    pub async fn escrow_rotations(&self, device_id: &str) -> ApiResult<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT protector_id FROM recovery_key_rotations
+             WHERE device_id = ? AND completed_at IS NULL ORDER BY protector_id",
+        )
+        .bind(device_id)
+        .fetch_all(&self.db)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Records that `actor` was refused the recovery keys of a device (committed before the 403).
+    pub async fn audit_recovery_denial(&self, actor: &Actor, device_id: &str) -> ApiResult<()> {
+        let mut tx = self.db.begin().await?;
+        audit(
+            &mut tx,
+            self.now(),
+            &actor.label(),
+            "recovery_key.read_denied",
+            Some(device_id),
+            json!({"reason": format!("the token lacks the {ROLE_RECOVERY_KEYS} role")}),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(actor = %actor.label(), device = %device_id, "recovery key read refused: missing role");
+        Ok(())
+    }
+
+    /// An administrator's read of a device's recovery keys: the current key of each protector
+    /// (with `all`, every archived one too). In one transaction it counts the read, asks the device
+    /// to rotate every current key it returns, and writes the audit row (who, when, which device
+    /// and protectors; never a key); the keys leave only after that commit.
+    pub async fn read_recovery_keys(&self, actor: &Actor, device_id: &str, all: bool) -> ApiResult<Vec<Value>> {
+        if !actor.has_role(ROLE_RECOVERY_KEYS) {
+            self.audit_recovery_denial(actor, device_id).await?;
+            return Err(ApiError::Forbidden(format!(
+                "reading recovery keys needs an admin token with the {ROLE_RECOVERY_KEYS} role; this read was refused and audited"
+            )));
+        }
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        let known: Option<String> =
+            sqlx::query_scalar("SELECT id FROM devices WHERE id = ?").bind(device_id).fetch_optional(&mut *tx).await?;
+        if known.is_none() {
+            return Err(device_not_found(device_id));
+        }
+        let rows = sqlx::query(
+            "SELECT id, mount, protector_id, sealed, received_at, replaces, superseded_by, superseded_at, read_count
+             FROM recovery_keys WHERE device_id = ? ORDER BY id",
+        )
+        .bind(device_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        // A protector may have been uploaded more than once (a receipt lost to a crash); its newest
+        // row stands for it.
+        let mut newest: std::collections::BTreeMap<String, usize> = Default::default();
+        for (i, r) in rows.iter().enumerate() {
+            newest.insert(r.get::<String, _>("protector_id"), i);
+        }
+        let mut out = Vec::new();
+        let mut read_ids = Vec::new();
+        let mut rotate = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            let protector: String = r.get("protector_id");
+            let superseded: Option<String> = r.get("superseded_by");
+            let is_newest = newest.get(&protector) == Some(&i);
+            if !all && (!is_newest || superseded.is_some()) {
+                continue;
+            }
+            let sealed: Result<SealedRecoveryKey, _> = serde_json::from_str(r.get::<&str, _>("sealed"));
+            let (password, error) = match sealed
+                .as_ref()
+                .map_err(|_| "is not a readable sealed key")
+                .and_then(|s| self.keys.escrow.open(s))
+            {
+                Ok(pw) => (Some(pw), None),
+                Err(why) => (None, Some(format!("stored key {why}"))),
+            };
+            read_ids.push(r.get::<i64, _>("id"));
+            if superseded.is_none() && is_newest && !rotate.contains(&protector) {
+                rotate.push(protector.clone());
+            }
+            out.push(json!({
+                "device_id": device_id,
+                "mount": r.get::<String, _>("mount"),
+                "protector_id": protector,
+                "recovery_password": password.as_ref().map(|p| p.as_str()),
+                "error": error,
+                "received_at": crate::api::rfc3339(r.get("received_at")),
+                "replaces": r.get::<Option<String>, _>("replaces"),
+                "superseded_by": superseded,
+                "superseded_at": r.get::<Option<i64>, _>("superseded_at").map(crate::api::rfc3339),
+                "read_count": r.get::<i64, _>("read_count") + 1,
+            }));
+        }
+        for id in &read_ids {
+            sqlx::query("UPDATE recovery_keys SET read_count = read_count + 1, last_read_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for protector in &rotate {
+            let pending: Option<i64> = sqlx::query_scalar(
+                "SELECT id FROM recovery_key_rotations WHERE device_id = ? AND protector_id = ? AND completed_at IS NULL",
+            )
+            .bind(device_id)
+            .bind(protector)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if pending.is_none() {
+                sqlx::query(
+                    "INSERT INTO recovery_key_rotations (device_id, protector_id, requested_at, requested_by) VALUES (?, ?, ?, ?)",
+                )
+                .bind(device_id)
+                .bind(protector)
+                .bind(now)
+                .bind(actor.label())
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        let protectors: Vec<Value> =
+            out.iter().map(|k| json!({"mount": k["mount"], "protector_id": k["protector_id"]})).collect();
+        audit(
+            &mut tx,
+            now,
+            &actor.label(),
+            "recovery_key.read",
+            Some(device_id),
+            json!({"keys": protectors, "rotation_requested": rotate, "include_superseded": all}),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(actor = %actor.label(), device = %device_id, keys = out.len(), "recovery keys read");
+        Ok(out)
+    }
+}
+
+/// What [`verify_stored_keys`] found (counts only: this goes to the log).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct VerifyCounts {
+    pub total: usize,
+    /// Open with the current escrow key.
+    pub current: usize,
+    /// Open, but with an older key (a rotation should re-wrap them).
+    pub older_key: usize,
+    /// Do not open with any key the server holds: these need attention.
+    pub failed: usize,
+}
+
+/// Checks that every stored key opens, and with which key.
+pub async fn verify_stored_keys(db: &SqlitePool, ring: &EscrowKeyring) -> anyhow::Result<VerifyCounts> {
+    let current = ring.current_id();
+    let mut counts = VerifyCounts::default();
+    for r in sqlx::query("SELECT sealed FROM recovery_keys").fetch_all(db).await? {
+        counts.total += 1;
+        let Ok(sealed) = serde_json::from_str::<SealedRecoveryKey>(r.get::<&str, _>(0)) else {
+            counts.failed += 1;
+            continue;
+        };
+        let valid = ring.open(&sealed).is_ok_and(|pw| is_recovery_password(pw.as_str()));
+        match (valid, sealed.escrow_key_id == current) {
+            (true, true) => counts.current += 1,
+            (true, false) => counts.older_key += 1,
+            (false, _) => counts.failed += 1,
+        }
+    }
+    Ok(counts)
+}
+
+/// Runs [`verify_stored_keys`] and logs the counts.
+pub async fn log_verification(db: &SqlitePool, ring: &EscrowKeyring) {
+    match verify_stored_keys(db, ring).await {
+        Ok(c) if c.failed > 0 => tracing::error!(
+            total = c.total,
+            current = c.current,
+            older_key = c.older_key,
+            failed = c.failed,
+            "escrowed recovery keys that do NOT open with any escrow key this server holds; restore the escrow key files from backup"
+        ),
+        Ok(c) => tracing::info!(
+            total = c.total,
+            current = c.current,
+            older_key = c.older_key,
+            "escrowed recovery keys verified"
+        ),
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot verify escrowed recovery keys; will retry"),
+    }
+}
+
+/// What a rotation did.
+#[derive(Debug)]
+pub struct RotationSummary {
+    pub resealed: usize,
+    pub old_key_file: std::path::PathBuf,
+    pub new_key_id: String,
+}
+
+/// `tenon-server rotate-escrow-key`: offline (the caller holds the data-dir lock), generates a
+/// new escrow key and re-seals every stored key to it in one transaction.
+///
+/// Crash safety, step by step: (1) the new secret is written to `escrow.x25519.next` (reused if a
+/// previous run died, so the database never holds keys sealed to a secret that was thrown away);
+/// (2) the current secret is copied to `escrow.x25519.old-N`; (3) one transaction re-seals every
+/// row and writes the audit row; a key that does not open aborts it and nothing changes;
+/// (4) `.next` is renamed over `escrow.x25519`. The server loads all these files, so it can open
+/// every row after a crash at any step; the old key file is kept because agents seal to the key
+/// they hold until their next escrow check hands them the new one (the server re-seals such
+/// uploads on receipt).
+pub async fn rotate_escrow_key(data_dir: &DataDir, db: &SqlitePool, now: i64) -> anyhow::Result<RotationSummary> {
+    let dir = data_dir.keys_dir()?;
+    let current_path = dir.join(CURRENT_FILE);
+    let current: [u8; 32] = std::fs::read(&current_path)
+        .with_context(|| format!("cannot read {}", current_path.display()))?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("{} is damaged (not 32 bytes); restore it from backup", current_path.display()))?;
+    let next_path = dir.join(NEXT_FILE);
+    let next: [u8; 32] = if next_path.exists() {
+        std::fs::read(&next_path)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("{} is damaged; restore it from backup", next_path.display()))?
+    } else {
+        let fresh = random_bytes::<32>();
+        write_secret_file(&next_path, &fresh)?;
+        fresh
+    };
+    if next == current {
+        bail!("{} equals the current escrow key; remove it and run again", next_path.display());
+    }
+    let mut n = 1u32;
+    let old_path = loop {
+        let p = dir.join(format!("{OLD_PREFIX}{n}"));
+        match std::fs::read(&p) {
+            Ok(bytes) if bytes == current => break p,
+            Ok(_) => n += 1,
+            Err(_) => {
+                write_secret_file(&p, &current)?;
+                break p;
+            }
+        }
+    };
+    let ring = EscrowKeyring::load(&dir, current)?;
+    let new_id = escrow_key_id(&escrow_public_key(&next));
+    let mut tx = db.begin().await?;
+    let rows = sqlx::query("SELECT id, sealed FROM recovery_keys").fetch_all(&mut *tx).await?;
+    let mut failed = Vec::new();
+    let mut updates = Vec::new();
+    for r in &rows {
+        let id: i64 = r.get(0);
+        let Ok(sealed) = serde_json::from_str::<SealedRecoveryKey>(r.get::<&str, _>(1)) else {
+            failed.push(id);
+            continue;
+        };
+        if sealed.escrow_key_id == new_id {
+            continue;
+        }
+        match ring.open(&sealed) {
+            Ok(pw) => updates.push((id, reseal(&next, &sealed, &pw)?)),
+            Err(_) => failed.push(id),
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "{} stored recovery keys (row ids {:?}) do not open with any escrow key in {}; nothing was changed. Restore the missing escrow key files, then run again",
+            failed.len(),
+            failed,
+            dir.display()
+        );
+    }
+    for (id, sealed) in &updates {
+        sqlx::query("UPDATE recovery_keys SET sealed = ?, escrow_key_id = ?, resealed_at = ? WHERE id = ?")
+            .bind(serde_json::to_string(sealed)?)
+            .bind(&sealed.escrow_key_id)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    audit(
+        &mut tx,
+        now,
+        "server (rotate-escrow-key)",
+        "escrow_key.rotate",
+        None,
+        json!({"new_escrow_key_id": new_id, "old_escrow_key_id": ring.current_id(), "resealed": updates.len()}),
+    )
+    .await?;
+    tx.commit().await?;
+    std::fs::rename(&next_path, &current_path)
+        .with_context(|| format!("cannot move {} to {}", next_path.display(), current_path.display()))?;
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(RotationSummary { resealed: updates.len(), old_key_file: old_path, new_key_id: new_id })
+}
