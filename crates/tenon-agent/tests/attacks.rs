@@ -142,7 +142,9 @@ fn etag_of(envelope: &str) -> String {
 fn envelope(device: &str, version: u64, expires_at: i64, marker: &str, key: &SigningKey) -> String {
     issue(
         &EnvelopeFields { device_id: device, user_id: None, version, issued_at: NOW - 10, expires_at },
-        json!({"machine": {"Policies": {"Marker": marker}}, "users": {}}),
+        // Only the good configuration keeps Delivery Optimization on: every other one turns it off,
+        // so applying any of them would remove the registry values the good one wrote.
+        json!({"machine": {"Policies": {"Marker": marker, "SetNetworkOptimizationID": marker == "good"}}, "users": {}}),
         key,
     )
     .unwrap()
@@ -161,7 +163,9 @@ impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let device_file = dir.path().join("device.json");
-        std::fs::write(&device_file, json!({"hostname": "PC", "signed_in_users": []}).to_string()).unwrap();
+        let device = json!({"hostname": "PC", "signed_in_users": [],
+            "network": {"gateway_ip": "192.0.2.1", "gateway_mac": "02:00:5e:00:00:01"}});
+        std::fs::write(&device_file, device.to_string()).unwrap();
         let platform = SimulatedPlatform::open(&device_file).unwrap();
         let mock = Mock::start();
         let f = Fixture { state_dir: dir.path().join("state"), _dir: dir, mock, platform };
@@ -170,7 +174,17 @@ impl Fixture {
         f.mock.serve(envelope(DEVICE, 5, NOW + 3600, "good", &signer()));
         let s = f.agent().sync_once().unwrap();
         assert_eq!(s.config_version, Some(5));
+        assert!(f.do_group_id().is_some(), "the good configuration was applied");
         f
+    }
+
+    /// The DOGroupId the applied configuration left in the simulated registry.
+    fn do_group_id(&self) -> Option<Value> {
+        use tenon_agent::platform::Platform;
+        self.platform
+            .reg_get("HKLM\\SOFTWARE\\Policies\\Microsoft\\Windows\\DeliveryOptimization", "DOGroupId")
+            .unwrap()
+            .map(|v| serde_json::to_value(v).unwrap())
     }
 
     fn agent(&self) -> Agent<'_> {
@@ -197,6 +211,8 @@ impl Fixture {
         assert!(status.last_error.as_deref().unwrap_or("").contains(code), "{:?}", status.last_error);
         assert_eq!(status.config_version, Some(5));
         assert_eq!(self.held(), (5, json!("good")));
+        // Still applied: what the refused configuration would have removed is in place.
+        assert!(self.do_group_id().is_some(), "the refused configuration must not be applied");
         let report = self.mock.last_report();
         assert_eq!(report["config_version"], json!(5));
         assert!(report["last_error"].as_str().unwrap_or("").contains(code), "{report}");
@@ -212,6 +228,8 @@ fn accepts_and_then_answers_304() {
     f.mock.serve(envelope(DEVICE, 6, NOW + 3600, "newer", &signer()));
     assert_eq!(f.agent().sync_once().unwrap().result, "updated");
     assert_eq!(f.held(), (6, json!("newer")));
+    // An accepted configuration is applied: "newer" turns Delivery Optimization off.
+    assert!(f.do_group_id().is_none());
 }
 
 #[test]
@@ -325,6 +343,7 @@ fn truncated_or_bit_flipped_vault_copy_is_discarded() {
         assert!(status.last_error.unwrap_or_default().contains("vault.bin discarded"));
         assert_eq!(status.config_version, Some(5));
         assert_eq!(f.held(), (5, json!("good")));
+        assert!(f.do_group_id().is_some());
         assert!(f.mock.last_report()["last_error"].as_str().unwrap().contains("vault.bin discarded"));
         // And repaired: the next sync is clean.
         assert!(f.agent().sync_once().unwrap().problems.is_empty());
@@ -343,6 +362,7 @@ fn both_vault_copies_damaged_are_refused_and_nothing_is_applied() {
     assert!(status.last_error.unwrap().contains("both vault copies fail verification"));
     // Status still names what was last applied; nothing new was applied or fetched.
     assert_eq!(status.config_version, Some(5));
+    assert!(f.do_group_id().is_some(), "what the last known good configuration applied stays");
     assert_eq!(f.mock.state.lock().unwrap().reports.len(), reports);
 }
 
@@ -357,4 +377,5 @@ fn missing_vault_key_is_refused_not_replaced() {
     assert_eq!(status.config_version, Some(5));
     // The agent did not quietly make a new key (which would reset the rollback floor).
     assert!(!f.vault().key_path().exists());
+    assert!(f.do_group_id().is_some(), "what the last known good configuration applied stays");
 }
