@@ -87,6 +87,12 @@ impl<'p> Agent<'p> {
             let id = vault.load().map(|l| l.state.device_id).unwrap_or_else(|_| "(unreadable vault)".into());
             return Err(AgentError::AlreadyEnrolled(id));
         }
+        // What Tenon changed on this machine (the memberships it added, the values it wrote) belongs
+        // to the machine, not to the enrollment: carry it over, so that the next apply can withdraw
+        // what was done for the previous user (a laptop handed on must not keep its old owner an
+        // administrator). A vault that cannot be read leaves nothing to carry.
+        let carried =
+            if vault.exists() { vault.load().map(|l| l.state.policy_state).unwrap_or_default() } else { Map::new() };
         let client = ServerClient::new(server);
         let resp = client.enroll(&EnrollRequest {
             token: token.trim().to_string(),
@@ -105,7 +111,7 @@ impl<'p> Agent<'p> {
             escrow_public_key: resp.escrow_public_key,
             envelope: None,
             latest_time_seen: self.now().max(resp.server_time),
-            policy_state: Map::new(),
+            policy_state: carried,
         };
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| VaultError::KeyUnusable(e.to_string()))?;

@@ -588,7 +588,10 @@ impl AppState {
             .max(0);
         let meta = world.devices.get(device_id).ok_or_else(|| ApiError::NotFound("device not found".into()))?.clone();
         let first_contact = !meta.has_reported;
-        let in_window = first_contact || now - meta.enrolled_at <= detection_window * 3600;
+        // A window of 0 (the default) means the first contact only; without the `> 0` a report in the
+        // same second as the enrollment would still count as inside the window.
+        let in_window =
+            first_contact || (detection_window > 0 && now - meta.enrolled_at <= detection_window.saturating_mul(3600));
         let new_primary = match (&meta.primary, signed_in.iter().next()) {
             (None, Some(first)) if in_window => Some(first.clone()),
             _ => None,

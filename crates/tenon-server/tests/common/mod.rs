@@ -135,15 +135,19 @@ impl SimAgent {
         SimAgent { state_dir: dir.join("state"), device_file }
     }
 
-    pub fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin("tenon-agent"))
-            .arg("--state-dir")
+    /// The agent command for this device, not yet started.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("tenon-agent"));
+        cmd.arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--platform")
             .arg(format!("simulated:{}", self.device_file.display()))
-            .args(args)
-            .output()
-            .expect("run tenon-agent")
+            .args(args);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run tenon-agent")
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
