@@ -678,16 +678,30 @@ impl Platform for WindowsPlatform {
         }
         let wmi = bitlocker_connect()?;
         let v = self.volume_by_mount(&wmi, mount)?;
-        let added: ProtectorIdOut = self.volume_method(&wmi, &v, "ProtectKeyWithTPM", In { friendly_name: "Tenon" })?;
-        added.id()
+        match self.volume_method::<_, ProtectorIdOut>(&wmi, &v, "ProtectKeyWithTPM", In { friendly_name: "Tenon" }) {
+            Ok(added) => added.id(),
+            // A TPM protector is already there (ours from an interrupted run, or the OS's own):
+            // that is the state we want, so hand back its id.
+            Err(e) if is_fve(&e, ::windows::Win32::Foundation::FVE_E_PROTECTOR_EXISTS) => {
+                self.protectors(&wmi, &v)?.into_iter().find(|p| p.kind == "tpm").map(|p| p.id).ok_or(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn delete_protector(&self, mount: &str, protector_id: &str) -> PResult<()> {
         let wmi = bitlocker_connect()?;
         let v = self.volume_by_mount(&wmi, mount)?;
-        let _: ReturnOnly =
-            self.volume_method(&wmi, &v, "DeleteKeyProtector", ProtectorIdIn { id: protector_id.to_owned() })?;
-        Ok(())
+        match self.volume_method::<_, ReturnOnly>(
+            &wmi,
+            &v,
+            "DeleteKeyProtector",
+            ProtectorIdIn { id: protector_id.to_owned() },
+        ) {
+            // Already gone: deleting is idempotent.
+            Err(e) if is_fve(&e, ::windows::Win32::Foundation::FVE_E_PROTECTOR_NOT_FOUND) => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 
     fn encrypt(&self, mount: &str) -> PResult<()> {
@@ -702,8 +716,11 @@ impl Platform for WindowsPlatform {
         }
         let wmi = bitlocker_connect()?;
         let v = self.volume_by_mount(&wmi, mount)?;
-        let _: ReturnOnly = self.volume_method(&wmi, &v, "Encrypt", In { method: 7, flags: 1 })?;
-        Ok(())
+        match self.volume_method::<_, ReturnOnly>(&wmi, &v, "Encrypt", In { method: 7, flags: 1 }) {
+            // Already encrypted or encrypting: nothing to start, and never a reason to decrypt.
+            Err(e) if is_fve(&e, ::windows::Win32::Foundation::FVE_E_NOT_DECRYPTED) => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 
     fn backup_to_entra(&self, mount: &str, protector_id: &str) -> PResult<()> {
@@ -1124,20 +1141,34 @@ fn protector_kind(code: u32) -> &'static str {
     }
 }
 
+/// `true` when a failed BitLocker method returned `code`.
+fn is_fve(e: &PlatformError, code: ::windows::core::HRESULT) -> bool {
+    matches!(e, PlatformError::Os { code: c, .. } if *c == code.0 as u32)
+}
+
 /// The common BitLocker (FVE) method failures, for people reading statuses.
 fn fve_message(code: u32) -> &'static str {
-    match code {
-        0x8031_0000 => "the volume is locked",
-        0x8031_0008 => "the volume is not encrypted/protected as required",
-        0x8031_000B => "BitLocker is not enabled on the volume",
-        0x8031_0030 => "Active Directory / Entra backup is not configured or failed",
-        0x8031_0043 => "the protector already exists",
-        0x8031_0048 => "no such key protector",
-        0x8031_005A => "the volume is already being encrypted or decrypted",
-        0x8031_0065 => "not allowed by Group Policy",
-        0x8028_4008 | 0x8031_0022 => "the TPM is missing or not ready",
-        _ => "BitLocker WMI method failed",
-    }
+    use ::windows::Win32::Foundation as F;
+    let table: [(::windows::core::HRESULT, &str); 14] = [
+        (F::FVE_E_LOCKED_VOLUME, "the volume is locked"),
+        (F::FVE_E_NOT_ENCRYPTED, "the volume is not encrypted"),
+        (F::FVE_E_NOT_ACTIVATED, "BitLocker is not enabled on the volume"),
+        (F::FVE_E_NO_TPM_BIOS, "the firmware does not support the TPM"),
+        (F::FVE_E_TPM_NOT_OWNED, "the TPM is not owned (initialise it in tpm.msc)"),
+        (F::FVE_E_TPM_DISABLED, "the TPM is disabled in the firmware"),
+        (F::FVE_E_PROTECTOR_EXISTS, "a protector of this kind already exists"),
+        (F::FVE_E_PROTECTOR_NOT_FOUND, "no such key protector"),
+        (F::FVE_E_NOT_DECRYPTED, "the volume is already encrypted or being encrypted"),
+        (F::FVE_E_RECOVERY_KEY_REQUIRED, "a recovery key is required"),
+        (F::FVE_E_POLICY_RECOVERY_PASSWORD_NOT_ALLOWED, "Group Policy does not allow recovery passwords"),
+        (
+            F::FVE_E_AD_BACKUP_REQUIRED_POLICY_NOT_SET_OS_DRIVE,
+            "Group Policy requires directory backup that is not set up",
+        ),
+        (F::TBS_E_SERVICE_NOT_RUNNING, "the TPM Base Services are not running"),
+        (F::E_ACCESSDENIED, "access denied: the agent must run as SYSTEM"),
+    ];
+    table.iter().find(|(h, _)| h.0 as u32 == code).map(|(_, m)| *m).unwrap_or("BitLocker WMI method failed")
 }
 
 fn wmi_connect(namespace: &str, what: &'static str) -> PResult<wmi::WMIConnection> {
