@@ -143,3 +143,37 @@ fn devices_behind_one_gateway_share_a_peer_group() {
     assert_eq!(group_of(&one).as_deref(), Some(GROUP_A));
     server.stop();
 }
+
+#[test]
+fn a_running_agent_switches_group_within_seconds_of_a_move() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data"), "127.0.0.1:0");
+    let laptop = SimAgent::new(tmp.path(), "laptop", device("LAPTOP", SITE_A));
+    laptop.enroll(&server, &server.enroll_token(1));
+    // The service loop with a long interval: only the network watcher can make it sync again soon.
+    let mut run = laptop.command(&["run", "--interval", "10m"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let wait_for = |group: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while group_of(&laptop).as_deref() != Some(group) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no switch to {group} within a minute: {:?}",
+                group_of(&laptop)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait_for(GROUP_A);
+    // The laptop moves to site B.
+    let moved = std::time::Instant::now();
+    let mut d = laptop.device();
+    d["network"] = json!({"gateway_ip": SITE_B.0, "gateway_mac": SITE_B.1});
+    laptop.set_device(&d);
+    wait_for(GROUP_B);
+    let took = moved.elapsed();
+    let _ = run.kill();
+    let _ = run.wait();
+    assert!(took < std::time::Duration::from_secs(60), "took {took:?}");
+    eprintln!("switched group {took:?} after the move");
+    server.stop();
+}
