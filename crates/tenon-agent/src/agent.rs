@@ -157,6 +157,8 @@ impl<'p> Agent<'p> {
         let vault = self.vault();
         let loaded = vault.load()?;
         let mut st = loaded.state;
+        // What is on disk: an unchanged sync writes nothing (the agent checks in every minute).
+        let mut persisted = st.clone();
         let mut problems: Vec<String> = loaded.repaired.into_iter().map(|r| format!("vault: {r}")).collect();
         status.device_id = Some(st.device_id.clone());
         status.server_url = Some(st.server_url.clone());
@@ -218,12 +220,10 @@ impl<'p> Agent<'p> {
                     fetch_error = Some(e.into());
                 }
             }
-            st.generation += 1;
-            vault.save(&st)?;
+            persist_if_changed(&vault, &mut st, &mut persisted)?;
 
             let statuses = self.apply(&client, &trusted, &mut st, lkg.as_ref());
-            st.generation += 1;
-            vault.save(&st)?;
+            persist_if_changed(&vault, &mut st, &mut persisted)?;
             status.policies = statuses.clone();
             status.config_version = lkg.as_ref().map(|l| l.body.version);
             status.config_sha256 = lkg.as_ref().map(|l| l.body.payload_sha256.clone());
@@ -395,6 +395,26 @@ impl<'p> Agent<'p> {
         }
         Ok(())
     }
+}
+
+/// How far the latest time seen may run ahead of its persisted value before it is written: the
+/// freeze check only needs it roughly current, and writing it every minute would wear the disk.
+const TIME_SEEN_PERSIST_STEP: i64 = 3600;
+
+/// Writes the vault (both copies) when its content changed since it was last written.
+fn persist_if_changed(vault: &Vault<'_>, st: &mut VaultState, persisted: &mut VaultState) -> Result<(), VaultError> {
+    let mut unchanged = st.clone();
+    if st.latest_time_seen - persisted.latest_time_seen < TIME_SEEN_PERSIST_STEP {
+        unchanged.latest_time_seen = persisted.latest_time_seen;
+    }
+    unchanged.generation = persisted.generation;
+    if unchanged == *persisted {
+        return Ok(());
+    }
+    st.generation = persisted.generation + 1;
+    vault.save(st)?;
+    *persisted = st.clone();
+    Ok(())
 }
 
 fn decode_root(b64: &str) -> Result<ed25519_dalek::VerifyingKey, TrustError> {

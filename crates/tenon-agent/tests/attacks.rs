@@ -223,7 +223,11 @@ impl Fixture {
 fn accepts_and_then_answers_304() {
     let f = Fixture::new();
     let fetches = f.mock.state.lock().unwrap().fetches;
+    let vault_before = std::fs::read(f.vault().primary_path()).unwrap();
     assert_eq!(f.agent().sync_once().unwrap().result, "unchanged");
+    // An unchanged sync writes nothing to the vault (each write has a fresh nonce, so any rewrite
+    // would change the bytes).
+    assert_eq!(std::fs::read(f.vault().primary_path()).unwrap(), vault_before);
     assert_eq!(f.mock.state.lock().unwrap().fetches, fetches + 1);
     f.mock.serve(envelope(DEVICE, 6, NOW + 3600, "newer", &signer()));
     assert_eq!(f.agent().sync_once().unwrap().result, "updated");
