@@ -69,9 +69,6 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Command::RotateSigningKey { data_dir } = &cli.command {
-        return rotate_signing_key(data_dir);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -87,26 +84,12 @@ fn main() -> ExitCode {
         Command::RotateEscrowKey { data_dir, database } => {
             runtime.block_on(tenon_server::rotate_escrow_key(&data_dir, database.as_deref()))
         }
-        Command::RotateSigningKey { .. } => unreachable!("handled above"),
+        Command::RotateSigningKey { data_dir } => tenon_server::datadir::DataDir::open(&data_dir)
+            .and_then(|d| d.rotate_signing_key(tenon_server::state::system_clock()()))
+            .map(|n| println!("signing key {n} created; start the server to re-sign every envelope with it")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn rotate_signing_key(data_dir: &std::path::Path) -> ExitCode {
-    let now =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let result = tenon_server::datadir::DataDir::open(data_dir).and_then(|d| d.rotate_signing_key(now));
-    match result {
-        Ok(n) => {
-            println!("signing key {n} created; start the server to re-sign every envelope with it");
-            ExitCode::SUCCESS
-        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
