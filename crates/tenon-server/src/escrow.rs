@@ -208,6 +208,9 @@ impl AppState {
 
     /// Protector ids of this device whose keys an administrator read and that are not yet rotated.
     pub async fn escrow_rotations(&self, device_id: &str) -> ApiResult<Vec<String>> {
+        if !self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).contains(device_id) {
+            return Ok(Vec::new());
+        }
         let rows = sqlx::query(
             "SELECT DISTINCT protector_id FROM recovery_key_rotations
              WHERE device_id = ? AND completed_at IS NULL ORDER BY protector_id",
@@ -215,6 +218,9 @@ impl AppState {
         .bind(device_id)
         .fetch_all(&self.db)
         .await?;
+        if rows.is_empty() {
+            self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).remove(device_id);
+        }
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
@@ -341,6 +347,9 @@ impl AppState {
         )
         .await?;
         tx.commit().await?;
+        if !rotate.is_empty() {
+            self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string());
+        }
         tracing::info!(actor = %actor.label(), device = %device_id, keys = out.len(), "recovery keys read");
         Ok(out)
     }

@@ -79,6 +79,10 @@ pub struct AppState {
     pub clock: Clock,
     /// How long an envelope is valid.
     pub envelope_ttl: i64,
+    /// Devices that may have open recovery-key rotation requests (a superset: an entry is dropped
+    /// once the database shows none open). Every BitLocker-enforced agent asks each sync; the
+    /// others are answered from memory.
+    pub rotations_open: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Roles an admin token may hold.
@@ -193,7 +197,19 @@ impl AppState {
                 meta.users.insert(u);
             }
         }
-        let state = Self { db, keys, index, world: tokio::sync::Mutex::new(world), clock, envelope_ttl };
+        let open: Vec<String> =
+            sqlx::query_scalar("SELECT DISTINCT device_id FROM recovery_key_rotations WHERE completed_at IS NULL")
+                .fetch_all(&db)
+                .await?;
+        let state = Self {
+            db,
+            keys,
+            index,
+            world: tokio::sync::Mutex::new(world),
+            clock,
+            envelope_ttl,
+            rotations_open: std::sync::Mutex::new(open.into_iter().collect()),
+        };
         // Converge: anything changed since the envelopes were signed (or a crash between a write
         // and its re-sign) is re-issued now.
         {
