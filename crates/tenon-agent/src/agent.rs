@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tenon_core::api::{envelope_etag, DeviceReport, EnrollRequest};
+use tenon_core::api::{envelope_etag, report_text, DeviceReport, EnrollRequest};
 use tenon_core::envelope::{verify, VerifiedEnvelope, VerifyContext, VerifyError};
+use tenon_core::ids::Hostname;
 use tenon_core::trust::{advance_key_list, pin_root, verify_key_list, KeyList, TrustError};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -94,6 +95,10 @@ impl<'p> Agent<'p> {
         let carried =
             if vault.exists() { vault.load().map(|l| l.state.policy_state).unwrap_or_default() } else { Map::new() };
         let client = ServerClient::new(server);
+        // Check the server's root key against the token before the token leaves this machine: a
+        // token for another server is refused here, without using up one of its enrollments.
+        let before = client.public_trust()?;
+        pin_root(&before.root_public_key, fingerprint)?;
         let resp = client.enroll(&EnrollRequest {
             token: token.trim().to_string(),
             hostname: self.platform.hostname()?,
@@ -205,6 +210,16 @@ impl<'p> Agent<'p> {
                         }
                         Err(reason) => {
                             rejected = true;
+                            // The server sent an older envelope than the one held (its database was
+                            // restored from a backup): show it the held one, which it signed, so it
+                            // continues numbering above it. It believes no bare version number.
+                            if let (VerifyError::Rollback { .. } | VerifyError::VersionReuse { .. }, Some(held)) =
+                                (&reason, lkg.as_ref())
+                            {
+                                if let Err(e) = client.prove_held(&st.credential, &held.bytes) {
+                                    problems.push(format!("could not show the server the configuration held: {e}"));
+                                }
+                            }
                             let keep =
                                 lkg.as_ref().map(|l| l.body.version.to_string()).unwrap_or_else(|| "none".into());
                             problems.push(format!(
@@ -231,9 +246,20 @@ impl<'p> Agent<'p> {
                 break;
             }
             status.last_sync = Some(rfc3339(self.now()));
+            let hostname = match self.platform.hostname() {
+                Ok(h) if Hostname::parse(&h).is_ok() => h,
+                Ok(h) => {
+                    problems.push(report_text(&format!("the host name {h:?} is not a valid DNS or NetBIOS name")));
+                    "unknown".to_string()
+                }
+                Err(e) => {
+                    problems.push(format!("cannot read the host name: {e}"));
+                    "unknown".to_string()
+                }
+            };
             let report = DeviceReport {
                 agent_version: AGENT_VERSION.to_string(),
-                hostname: self.platform.hostname().unwrap_or_default(),
+                hostname,
                 signed_in_users: self
                     .platform
                     .signed_in_users()
@@ -241,7 +267,8 @@ impl<'p> Agent<'p> {
                     .unwrap_or_default(),
                 config_version: status.config_version,
                 config_sha256: status.config_sha256.clone(),
-                last_error: (!problems.is_empty()).then(|| problems.join("; ")),
+                // Bounded and free of control characters, so the server never refuses the report.
+                last_error: (!problems.is_empty()).then(|| report_text(&problems.join("; "))),
                 policies: statuses,
             };
             let wanted = match client.report(&st.credential, &report) {

@@ -87,6 +87,26 @@ impl ServerClient {
         }
     }
 
+    /// The server's root key and key lists, asked before enrolling (no credential needed).
+    pub fn public_trust(&self) -> Result<TrustBundle, ClientError> {
+        let resp = self.http.get(&self.url("/api/v1/trust")).call().map_err(|e| self.map_err(e))?;
+        self.json(resp)
+    }
+
+    /// Shows the server the envelope this device holds, after the server sent an older one; the
+    /// answer is the ETag to fetch next.
+    pub fn prove_held(&self, credential: &str, envelope: &str) -> Result<Option<String>, ClientError> {
+        let resp = self
+            .http
+            .post(&self.url("/api/v1/device/config/held"))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .set("Content-Type", "application/json")
+            .send_string(envelope)
+            .map_err(|e| self.map_err(e))?;
+        let v: serde_json::Value = self.json(resp)?;
+        Ok(v.get("etag").and_then(|e| e.as_str()).map(str::to_string))
+    }
+
     pub fn trust(&self, credential: &str) -> Result<TrustBundle, ClientError> {
         let resp = self
             .http

@@ -36,6 +36,8 @@ struct MockState {
     trust: Option<TrustBundle>,
     reports: Vec<Value>,
     fetches: usize,
+    /// Envelopes the agent showed as the one it holds (after a rollback refusal).
+    held_proofs: Vec<String>,
 }
 
 struct Mock {
@@ -97,7 +99,11 @@ impl Mock {
                             (200, s.envelope.clone())
                         }
                     }
-                    "/api/v1/device/trust" => (200, serde_json::to_string(&s.trust).unwrap()),
+                    "/api/v1/device/trust" | "/api/v1/trust" => (200, serde_json::to_string(&s.trust).unwrap()),
+                    "/api/v1/device/config/held" => {
+                        s.held_proofs.push(String::from_utf8(body).unwrap());
+                        (200, json!({"etag": etag_of(&s.envelope)}).to_string())
+                    }
                     "/api/v1/device/report" => {
                         s.reports.push(serde_json::from_slice(&body).unwrap());
                         (202, json!({"etag": etag_of(&s.envelope)}).to_string())
@@ -269,6 +275,10 @@ fn older_version_rollback() {
     let f = Fixture::new();
     f.mock.serve(envelope(DEVICE, 4, NOW + 3600, "old", &signer()));
     f.assert_refused("rollback");
+    // The agent showed the server the envelope it holds (the exact verified bytes of version 5), so
+    // a server restored from a backup can continue above it; it never relies on a bare number.
+    let proofs = f.mock.state.lock().unwrap().held_proofs.clone();
+    assert_eq!(proofs, [f.vault().load().unwrap().state.envelope.unwrap()]);
 }
 
 #[test]
@@ -276,6 +286,21 @@ fn same_version_other_payload() {
     let f = Fixture::new();
     f.mock.serve(envelope(DEVICE, 5, NOW + 3600, "swapped", &signer()));
     f.assert_refused("version_reuse");
+}
+
+#[test]
+fn version_beyond_the_safe_integer_range() {
+    let f = Fixture::new();
+    // Validly signed, but 2^53: past it canonical JSON loses precision, and a held 2^53 would make
+    // every later envelope a rollback. Refused before it can become the stored version.
+    let mut v: Value = serde_json::from_str(&envelope(DEVICE, 6, NOW + 3600, "evil", &signer())).unwrap();
+    v["signed"]["version"] = json!(tenon_core::envelope::MAX_VERSION + 1);
+    let signed_raw = to_canonical(&v["signed"]).unwrap();
+    v["signatures"][0]["sig"] = json!(SignatureEntry::sign(&signer(), &signed_raw).sig);
+    let forged =
+        format!("{{\"signatures\":{},\"signed\":{}}}", v["signatures"], String::from_utf8(signed_raw).unwrap());
+    f.mock.serve(forged);
+    f.assert_refused("version_out_of_range");
 }
 
 #[test]

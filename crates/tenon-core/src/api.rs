@@ -3,7 +3,11 @@
 //! Device endpoints (Bearer device credential):
 //! - `POST /api/v1/enroll` [`EnrollRequest`] -> [`EnrollResponse`] (Bearer-less: the enrollment token is the body)
 //! - `GET  /api/v1/device/config` with `If-None-Match: "<etag>"` -> 200 envelope + `ETag`, or 304
-//! - `GET  /api/v1/device/trust` -> [`TrustBundle`]
+//! - `GET  /api/v1/device/trust` -> [`TrustBundle`] (also `GET /api/v1/trust` without a credential:
+//!   the agent checks the root key against its enrollment token before it sends the token)
+//! - `POST /api/v1/device/config/held` with the envelope the device holds -> `{"etag"}`: sent after
+//!   a rollback refusal; the server continues numbering above it only if it signed that envelope
+//!   (a report's bare `config_version` never moves the server's numbering)
 //! - `POST /api/v1/device/report` [`DeviceReport`] -> 202
 //! - `POST /api/v1/device/escrow` [`crate::policy::escrow::EscrowUpload`] -> 201
 //!   [`crate::policy::escrow::EscrowReceipt`], sent only after the key is committed
@@ -90,6 +94,113 @@ pub struct DeviceReport {
     pub policies: Map<String, Value>,
 }
 
+/// Bounds of a report's fields. A real report is a few KB; everything in it reaches
+/// administrators' terminals and pages, so the server refuses what no agent would send.
+pub const MAX_REPORTED_USERS: usize = 1000;
+pub const MAX_REPORTED_POLICIES: usize = 64;
+pub const MAX_POLICY_NAME_LEN: usize = 64;
+pub const MAX_AGENT_VERSION_LEN: usize = 64;
+pub const MAX_LAST_ERROR_LEN: usize = 4096;
+
+/// Why a report (or an enrollment's host name and agent version) was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReportError {
+    #[error("hostname: {0}")]
+    Hostname(crate::ids::IdError),
+    #[error("agent_version must be 1 to {MAX_AGENT_VERSION_LEN} printable ASCII characters without spaces")]
+    AgentVersion,
+    #[error(
+        "last_error must be at most {MAX_LAST_ERROR_LEN} bytes without control characters other than newline and tab"
+    )]
+    LastError,
+    #[error("config_sha256 must be 64 lower-case hex digits")]
+    ConfigSha256,
+    #[error("signed_in_users lists more than {MAX_REPORTED_USERS} users")]
+    TooManyUsers,
+    #[error("signed_in_users: {0}")]
+    SignedInUser(crate::ids::IdError),
+    #[error("policies lists more than {MAX_REPORTED_POLICIES} policies")]
+    TooManyPolicies,
+    #[error("policy names must be 1 to {MAX_POLICY_NAME_LEN} characters of a-z, 0-9 and '_'")]
+    PolicyName,
+}
+
+/// A report whose fields were checked: what the server stores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedReport {
+    pub hostname: crate::ids::Hostname,
+    pub signed_in_users: std::collections::BTreeSet<crate::ids::Upn>,
+}
+
+/// Whether `s` is an agent version as agents send it (`0.1.0`, `1.2.3-rc.1+build`).
+pub fn valid_agent_version(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_AGENT_VERSION_LEN && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Whether a character may appear in reported free text (`last_error`): no C0/C1 controls but
+/// newline and tab, and no Unicode bidi controls (which can make text read differently from what it
+/// is on an administrator's screen).
+pub fn allowed_in_report_text(c: char) -> bool {
+    (!c.is_control() || c == '\n' || c == '\t') && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Makes free text fit a report: disallowed characters become U+FFFD and the text is cut at
+/// `MAX_LAST_ERROR_LEN` bytes on a character boundary (with an ellipsis). The agent uses it on
+/// everything it puts in `last_error`, so its reports always pass [`DeviceReport::check`].
+pub fn report_text(s: &str) -> String {
+    let mut out: String = s.chars().map(|c| if allowed_in_report_text(c) { c } else { '\u{fffd}' }).collect();
+    if out.len() > MAX_LAST_ERROR_LEN {
+        let mut cut = MAX_LAST_ERROR_LEN - '…'.len_utf8();
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+impl DeviceReport {
+    /// Checks every field against its bounds ("parse, don't validate": the server stores only
+    /// what this returns, plus the policy statuses whose names it checked).
+    pub fn check(&self) -> Result<CheckedReport, ReportError> {
+        let hostname = crate::ids::Hostname::parse(&self.hostname).map_err(ReportError::Hostname)?;
+        if !valid_agent_version(&self.agent_version) {
+            return Err(ReportError::AgentVersion);
+        }
+        if let Some(e) = &self.last_error {
+            if e.len() > MAX_LAST_ERROR_LEN || !e.chars().all(allowed_in_report_text) {
+                return Err(ReportError::LastError);
+            }
+        }
+        if let Some(h) = &self.config_sha256 {
+            if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err(ReportError::ConfigSha256);
+            }
+        }
+        if self.signed_in_users.len() > MAX_REPORTED_USERS {
+            return Err(ReportError::TooManyUsers);
+        }
+        let signed_in_users = self
+            .signed_in_users
+            .iter()
+            .map(|u| crate::ids::Upn::parse(u).map_err(ReportError::SignedInUser))
+            .collect::<Result<_, _>>()?;
+        if self.policies.len() > MAX_REPORTED_POLICIES {
+            return Err(ReportError::TooManyPolicies);
+        }
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= MAX_POLICY_NAME_LEN
+                && n.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !self.policies.keys().all(|n| name_ok(n)) {
+            return Err(ReportError::PolicyName);
+        }
+        Ok(CheckedReport { hostname, signed_in_users })
+    }
+}
+
 /// A request for an enrollment token.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EnrollTokenRequest {
@@ -160,4 +271,77 @@ pub struct Problem {
     pub detail: String,
     /// Stable code clients can switch on.
     pub code: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report() -> DeviceReport {
+        DeviceReport {
+            agent_version: "0.1.0".into(),
+            hostname: "PC-1".into(),
+            signed_in_users: vec!["Anna@Contoso.com".into()],
+            config_version: Some(3),
+            config_sha256: Some("ab".repeat(32)),
+            last_error: Some("vault: repaired\n\tdetail".into()),
+            policies: json!({"bitlocker": {"state": "ok"}}).as_object().unwrap().clone(),
+        }
+    }
+
+    #[test]
+    fn reports_are_checked_field_by_field() {
+        let ok = report().check().unwrap();
+        assert_eq!(ok.hostname.as_str(), "PC-1");
+        assert_eq!(ok.signed_in_users.iter().next().unwrap().as_str(), "anna@contoso.com");
+        type Edit = fn(&mut DeviceReport);
+        type Expect = fn(&ReportError) -> bool;
+        let cases: &[(Edit, Expect)] = &[
+            (|r| r.hostname = "x".repeat(1_000_000), |e| matches!(e, ReportError::Hostname(_))),
+            (|r| r.hostname = "PC\u{1b}]0;owned\u{7}".into(), |e| matches!(e, ReportError::Hostname(_))),
+            (|r| r.agent_version = "\u{1b}[31m1.0".into(), |e| *e == ReportError::AgentVersion),
+            (|r| r.agent_version = "1".repeat(65), |e| *e == ReportError::AgentVersion),
+            (|r| r.agent_version = String::new(), |e| *e == ReportError::AgentVersion),
+            (|r| r.last_error = Some("a\u{1b}[2Jb".into()), |e| *e == ReportError::LastError),
+            (|r| r.last_error = Some("evil\u{202e}txt".into()), |e| *e == ReportError::LastError),
+            (|r| r.last_error = Some("e".repeat(MAX_LAST_ERROR_LEN + 1)), |e| *e == ReportError::LastError),
+            (|r| r.config_sha256 = Some("AB".repeat(32)), |e| *e == ReportError::ConfigSha256),
+            (|r| r.config_sha256 = Some("ab".into()), |e| *e == ReportError::ConfigSha256),
+            (|r| r.signed_in_users = vec!["not a upn".into()], |e| matches!(e, ReportError::SignedInUser(_))),
+            (|r| r.signed_in_users = vec!["a@b".into(); MAX_REPORTED_USERS + 1], |e| *e == ReportError::TooManyUsers),
+            (
+                |r| {
+                    r.policies = (0..=MAX_REPORTED_POLICIES).map(|i| (format!("p{i}"), json!({}))).collect();
+                },
+                |e| *e == ReportError::TooManyPolicies,
+            ),
+            (
+                |r| {
+                    r.policies.insert("Bit\u{1b}".into(), json!({}));
+                },
+                |e| *e == ReportError::PolicyName,
+            ),
+        ];
+        for (i, (edit, expected)) in cases.iter().enumerate() {
+            let mut r = report();
+            edit(&mut r);
+            let err = r.check().expect_err(&format!("case {i} must be refused"));
+            assert!(expected(&err), "case {i}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn report_text_always_passes_the_check() {
+        for input in
+            ["plain", "esc \u{1b}[2J here", "bidi \u{202e}x", &"é".repeat(5000), &"x".repeat(MAX_LAST_ERROR_LEN)]
+        {
+            let mut r = report();
+            r.last_error = Some(report_text(input));
+            assert!(r.check().is_ok(), "{input:?}");
+            assert!(r.last_error.unwrap().len() <= MAX_LAST_ERROR_LEN);
+        }
+        assert_eq!(report_text("a\u{1b}b"), "a\u{fffd}b");
+        assert_eq!(report_text("short"), "short");
+    }
 }

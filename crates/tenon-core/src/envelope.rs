@@ -15,6 +15,31 @@ use serde_json::Value;
 /// The largest envelope an agent accepts (step 1 of verification).
 pub const MAX_ENVELOPE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The highest envelope version: 2^53 - 1, JSON's safe integer range. Canonical JSON (RFC 8785)
+/// writes numbers as IEEE 754 doubles, so a larger version could not round-trip exactly and two
+/// different versions could compare equal; both sides refuse anything above it.
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
+
+/// The version after `current`, or `None` when it would leave `1..=MAX_VERSION`. Version arithmetic
+/// is checked everywhere: a wrapped version would freeze the device forever (rollback).
+pub fn next_version(current: u64) -> Option<u64> {
+    current.checked_add(1).filter(|v| *v <= MAX_VERSION)
+}
+
+/// Whether `v` is a version an envelope may carry.
+pub fn version_in_range(v: u64) -> bool {
+    (1..=MAX_VERSION).contains(&v)
+}
+
+/// Why an envelope could not be issued.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IssueError {
+    #[error(transparent)]
+    NotCanonicalizable(#[from] NotCanonicalizable),
+    #[error("envelope version {0} is outside 1..={MAX_VERSION}")]
+    VersionOutOfRange(u64),
+}
+
 /// The signed part, as issued by the server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EnvelopeBody {
@@ -52,11 +77,10 @@ pub struct EnvelopeFields<'a> {
     pub expires_at: i64,
 }
 
-pub fn issue(
-    fields: &EnvelopeFields<'_>,
-    payload: Value,
-    key: &SigningKey,
-) -> Result<IssuedEnvelope, NotCanonicalizable> {
+pub fn issue(fields: &EnvelopeFields<'_>, payload: Value, key: &SigningKey) -> Result<IssuedEnvelope, IssueError> {
+    if !version_in_range(fields.version) {
+        return Err(IssueError::VersionOutOfRange(fields.version));
+    }
     let payload_sha256 = payload_digest(&payload)?;
     let body = EnvelopeBody {
         device_id: fields.device_id.to_string(),
@@ -94,6 +118,8 @@ pub enum VerifyError {
     Rollback { stored: u64, got: u64 },
     #[error("envelope version {version} reuses the stored version number with a different payload")]
     VersionReuse { version: u64 },
+    #[error("envelope version {version} is outside 1..={MAX_VERSION} (JSON's safe integer range)")]
+    VersionOutOfRange { version: u64 },
     #[error("envelope expired at {expires_at} (now {now}); the server must re-issue it (freeze)")]
     Expired { expires_at: i64, now: i64 },
     #[error("payload hash does not match payload_sha256")]
@@ -111,6 +137,7 @@ impl VerifyError {
             Self::WrongDevice { .. } => "wrong_device",
             Self::Rollback { .. } => "rollback",
             Self::VersionReuse { .. } => "version_reuse",
+            Self::VersionOutOfRange { .. } => "version_out_of_range",
             Self::Expired { .. } => "expired",
             Self::HashMismatch => "hash_mismatch",
         }
@@ -190,7 +217,11 @@ pub fn verify(bytes: &str, ctx: &VerifyContext<'_>) -> Result<VerifiedEnvelope, 
         return Err(VerifyError::WrongDevice { expected: ctx.device_id.to_string(), got: body.device_id });
     }
 
-    // 4. Version (rollback); an equal version must carry the same payload.
+    // 4. Version (rollback); an equal version must carry the same payload. A version outside the
+    //    safe range is refused outright: accepting one would make every later envelope a rollback.
+    if !version_in_range(body.version) {
+        return Err(VerifyError::VersionOutOfRange { version: body.version });
+    }
     if let Some((stored_version, stored_sha)) = ctx.stored {
         if body.version < stored_version {
             return Err(VerifyError::Rollback { stored: stored_version, got: body.version });
@@ -297,8 +328,30 @@ mod tests {
         let lie = assemble(&signed, &[SignatureEntry::sign(&signer(), &signed)]);
         assert_eq!(verify(&lie, &ctx(&t, None)), Err(VerifyError::HashMismatch));
 
+        // A version past JSON's safe range, validly signed: refused before it can become the
+        // stored version (every later envelope would be a rollback).
+        let body = json!({"device_id": DEV, "user_id": null, "version": MAX_VERSION + 1, "issued_at": 0,
+            "expires_at": 1000, "payload_sha256": good.payload_sha256, "payload": {"machine": {}}});
+        let signed = to_canonical(&body).unwrap();
+        let beyond = assemble(&signed, &[SignatureEntry::sign(&signer(), &signed)]);
+        assert_eq!(verify(&beyond, &ctx(&t, None)), Err(VerifyError::VersionOutOfRange { version: MAX_VERSION + 1 }));
+
         let huge = " ".repeat(MAX_ENVELOPE_BYTES + 1);
         assert!(matches!(verify(&huge, &ctx(&t, None)), Err(VerifyError::TooLarge { .. })));
         assert_eq!(verify("{", &ctx(&t, None)), Err(VerifyError::Malformed));
+    }
+
+    #[test]
+    fn versions_stay_in_the_safe_integer_range() {
+        for (current, next) in
+            [(0, Some(1)), (41, Some(42)), (MAX_VERSION - 1, Some(MAX_VERSION)), (MAX_VERSION, None), (u64::MAX, None)]
+        {
+            assert_eq!(next_version(current), next, "after {current}");
+        }
+        for v in [0, MAX_VERSION + 1, 1 << 63, u64::MAX] {
+            let fields = EnvelopeFields { device_id: DEV, user_id: None, version: v, issued_at: 0, expires_at: 1 };
+            assert_eq!(issue(&fields, json!({}), &signer()), Err(IssueError::VersionOutOfRange(v)), "version {v}");
+        }
+        assert_eq!(issue_v(MAX_VERSION, json!({}), &signer()).version, MAX_VERSION);
     }
 }

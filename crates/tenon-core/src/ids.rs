@@ -15,6 +15,8 @@ pub enum IdError {
     Upn(String),
     #[error("group name {0:?} must be 1 to 256 characters without control characters")]
     Group(String),
+    #[error("host name {0:?} must be 1 to 253 letters, digits, '-', '_' or '.'")]
+    Hostname(String),
     #[error("setting key {0:?} must be dotted names such as Policies.SetNetworkOptimizationID (no empty parts, spaces or control characters)")]
     SettingKey(String),
 }
@@ -71,6 +73,12 @@ string_newtype!(
 string_newtype!(
     /// The name of a directory group.
     GroupName
+);
+string_newtype!(
+    /// A device's host name as it reports it: a DNS or NetBIOS name (letters, digits, `-`, `_`,
+    /// `.`), at most 253 bytes. Devices report it, so it is hostile input until parsed: it ends up on
+    /// administrators' terminals and pages.
+    Hostname
 );
 string_newtype!(
     /// A dotted setting key such as `Policies.RequireSecurityFeatures.BitlockerEnabled`.
@@ -142,6 +150,23 @@ impl GroupName {
     }
 }
 
+impl Hostname {
+    pub const MAX_LEN: usize = 253;
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let t = s.trim();
+        let ok = !t.is_empty()
+            && t.len() <= Self::MAX_LEN
+            && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if ok {
+            Ok(Self(t.to_string()))
+        } else {
+            // The refused value may be long or hold control characters: quote a bounded prefix.
+            Err(IdError::Hostname(t.chars().take(64).collect()))
+        }
+    }
+}
+
 impl SettingKey {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         let ok = !s.is_empty()
@@ -186,6 +211,12 @@ mod tests {
             assert!(SettingKey::parse(bad).is_err(), "{bad:?}");
         }
         assert!(GroupName::parse("  ").is_err());
+        for good in ["PC-1", "pc_7.contoso.local", &"a".repeat(253)] {
+            assert_eq!(Hostname::parse(good).unwrap().as_str(), good);
+        }
+        for bad in ["", " ", "PC 1", "PC\u{1b}[2J", "<img src=x>", "pc\u{202e}1", "ünï", &"a".repeat(254)] {
+            assert!(matches!(Hostname::parse(bad), Err(IdError::Hostname(_))), "{bad:?}");
+        }
         let id = DeviceId::from_random([0xff; 16]);
         assert!(DeviceId::parse(id.as_str()).is_ok());
         assert_eq!(&id.as_str()[14..15], "4");

@@ -257,6 +257,18 @@ impl AppState {
         let known: Option<String> =
             sqlx::query_scalar("SELECT id FROM devices WHERE id = ?").bind(device_id).fetch_optional(&mut *tx).await?;
         if known.is_none() {
+            // A read of a device that does not exist is audited like any other: probing for device
+            // ids with a recovery-keys token must leave a trace.
+            audit(
+                &mut tx,
+                now,
+                &actor.label(),
+                "recovery_key.read",
+                Some(device_id),
+                json!({"keys": [], "device_known": false, "include_superseded": all}),
+            )
+            .await?;
+            tx.commit().await?;
             return Err(device_not_found(device_id));
         }
         let rows = sqlx::query(

@@ -41,6 +41,7 @@ async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow:
         }
         Some(url) => bail!("--database {url:?} is not a database URL; use sqlite:///path/to/tenon.db"),
     };
+    restrict_database_files(connect.get_filename())?;
     let connect = connect
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -52,6 +53,40 @@ async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow:
         SqlitePoolOptions::new().max_connections(8).connect_with(connect).await.context("cannot open the database")?;
     sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply database migrations")?;
     Ok(pool)
+}
+
+/// The database holds credential hashes, sealed recovery keys and the audit log: it and its WAL
+/// and shared-memory files are readable by their owner alone. The file is created 0600 before
+/// SQLite opens it (SQLite gives the -wal and -shm files the database file's mode), and an existing
+/// database from an older version is tightened.
+fn restrict_database_files(db: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if db.as_os_str().is_empty() || db.as_os_str() == ":memory:" {
+            return Ok(());
+        }
+        if !db.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(db)
+                .with_context(|| format!("cannot create the database file {}", db.display()))?;
+        }
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        let mut shm = db.as_os_str().to_owned();
+        shm.push("-shm");
+        for f in [db.to_path_buf(), PathBuf::from(wal), PathBuf::from(shm)] {
+            if f.exists() {
+                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot restrict permissions of {}", f.display()))?;
+            }
+        }
+    }
+    let _ = db;
+    Ok(())
 }
 
 /// Runs the server until SIGINT/SIGTERM.

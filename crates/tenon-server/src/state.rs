@@ -15,10 +15,10 @@ use serde_json::{json, Value};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use tenon_core::api::{envelope_etag, DeviceReport, SettingScope};
+use tenon_core::api::{envelope_etag, valid_agent_version, CheckedReport, DeviceReport, ReportError, SettingScope};
 use tenon_core::directory::{Directory, Group, User};
-use tenon_core::envelope::{issue, payload_digest, EnvelopeFields};
-use tenon_core::ids::{DeviceId, GroupName, SettingKey, Upn};
+use tenon_core::envelope::{issue, next_version, payload_digest, EnvelopeFields};
+use tenon_core::ids::{DeviceId, GroupName, Hostname, SettingKey, Upn};
 use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::{ScopeSettings, SettingValue};
 
@@ -62,6 +62,9 @@ pub struct DeviceMeta {
     pub has_reported: bool,
     /// Key id that signed the current envelope; a rotated signing key re-issues it.
     pub signed_by: String,
+    /// The last configuration version a report claimed above what the server issued (ignored and
+    /// audited once per distinct claim, so a device repeating it does not flood the audit log).
+    pub ignored_claim: Option<u64>,
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -188,6 +191,7 @@ impl AppState {
                     enrolled_at: row.get(8),
                     has_reported: row.get::<Option<i64>, _>(9).is_some(),
                     signed_by,
+                    ignored_claim: None,
                 },
             );
         }
@@ -236,7 +240,14 @@ impl AppState {
             if sha == meta.sha256 && !refresh_due && meta.signed_by == signer {
                 continue;
             }
-            let version = meta.version + 1;
+            let Some(version) = next_version(meta.version) else {
+                tracing::error!(
+                    device = %id,
+                    version = meta.version,
+                    "the device's configuration version is at the highest JSON-safe value; it cannot be re-issued: decommission and re-enroll it"
+                );
+                continue;
+            };
             let issued = issue(
                 &EnvelopeFields {
                     device_id: &id,
@@ -353,6 +364,29 @@ impl AppState {
             .await?;
         tx.commit().await?;
         Ok((cred.token, id))
+    }
+
+    /// Records a refused attempt to create a token with roles the caller does not hold.
+    pub async fn audit_token_grant_denied(
+        &self,
+        actor: &Actor,
+        name: &str,
+        roles: &[&str],
+        missing: &[&str],
+    ) -> ApiResult<()> {
+        let mut tx = self.db.begin().await?;
+        audit(
+            &mut tx,
+            self.now(),
+            &actor.label(),
+            "admin_token.create_denied",
+            None,
+            json!({"name": name, "roles": roles, "missing_roles": missing}),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(actor = %actor.label(), missing = ?missing, "admin token creation refused: roles the caller does not hold");
+        Ok(())
     }
 
     /// Every admin token (never its secret), oldest first.
@@ -485,10 +519,21 @@ impl AppState {
                 "enrollment token is not valid; create one with `tenonctl enroll-token create`".into(),
             )
         };
-        let (token_id, secret, _fpr) = secrets::split_token(token, secrets::ENROLL_PREFIX).ok_or_else(bad)?;
-        let hostname = hostname.trim();
-        if hostname.is_empty() || hostname.len() > 255 || hostname.chars().any(char::is_control) {
-            return Err(ApiError::BadRequest("hostname must be 1 to 255 printable characters".into()));
+        let (token_id, secret, fingerprint) = secrets::split_token(token, secrets::ENROLL_PREFIX).ok_or_else(bad)?;
+        // The token names the root key the agent will pin. One that names another key (another
+        // server's token, or a damaged one) would enroll a device that then refuses this server:
+        // refuse it before an enrollment is used up.
+        if fingerprint != Some(self.keys.root_fingerprint().as_str()) {
+            return Err(ApiError::BadRequest(
+                "the enrollment token names another server's root key (its last part is not this server's fingerprint); \
+                 check --server, or create a token on this server with `tenonctl enroll-token create`"
+                    .into(),
+            ));
+        }
+        let hostname = Hostname::parse(hostname).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let hostname = hostname.as_str();
+        if !valid_agent_version(agent_version) {
+            return Err(ApiError::BadRequest(ReportError::AgentVersion.to_string()));
         }
         let mut world = self.world.lock().await;
         let now = self.now();
@@ -578,6 +623,7 @@ impl AppState {
                 enrolled_at: now,
                 has_reported: false,
                 signed_by: self.keys.signing_key_id(),
+                ignored_claim: None,
             },
         );
         Ok((device_id, cred.token))
@@ -587,12 +633,13 @@ impl AppState {
 
     /// Stores a device report; detects the primary user at first contact; re-signs the device's
     /// envelope when its set of users changed. Returns the ETag the device should hold.
-    pub async fn record_report(&self, device_id: &str, report: &DeviceReport) -> ApiResult<String> {
-        let mut signed_in = BTreeSet::new();
-        for u in &report.signed_in_users {
-            let upn = Upn::parse(u).map_err(|e| ApiError::BadRequest(format!("signed_in_users: {e}")))?;
-            signed_in.insert(upn);
-        }
+    pub async fn record_report(
+        &self,
+        device_id: &str,
+        report: &DeviceReport,
+        checked: CheckedReport,
+    ) -> ApiResult<String> {
+        let CheckedReport { hostname, signed_in_users: signed_in } = checked;
         let now = self.now();
         let mut world = self.world.lock().await;
         let detection_window = world
@@ -625,9 +672,10 @@ impl AppState {
                     last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?
              WHERE id = ?",
         )
-        .bind(if report.hostname.trim().is_empty() { "unknown" } else { report.hostname.trim() })
+        .bind(hostname.as_str())
         .bind(&report.agent_version)
-        .bind(report.config_version.map(|v| v as i64))
+        // Only a version the server issued is recorded as held; a claim above it is ignored below.
+        .bind(report.config_version.filter(|v| *v <= meta.version).map(|v| v as i64))
         .bind(&report.config_sha256)
         .bind(&report.last_error)
         .bind(now)
@@ -647,6 +695,31 @@ impl AppState {
             .bind(now)
             .bind(now)
             .execute(&mut *tx)
+            .await?;
+        }
+        // The server never believes a version it did not issue: a report claiming more (a forged
+        // or broken report) would otherwise make the server re-issue above it and could push the
+        // device out of the safe integer range. A device that really holds a newer envelope (the
+        // database was restored from a backup) proves it with the envelope itself
+        // (`prove_held_envelope`). The claim is audited once per distinct value.
+        let ignored_claim = report.config_version.filter(|v| *v > meta.version);
+        let audit_claim = ignored_claim.is_some() && ignored_claim != meta.ignored_claim;
+        if let (Some(claimed), true) = (ignored_claim, audit_claim) {
+            tracing::warn!(
+                device = device_id,
+                claimed,
+                issued = meta.version,
+                "a report claims a configuration version the server never issued; ignored"
+            );
+            audit(
+                &mut tx,
+                now,
+                &format!("device {device_id}"),
+                "device.suspicious_report",
+                Some(device_id),
+                json!({"reason": "config_version above the highest version issued to this device; ignored",
+                       "claimed_version": claimed, "issued_version": meta.version}),
+            )
             .await?;
         }
         if let Some(p) = &new_primary {
@@ -678,22 +751,53 @@ impl AppState {
         if primary_changed {
             meta.primary = new_primary;
         }
-        // A device that holds a newer version than the server knows of (the database was restored
-        // from a backup) would refuse everything the server now signs as a rollback: continue the
-        // numbering above what the device holds.
-        let device_ahead = report.config_version.is_some_and(|v| v > meta.version);
-        if device_ahead {
-            let held = report.config_version.unwrap_or(0);
+        if audit_claim {
+            meta.ignored_claim = ignored_claim;
+        }
+        if users_changed || primary_changed {
+            self.recompile(&mut world, vec![device_id.to_string()]).await?;
+        }
+        let meta = &world.devices[device_id];
+        Ok(envelope_etag(meta.version, &meta.sha256))
+    }
+
+    /// A device shows the envelope it holds because the server's looked older (a rollback or a
+    /// reused version: the database was restored from a backup). The envelope counts only if this
+    /// server signed it for this device (any of its signing keys, past or present); then numbering
+    /// continues above it, so the device accepts what the server signs next. Returns the ETag the
+    /// device should fetch.
+    pub async fn prove_held_envelope(&self, device_id: &str, envelope: &str) -> ApiResult<String> {
+        let body = self.keys.verify_issued(device_id, envelope).map_err(|why| {
+            ApiError::BadRequest(format!(
+                "the envelope was not accepted as proof of the version this device holds: {why}"
+            ))
+        })?;
+        let mut world = self.world.lock().await;
+        let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
+        if body.version > meta.version {
+            let now = self.now();
+            let mut tx = self.db.begin().await?;
+            audit(
+                &mut tx,
+                now,
+                &format!("device {device_id}"),
+                "device.version_proven",
+                Some(device_id),
+                json!({"held_version": body.version, "server_version": meta.version,
+                       "reason": "the device holds an envelope this server signed with a higher version (database restored from a backup?); numbering continues above it"}),
+            )
+            .await?;
+            tx.commit().await?;
             tracing::warn!(
                 device = device_id,
-                held,
+                held = body.version,
                 server = meta.version,
-                "device holds a newer configuration version than the server; re-issuing above it"
+                "device proved it holds a newer configuration version than the database; re-issuing above it"
             );
-            meta.version = held;
-            meta.sha256.clear();
-        }
-        if users_changed || primary_changed || device_ahead {
+            if let Some(m) = world.devices.get_mut(device_id) {
+                m.version = body.version;
+                m.sha256.clear();
+            }
             self.recompile(&mut world, vec![device_id.to_string()]).await?;
         }
         let meta = &world.devices[device_id];

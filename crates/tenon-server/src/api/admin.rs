@@ -260,8 +260,14 @@ pub async fn device_reports(
     ApiQuery(q): ApiQuery<HistoryQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let id = id.to_lowercase();
+    let known: Option<String> =
+        sqlx::query_scalar("SELECT id FROM devices WHERE id = ?").bind(&id).fetch_optional(&state.db).await?;
+    if known.is_none() {
+        return Err(device_not_found(&id));
+    }
     let rows = sqlx::query("SELECT received_at, report FROM reports WHERE device_id = ? ORDER BY id DESC LIMIT ?")
-        .bind(id.to_lowercase())
+        .bind(&id)
         .bind(limit)
         .fetch_all(&state.db)
         .await?;
@@ -411,6 +417,17 @@ pub async fn create_admin_token(
     if roles.is_empty() {
         return Err(ApiError::BadRequest(format!(
             "give at least one role ({ROLE_ADMIN}, {ROLE_RECOVERY_KEYS}); a token without roles can do nothing"
+        )));
+    }
+    // A token grants only roles it holds itself: an `admin` token cannot mint itself the right to
+    // read recovery keys. Refusals are audited before the 403 leaves.
+    let missing: Vec<&str> = roles.iter().copied().filter(|r| !actor.has_role(r)).collect();
+    if !missing.is_empty() {
+        state.audit_token_grant_denied(&actor, name, &roles, &missing).await?;
+        return Err(ApiError::Forbidden(format!(
+            "this token cannot grant the role(s) {} because it does not hold them; a token may grant only its own roles \
+             (the bootstrap token in DATA_DIR/admin.token holds {ROLE_ADMIN} and {ROLE_RECOVERY_KEYS}); this attempt was audited",
+            missing.join(", ")
         )));
     }
     let (token, id) = state.create_admin_token(name, &roles, Some(&actor)).await?;

@@ -4,6 +4,7 @@
 use super::extract::{ApiJson, Device};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
+use axum::extract::rejection::StringRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -57,15 +58,36 @@ pub async fn trust(State(state): State<Arc<AppState>>, _device: Device) -> Json<
     Json(state.keys.trust_bundle())
 }
 
+/// The trust bundle without a credential: the root public key and the key lists are public, and an
+/// agent checks the root against its enrollment token's fingerprint before it sends the token.
+pub async fn public_trust(State(state): State<Arc<AppState>>) -> Json<TrustBundle> {
+    Json(state.keys.trust_bundle())
+}
+
+/// `POST /api/v1/device/config/held`: the envelope the device holds, sent when the server's looked
+/// older (see `AppState::prove_held_envelope`). Answers the ETag to fetch next.
+pub async fn prove_held(
+    State(state): State<Arc<AppState>>,
+    device: Device,
+    body: Result<String, StringRejection>,
+) -> ApiResult<Response> {
+    let body = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::PayloadTooLarge("the envelope is larger than any envelope this server issues".into())
+        }
+        _ => ApiError::BadRequest(format!("the envelope could not be read: {}", r.body_text())),
+    })?;
+    let etag = state.prove_held_envelope(&device.id, &body).await?;
+    Ok((StatusCode::OK, Json(json!({ "etag": etag }))).into_response())
+}
+
 pub async fn report(
     State(state): State<Arc<AppState>>,
     device: Device,
     ApiJson(report): ApiJson<DeviceReport>,
 ) -> ApiResult<Response> {
-    if report.signed_in_users.len() > 1000 || report.policies.len() > 1000 {
-        return Err(ApiError::BadRequest("report lists too many users or policies (1000 at most)".into()));
-    }
-    let etag = state.record_report(&device.id, &report).await?;
+    let checked = report.check().map_err(|e| ApiError::BadRequest(format!("report refused: {e}")))?;
+    let etag = state.record_report(&device.id, &report, checked).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "etag": etag }))).into_response())
 }
 

@@ -50,6 +50,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/enroll", post(device::enroll))
         .route("/device/config", get(device::config))
         .route("/device/trust", get(device::trust))
+        .route("/trust", get(device::public_trust))
+        .route(
+            "/device/config/held",
+            post(device::prove_held).layer(DefaultBodyLimit::max(tenon_core::envelope::MAX_ENVELOPE_BYTES + 4096)),
+        )
         .route("/device/report", post(device::report))
         .route("/device/escrow", post(device::escrow))
         .route("/device/escrow/rotations", get(device::escrow_rotations))
