@@ -5,6 +5,7 @@
 //! `index::CheckinIndex` (memory only) -> 304 or the stored envelope bytes.
 
 pub mod api;
+pub mod backup;
 pub mod datadir;
 pub mod error;
 pub mod escrow;

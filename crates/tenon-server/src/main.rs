@@ -1,5 +1,5 @@
 //! tenon-server command line: `tenon-server serve [--listen ADDR] [--data-dir DIR] [--database URL]`
-//! and `tenon-server rotate-escrow-key [--data-dir DIR]`.
+//! and the offline tools: `rotate-escrow-key`, `rotate-signing-key`, `backup`, `restore`.
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
@@ -39,6 +39,37 @@ enum Command {
         /// Database URL (default: SQLite at DATA_DIR/tenon.db).
         #[arg(long)]
         database: Option<String>,
+    },
+    /// Write one archive (mode 0600) with the database, the root, signing and escrow keys, the
+    /// admin token and the TLS directory. Safe while the server serves: the database is copied as
+    /// one consistent snapshot.
+    Backup {
+        /// The server's data directory.
+        #[arg(long, default_value = "./tenon-data")]
+        data_dir: PathBuf,
+        /// Database URL (default: SQLite at DATA_DIR/tenon.db).
+        #[arg(long)]
+        database: Option<String>,
+        /// The archive to write (must not exist yet).
+        #[arg(long)]
+        to: PathBuf,
+        /// Seal the keys and tokens in the archive with the passphrase in this file (Argon2id +
+        /// XChaCha20-Poly1305); restore then needs the same file.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Restore a backup into an empty (or new) data directory; the archive is checked whole before
+    /// anything is written. Start the server on that directory afterwards.
+    Restore {
+        /// The archive written by `tenon-server backup`.
+        #[arg(long)]
+        from: PathBuf,
+        /// The data directory to create (must be empty or missing).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The passphrase file the backup was sealed with, if it was.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
     },
     /// Create a new envelope-signing key, listed by the root key beside the current one. Run it
     /// with the server stopped; at its next start the server re-signs every envelope with it.
@@ -83,6 +114,32 @@ fn main() -> ExitCode {
         }
         Command::RotateEscrowKey { data_dir, database } => {
             runtime.block_on(tenon_server::rotate_escrow_key(&data_dir, database.as_deref()))
+        }
+        Command::Backup { data_dir, database, to, passphrase_file } => runtime
+            .block_on(tenon_server::backup::backup(
+                &data_dir,
+                database.as_deref(),
+                &to,
+                passphrase_file.as_deref(),
+                tenon_server::state::system_clock()(),
+            ))
+            .map(|s| {
+                println!(
+                    "backup written to {} ({} bytes, {} files{}); keep it where the server's keys may be",
+                    s.path.display(),
+                    s.bytes,
+                    s.files,
+                    if s.sealed { ", keys sealed with the passphrase" } else { ", keys NOT encrypted" }
+                )
+            }),
+        Command::Restore { from, data_dir, passphrase_file } => {
+            tenon_server::backup::restore(&from, &data_dir, passphrase_file.as_deref()).map(|n| {
+                println!(
+                    "restored {n} files into {}; start the server with --data-dir {}",
+                    data_dir.display(),
+                    data_dir.display()
+                )
+            })
         }
         Command::RotateSigningKey { data_dir } => tenon_server::datadir::DataDir::open(&data_dir)
             .and_then(|d| d.rotate_signing_key(tenon_server::state::system_clock()()))
