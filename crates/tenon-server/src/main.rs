@@ -2,12 +2,16 @@
 //! and the offline tools: `rotate-escrow-key`, `rotate-signing-key`, `backup`, `restore`.
 
 use clap::{Parser, Subcommand};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "tenon-server", version, about = "Tenon backend: signed per-device configuration for Windows fleets")]
+// A flag given twice takes the last value: the config file's values come first (see
+// `expand_config`), so the command line wins.
+#[command(args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,6 +33,14 @@ enum Command {
         /// How long a signed configuration stays valid on a device that cannot reach the server.
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         envelope_ttl: u64,
+        /// Log lines as text (for people) or JSON objects, one per line (for log shippers).
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// A TOML file whose keys are these flags' names (`listen = "0.0.0.0:8440"`,
+        /// `data-dir = "/var/lib/tenon"`, `envelope-ttl = "7d"`); flags on the command line win.
+        /// Also TENON_CONFIG.
+        #[arg(long, env = "TENON_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Generate a new escrow key and re-seal every stored recovery key to it (offline: stop the
     /// server first; this takes the data-dir lock).
@@ -79,6 +91,104 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info,sqlx=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        // Colour only for a person at a terminal: a log file or journal keeps plain text.
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// `serve --config FILE` (or `TENON_CONFIG`): every key of the TOML file is a `serve` flag's long
+/// name (`data-dir` or `data_dir`); its value becomes that flag, placed before the command line's own
+/// arguments, so that a flag given on the command line wins. Unknown keys are refused by name.
+fn expand_config(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    if args.get(1).and_then(|a| a.to_str()) != Some("serve") {
+        return Ok(args);
+    }
+    let mut file: Option<PathBuf> = None;
+    let mut it = args.iter().skip(2);
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("--config") => file = it.next().map(PathBuf::from),
+            Some(s) if s.starts_with("--config=") => file = Some(PathBuf::from(&s["--config=".len()..])),
+            _ => {}
+        }
+    }
+    let file = match file.or_else(|| std::env::var_os("TENON_CONFIG").map(PathBuf::from)) {
+        Some(f) => f,
+        None => return Ok(args),
+    };
+    let text = std::fs::read_to_string(&file)
+        .map_err(|e| format!("cannot read the config file {}: {e}", file.display()))?;
+    let table: toml::Table =
+        text.parse().map_err(|e| format!("the config file {} is not valid TOML: {e}", file.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let serve = cmd.find_subcommand("serve").ok_or("no serve command")?;
+    let flags: Vec<(String, bool)> = serve
+        .get_arguments()
+        .filter_map(|a| {
+            let takes_value = !matches!(a.get_action(), clap::ArgAction::SetTrue | clap::ArgAction::SetFalse);
+            a.get_long().map(|l| (l.to_string(), takes_value))
+        })
+        .filter(|(l, _)| l != "config" && l != "help")
+        .collect();
+    let mut injected = Vec::new();
+    for (key, value) in &table {
+        let name = key.replace('_', "-");
+        let Some((_, takes_value)) = flags.iter().find(|(l, _)| *l == name) else {
+            let known: Vec<&str> = flags.iter().map(|(l, _)| l.as_str()).collect();
+            return Err(format!(
+                "the config file {} has an unknown key {key:?}; the keys are the serve flags: {}",
+                file.display(),
+                known.join(", ")
+            ));
+        };
+        let values: Vec<String> = match value {
+            toml::Value::String(s) => vec![s.clone()],
+            toml::Value::Integer(i) => vec![i.to_string()],
+            toml::Value::Float(f) => vec![f.to_string()],
+            toml::Value::Boolean(b) if !takes_value => {
+                if *b {
+                    injected.push(OsString::from(format!("--{name}")));
+                }
+                continue;
+            }
+            toml::Value::Boolean(b) => vec![b.to_string()],
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    toml::Value::Integer(i) => Ok(i.to_string()),
+                    other => Err(format!("{key} in {}: {} is not a string or a number", file.display(), other.type_str())),
+                })
+                .collect::<Result<_, _>>()?,
+            other => return Err(format!("{key} in {}: a {} is not a string, number or boolean", file.display(), other.type_str())),
+        };
+        if !takes_value {
+            return Err(format!("{key} in {} is a switch: give it true or false", file.display()));
+        }
+        for v in values {
+            injected.push(OsString::from(format!("--{name}")));
+            injected.push(OsString::from(v));
+        }
+    }
+    let mut out = args[..2].to_vec();
+    out.extend(injected);
+    out.extend(args[2..].iter().cloned());
+    Ok(out)
+}
+
 fn parse_duration(s: &str) -> Result<u64, String> {
     humantime::parse_duration(s)
         .map(|d| d.as_secs())
@@ -87,19 +197,24 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args = match expand_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(match &cli.command {
+        Command::Serve { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -108,7 +223,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve { listen, data_dir, database, envelope_ttl } => {
+        Command::Serve { listen, data_dir, database, envelope_ttl, log_format: _, config: _ } => {
             let opts = tenon_server::ServeOptions { listen, data_dir, database, envelope_ttl: envelope_ttl as i64 };
             runtime.block_on(tenon_server::serve(opts))
         }
