@@ -99,8 +99,7 @@ enum LogFormat {
 
 fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info,sqlx=warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info,sqlx=warn".into());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
@@ -129,8 +128,8 @@ fn expand_config(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
         Some(f) => f,
         None => return Ok(args),
     };
-    let text = std::fs::read_to_string(&file)
-        .map_err(|e| format!("cannot read the config file {}: {e}", file.display()))?;
+    let text =
+        std::fs::read_to_string(&file).map_err(|e| format!("cannot read the config file {}: {e}", file.display()))?;
     let table: toml::Table =
         text.parse().map_err(|e| format!("the config file {} is not valid TOML: {e}", file.display()))?;
     let cmd = <Cli as clap::CommandFactory>::command();
@@ -170,10 +169,18 @@ fn expand_config(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
                 .map(|v| match v {
                     toml::Value::String(s) => Ok(s.clone()),
                     toml::Value::Integer(i) => Ok(i.to_string()),
-                    other => Err(format!("{key} in {}: {} is not a string or a number", file.display(), other.type_str())),
+                    other => {
+                        Err(format!("{key} in {}: {} is not a string or a number", file.display(), other.type_str()))
+                    }
                 })
                 .collect::<Result<_, _>>()?,
-            other => return Err(format!("{key} in {}: a {} is not a string, number or boolean", file.display(), other.type_str())),
+            other => {
+                return Err(format!(
+                    "{key} in {}: a {} is not a string, number or boolean",
+                    file.display(),
+                    other.type_str()
+                ))
+            }
         };
         if !takes_value {
             return Err(format!("{key} in {} is a switch: give it true or false", file.display()));

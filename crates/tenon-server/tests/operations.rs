@@ -54,12 +54,7 @@ fn start(args: &[&str], dir: &Path, config_env: Option<&Path>) -> (std::process:
     if let Some(c) = config_env {
         cmd.env("TENON_CONFIG", c);
     }
-    let mut child = cmd
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = cmd.args(args).stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(30);
     let addr = loop {
@@ -122,7 +117,9 @@ fn a_config_file_sets_every_flag_and_the_command_line_wins() {
 
     // The sample in deploy/ uses only keys the server knows.
     let sample = repo().join("deploy/server.toml");
-    let out =
-        Command::new(bin("tenon-server")).args(["serve", "--config", sample.to_str().unwrap(), "--help"]).output().unwrap();
+    let out = Command::new(bin("tenon-server"))
+        .args(["serve", "--config", sample.to_str().unwrap(), "--help"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
