@@ -45,6 +45,11 @@ impl DeviceSlot {
         self.last_seen_dirty.store(true, Ordering::Relaxed);
     }
 
+    /// The last-seen time the database had at start (not dirty: it is already stored).
+    pub fn seed_last_seen(&self, t: i64) {
+        self.last_seen.fetch_max(t, Ordering::Relaxed);
+    }
+
     pub fn revoke(&self) {
         self.revoked.store(true, Ordering::SeqCst);
     }
@@ -96,6 +101,24 @@ impl CheckinIndex {
     /// A device's last-seen time as the index knows it (newer than the database's).
     pub fn last_seen(&self, device_id: &str) -> Option<i64> {
         self.get(device_id).map(|s| s.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+
+    /// How many devices were last seen within each bucket (for the metrics): `1h`, `24h`, `7d`,
+    /// `older`, and `never` (not seen since this server started and not loaded from the database).
+    pub fn last_seen_buckets(&self, now: i64) -> [(&'static str, usize); 5] {
+        let mut out = [("1h", 0), ("24h", 0), ("7d", 0), ("older", 0), ("never", 0)];
+        for slot in self.slots.read().unwrap_or_else(|p| p.into_inner()).values() {
+            let t = slot.last_seen.load(Ordering::Relaxed);
+            let i = match now - t {
+                _ if t <= 0 => 4,
+                age if age <= 3600 => 0,
+                age if age <= 86_400 => 1,
+                age if age <= 7 * 86_400 => 2,
+                _ => 3,
+            };
+            out[i].1 += 1;
+        }
+        out
     }
 
     pub fn len(&self) -> usize {

@@ -10,6 +10,7 @@ pub mod datadir;
 pub mod error;
 pub mod escrow;
 pub mod index;
+pub mod metrics;
 pub mod secrets;
 pub mod signatures;
 pub mod state;
@@ -30,6 +31,8 @@ pub struct ServeOptions {
     pub database: Option<String>,
     /// Lifetime of a signed envelope, in seconds.
     pub envelope_ttl: i64,
+    /// Where to serve `GET /metrics` (Prometheus text); `None`: no metrics at all.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow::Result<sqlx::SqlitePool> {
@@ -129,7 +132,26 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     });
 
-    axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(shutdown_signal()).await?;
+    let mut app = api::router(state.clone());
+    if let Some(addr) = opts.metrics_listen {
+        let handle = metrics::install()?;
+        let metrics_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for metrics; pass another --metrics-listen ADDR"))?;
+        println!("metrics on http://{}/metrics", metrics_listener.local_addr()?);
+        let scrape = axum::Router::new()
+            .route("/metrics", axum::routing::get(metrics::render))
+            .with_state((state.clone(), handle));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, scrape).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+        // Only with metrics on does every request pass through the timing middleware.
+        let http = Arc::new(metrics::HttpMetrics::default());
+        app = app.layer(axum::middleware::from_fn_with_state(http, metrics::track));
+    }
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
     background.abort();
     state.flush_last_seen().await?;
     tracing::info!("stopped");

@@ -33,6 +33,9 @@ enum Command {
         /// How long a signed configuration stays valid on a device that cannot reach the server.
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         envelope_ttl: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (a separate listener; off by default).
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
         /// Log lines as text (for people) or JSON objects, one per line (for log shippers).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -230,8 +233,14 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve { listen, data_dir, database, envelope_ttl, log_format: _, config: _ } => {
-            let opts = tenon_server::ServeOptions { listen, data_dir, database, envelope_ttl: envelope_ttl as i64 };
+        Command::Serve { listen, data_dir, database, envelope_ttl, metrics_listen, log_format: _, config: _ } => {
+            let opts = tenon_server::ServeOptions {
+                listen,
+                data_dir,
+                database,
+                envelope_ttl: envelope_ttl as i64,
+                metrics_listen,
+            };
             runtime.block_on(tenon_server::serve(opts))
         }
         Command::RotateEscrowKey { data_dir, database } => {

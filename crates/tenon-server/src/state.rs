@@ -195,6 +195,12 @@ impl AppState {
                 },
             );
         }
+        // Last-seen times, so that the index (and the metrics' last-seen buckets) know them at once.
+        for row in sqlx::query("SELECT id, last_seen FROM devices WHERE last_seen IS NOT NULL").fetch_all(&db).await? {
+            if let Some(slot) = index.get(row.get::<&str, _>(0)) {
+                slot.seed_last_seen(row.get(1));
+            }
+        }
         for row in sqlx::query("SELECT device_id, upn FROM device_users").fetch_all(&db).await? {
             let id: String = row.get(0);
             if let (Some(meta), Ok(u)) = (world.devices.get_mut(&id), Upn::parse(row.get::<&str, _>(1))) {

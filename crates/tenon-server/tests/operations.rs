@@ -123,3 +123,55 @@ fn a_config_file_sets_every_flag_and_the_command_line_wins() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn metrics_count_check_ins_by_outcome_on_their_own_listener() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let (child, url, _log) = start(
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--metrics-listen", &metrics_addr],
+        tmp.path(),
+        None,
+    );
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
+    let ctl = |args: &[&str]| {
+        let out =
+            Command::new(bin("tenonctl")).args(["--server", &url, "--token", &token]).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let enroll = ctl(&["enroll-token", "create"]).trim().to_string();
+    let agent = common::SimAgent::new(tmp.path(), "a", serde_json::json!({"hostname": "PC-M"}));
+    let out = agent.command(&["enroll", "--server", &url, "--token", &enroll]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..2 {
+        let out = agent.command(&["sync", "--once"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let bad = ureq::get(&format!("{url}/api/v1/device/config"))
+        .set("Authorization", "Bearer tdev.00000000-0000-4000-8000-000000000000.nope")
+        .call();
+    assert!(matches!(bad, Err(ureq::Error::Status(401, _))));
+
+    let text = ureq::get(&format!("http://{metrics_addr}/metrics")).call().unwrap().into_string().unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    // Each sync checks in once: the first gets the envelope (200), the second a 304.
+    assert!(value(r#"tenon_checkins_total{outcome="200"}"#) >= 1.0);
+    assert!(value(r#"tenon_checkins_total{outcome="304"}"#) >= 1.0);
+    assert_eq!(value(r#"tenon_checkins_total{outcome="401"}"#), 1.0);
+    assert_eq!(value(r#"tenon_enrollments_total{outcome="201"}"#), 1.0);
+    assert!(value(r#"tenon_reports_total{outcome="202"}"#) >= 2.0);
+    assert!(value(r#"tenon_http_request_duration_seconds_count{route="/api/v1/device/config"}"#) >= 3.0);
+    assert_eq!(value(r#"tenon_devices{last_seen="1h"}"#), 1.0);
+    assert_eq!(value(r#"tenon_entra_escrows{state="pending"}"#), 0.0);
+    assert!(!text.contains("00000000-0000-4000-8000"), "raw paths and ids never become labels");
+    // The API listener does not serve them.
+    assert!(matches!(ureq::get(&format!("{url}/metrics")).call(), Err(ureq::Error::Status(404, _))));
+    stop(child);
+}
