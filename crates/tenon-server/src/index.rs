@@ -98,6 +98,17 @@ impl CheckinIndex {
             .collect()
     }
 
+    /// Marks these devices' last-seen times as still to be written (a flush that failed): the
+    /// next flush writes them again, with whatever newer time has arrived since.
+    pub fn mark_last_seen_dirty(&self, ids: &[(String, i64)]) {
+        let slots = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        for (id, _) in ids {
+            if let Some(s) = slots.get(id) {
+                s.last_seen_dirty.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// A device's last-seen time as the index knows it (newer than the database's).
     pub fn last_seen(&self, device_id: &str) -> Option<i64> {
         self.get(device_id).map(|s| s.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
@@ -127,5 +138,52 @@ impl CheckinIndex {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> CurrentEnvelope {
+        CurrentEnvelope {
+            etag: HeaderValue::from_static("\"1-x\""),
+            bytes: axum::body::Bytes::new(),
+            version: 1,
+            payload_sha256: "x".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_flush_leaves_its_last_seen_times_to_write() {
+        let index = CheckinIndex::default();
+        for id in ["a", "b"] {
+            index.insert(id, [0; 32], envelope(), false);
+        }
+        index.get("a").unwrap().touch(100);
+        index.get("b").unwrap().touch(200);
+        let mut batch = index.take_dirty_last_seen();
+        batch.sort();
+        assert_eq!(batch, [("a".to_string(), 100), ("b".to_string(), 200)]);
+        assert!(index.take_dirty_last_seen().is_empty(), "taken once");
+        // The write failed; meanwhile a newer check-in arrived for a.
+        index.get("a").unwrap().touch(150);
+        index.mark_last_seen_dirty(&batch);
+        let mut again = index.take_dirty_last_seen();
+        again.sort();
+        assert_eq!(again, [("a".to_string(), 150), ("b".to_string(), 200)]);
+    }
+
+    #[test]
+    fn last_seen_buckets() {
+        let index = CheckinIndex::default();
+        let now = 10 * 86_400;
+        for (id, seen) in
+            [("a", now - 10), ("b", now - 7200), ("c", now - 3 * 86_400), ("d", now - 9 * 86_400), ("e", 0)]
+        {
+            index.insert(id, [0; 32], envelope(), false);
+            index.get(id).unwrap().seed_last_seen(seen);
+        }
+        assert_eq!(index.last_seen_buckets(now), [("1h", 1), ("24h", 1), ("7d", 1), ("older", 1), ("never", 1)]);
     }
 }

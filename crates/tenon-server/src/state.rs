@@ -1121,15 +1121,25 @@ impl AppState {
         if dirty.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.db.begin().await?;
-        for (id, t) in &dirty {
-            sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
-                .bind(t)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        let write = async {
+            let mut tx = self.db.begin().await?;
+            for (id, t) in &dirty {
+                sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
+                    .bind(t)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let started = std::time::Instant::now();
+            tx.commit().await?;
+            crate::metrics::commit_took("last_seen", started);
+            Ok::<_, sqlx::Error>(())
+        };
+        if let Err(e) = write.await {
+            // Nothing of this batch is stored: mark it dirty again so the next flush retries it.
+            self.index.mark_last_seen_dirty(&dirty);
+            return Err(e.into());
         }
-        tx.commit().await?;
         Ok(dirty.len())
     }
 
