@@ -101,7 +101,8 @@ impl EscrowSink for ServerEscrow<'_> {
     }
 
     fn report_retired(&self, protector_id: &str, replaced_by: Option<&str>) -> Result<(), String> {
-        let body = EscrowRetired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) };
+        let body =
+            EscrowRetired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) };
         self.client.escrow_retired(self.credential, &body).map_err(|e| e.to_string())
     }
 

@@ -567,7 +567,9 @@ impl<'c, 'a> Run<'c, 'a> {
                 // A surplus key is remembered as a retirement before it goes, so the server hears
                 // of it even if the agent dies right after the delete.
                 if !self.state.rotations.contains_key(protector_id) {
-                    self.state.rotations.insert(protector_id.clone(), RotationRecord { requested_at: now, surplus: true });
+                    self.state
+                        .rotations
+                        .insert(protector_id.clone(), RotationRecord { requested_at: now, surplus: true });
                     self.checkpoint()?;
                 }
                 p.delete_protector(mount, protector_id)?;

@@ -144,7 +144,9 @@ impl EscrowSink for MemoryEscrow {
         }
         inner.rotations.retain(|r| r != protector_id);
         inner.conflicts.retain(|r| r != protector_id);
-        inner.retired.push(Retired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) });
+        inner
+            .retired
+            .push(Retired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) });
         if let Some(journal) = &self.journal {
             journal.lock().unwrap_or_else(|e| e.into_inner()).push(format!("escrow retired {protector_id}"));
         }

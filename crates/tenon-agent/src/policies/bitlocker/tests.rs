@@ -9,9 +9,9 @@ use crate::policies::escrow::MemoryEscrow;
 use crate::policies::{EscrowSink, NoEscrow, StateStore};
 use serde_json::{json, Map};
 use std::cell::RefCell;
-use std::rc::Rc;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
