@@ -401,8 +401,8 @@ impl<'c, 'a> Run<'c, 'a> {
             if self.state.rotations.len() >= MAX_RETIREMENTS {
                 break;
             }
-            if !self.state.rotations.contains_key(&id) {
-                self.state.rotations.insert(id, RotationRecord { requested_at: now, surplus: false });
+            if let std::collections::btree_map::Entry::Vacant(e) = self.state.rotations.entry(id) {
+                e.insert(RotationRecord { requested_at: now, surplus: false });
                 changed = true;
             }
         }
