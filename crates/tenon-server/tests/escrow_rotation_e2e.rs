@@ -354,5 +354,22 @@ fn a_rotation_completes_only_when_the_device_reports_the_old_protector_gone() {
     assert!(log.as_array().unwrap().iter().any(|e| e["action"] == json!("recovery_key.retired")
         && e["details"]["protector_id"] == json!("{OLD}")
         && e["details"]["rotation_completed"] == json!(true)));
+
+    // A credential spamming different passwords for one protector cannot grow the archive without
+    // bound: eight different ones are kept (all flagged), the next is refused with 409.
+    use tenon_core::policy::escrow::recovery_password_from_key;
+    for i in 1..=8u8 {
+        let pw = recovery_password_from_key(&[i; 16]);
+        let sealed = seal(&pk, &id, "C:", "{NEW}", &pw, &SealRandomness::from_bytes(&[i; 56])).unwrap();
+        let (status, answer) = post(&server, &cred, "escrow", json!(sealed));
+        if i < 8 {
+            assert_eq!((status, answer["conflict"].as_bool()), (201, Some(true)), "{i}: {answer}");
+        } else {
+            assert_eq!((status, answer["code"].as_str()), (409, Some("conflict")), "{answer}");
+        }
+    }
+    let current = server.ctl_json(&["recovery-keys", "show", &id]);
+    assert_eq!(current.as_array().unwrap().len(), 8, "{current:#}");
+    assert!(current.as_array().unwrap().iter().all(|k| k["conflict"] == json!(true)));
     server.stop();
 }
