@@ -32,8 +32,9 @@
 //! `tenon_escrow_pending` | `entra_escrow_pending`), `escrow_failed` (`entra_escrow_failed`),
 //! `action_required` (`step_failed` | `volume_decrypting` | `volume_unreadable` |
 //! `facts_unavailable`). When enforcing, the details also carry `mount`, `encryption`, `percent`,
-//! `protectors` (`[{id, kind, tenon_escrowed, entra: escrowed|pending|failed|not_joined,
-//! entra_attempts, entra_next_attempt_at?, entra_last_error?}]`), `entra_joined`,
+//! `protectors` (`[{id, kind, tenon_escrowed, tenon_escrow_conflict?, entra:
+//! escrowed|pending|failed|not_joined, entra_attempts, entra_next_attempt_at?, entra_last_error?}]`),
+//! `entra_joined`,
 //! `entra_max_attempts`, `warning` ("recovery key not secured in Entra ..." when not joined),
 //! `rotations_pending`, `escrow_conflicts` (protectors for which the server holds a different
 //! password too) with `escrow_warning`, `actions` (steps done this run) and `errors`.
