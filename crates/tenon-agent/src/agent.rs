@@ -7,11 +7,12 @@
 
 use crate::client::{ClientError, Fetch, ServerClient};
 use crate::platform::Platform;
-use crate::policies::{self, PolicyContext};
+use crate::policies::{self, PolicyContext, StateStore};
 use crate::server_escrow::ServerEscrow;
 use crate::status::{rfc3339, Status};
 use crate::vault::{Vault, VaultError, VaultState};
 use serde_json::{Map, Value};
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -237,7 +238,7 @@ impl<'p> Agent<'p> {
             }
             persist_if_changed(&vault, &mut st, &mut persisted)?;
 
-            let statuses = self.apply(&client, &trusted, &mut st, lkg.as_ref());
+            let statuses = self.apply(&client, &trusted, &vault, &mut st, &mut persisted, lkg.as_ref());
             persist_if_changed(&vault, &mut st, &mut persisted)?;
             status.policies = statuses.clone();
             status.config_version = lkg.as_ref().map(|l| l.body.version);
@@ -331,12 +332,16 @@ impl<'p> Agent<'p> {
         }
     }
 
-    /// Applies every policy to the last known good payload.
+    /// Applies every policy to the last known good payload. A policy may persist its state in the
+    /// middle of its run ([`PolicyContext::persist`]): that writes the vault at once, so a kill
+    /// between two steps loses nothing the first step did.
     fn apply(
         &self,
         client: &ServerClient,
         trusted: &KeyList,
+        vault: &Vault<'_>,
         st: &mut VaultState,
+        persisted: &mut VaultState,
         lkg: Option<&VerifiedEnvelope>,
     ) -> Map<String, Value> {
         let mut statuses = Map::new();
@@ -348,15 +353,19 @@ impl<'p> Agent<'p> {
         let users = env.body.payload.get("users").and_then(Value::as_object).unwrap_or(&empty);
         for policy in policies::all() {
             let mut state = st.policy_state.remove(policy.name()).unwrap_or(Value::Null);
-            let mut ctx = PolicyContext {
-                platform: self.platform,
-                machine,
-                users,
-                now: self.now(),
-                state: &mut state,
-                escrow: &escrow,
+            let s = {
+                let store = VaultStore { vault, policy: policy.name(), st: RefCell::new((&mut *st, &mut *persisted)) };
+                let mut ctx = PolicyContext {
+                    platform: self.platform,
+                    machine,
+                    users,
+                    now: self.now(),
+                    state: &mut state,
+                    escrow: &escrow,
+                    store: &store,
+                };
+                policy.apply(&mut ctx)
             };
-            let s = policy.apply(&mut ctx);
             statuses.insert(policy.name().to_string(), serde_json::to_value(s).unwrap_or(Value::Null));
             if !state.is_null() {
                 st.policy_state.insert(policy.name().to_string(), state);
@@ -427,6 +436,26 @@ impl<'p> Agent<'p> {
 /// How far the latest time seen may run ahead of its persisted value before it is written: the
 /// freeze check only needs it roughly current, and writing it every minute would wear the disk.
 const TIME_SEEN_PERSIST_STEP: i64 = 3600;
+
+/// A policy's [`StateStore`]: writes the vault with that policy's state as it stands now.
+struct VaultStore<'a, 'v> {
+    vault: &'a Vault<'v>,
+    policy: &'static str,
+    /// The state being built by this sync, and what was last written.
+    st: RefCell<(&'a mut VaultState, &'a mut VaultState)>,
+}
+
+impl StateStore for VaultStore<'_, '_> {
+    fn persist(&self, state: &Value) -> Result<(), String> {
+        let mut guard = self.st.borrow_mut();
+        let (st, persisted) = &mut *guard;
+        // The policy's state is out of `st` while it runs (the loop puts it back afterwards).
+        st.policy_state.insert(self.policy.to_string(), state.clone());
+        let written = persist_if_changed(self.vault, st, persisted);
+        st.policy_state.remove(self.policy);
+        written.map_err(|e| e.to_string())
+    }
+}
 
 /// Writes the vault (both copies) when its content changed since it was last written.
 fn persist_if_changed(vault: &Vault<'_>, st: &mut VaultState, persisted: &mut VaultState) -> Result<(), VaultError> {

@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
-use tenon_core::policy::escrow::{EscrowReceipt, EscrowUpload, SignedEscrowKey};
+use tenon_core::policy::escrow::{EscrowReceipt, EscrowRetired, EscrowUpload, SignedEscrowKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -144,6 +144,17 @@ impl ServerClient {
         self.json(resp)
     }
 
+    /// Reports a retired recovery protector (gone from the volume); the server completes the
+    /// rotation of it only now.
+    pub fn escrow_retired(&self, credential: &str, retired: &EscrowRetired) -> Result<(), ClientError> {
+        self.http
+            .post(&self.url("/api/v1/device/escrow/retired"))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .send_json(retired)
+            .map_err(|e| self.map_err(e))?;
+        Ok(())
+    }
+
     /// Protector ids whose recovery keys the server asks this device to rotate, and the server's
     /// current escrow key as it signed it (older servers send none).
     pub fn escrow_rotations(&self, credential: &str) -> Result<EscrowInfo, ClientError> {
@@ -163,4 +174,7 @@ pub struct EscrowInfo {
     pub rotations: Vec<String>,
     #[serde(default)]
     pub escrow_key: Option<SignedEscrowKey>,
+    /// Protectors for which the server holds more than one different recovery password.
+    #[serde(default)]
+    pub conflicts: Vec<String>,
 }

@@ -1,7 +1,8 @@
 //! The Tenon server's recovery-key escrow over HTTP: the [`EscrowSink`] the agent hands to its
 //! policies. Keys are sealed to the server's escrow public key and bound to the enrolled device
 //! id; uploads go to `POST /api/v1/device/escrow` and count only with the receipt. Rotation
-//! requests and the server's current escrow key come from `GET /api/v1/device/escrow/rotations`,
+//! requests, escrow conflicts and the server's current escrow key come from
+//! `GET /api/v1/device/escrow/rotations`,
 //! asked at most once per policy run and only when a policy escrows or asks for rotations (never
 //! on the check-in path).
 //!
@@ -15,8 +16,16 @@ use crate::policies::{EscrowSink, EscrowTarget};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use std::cell::OnceCell;
-use tenon_core::policy::escrow::{verify_escrow_key, EscrowReceipt, EscrowUpload, SealedRecoveryKey};
+use tenon_core::policy::escrow::{verify_escrow_key, EscrowReceipt, EscrowRetired, EscrowUpload, SealedRecoveryKey};
 use tenon_core::trust::KeyList;
+
+/// What the rotation check answered.
+#[derive(Default)]
+struct Info {
+    rotations: Vec<String>,
+    current: Option<[u8; 32]>,
+    conflicts: Vec<String>,
+}
 
 pub struct ServerEscrow<'c> {
     client: &'c ServerClient,
@@ -24,8 +33,9 @@ pub struct ServerEscrow<'c> {
     trusted: &'c KeyList,
     device_id: String,
     pinned: Option<[u8; 32]>,
-    /// Fetched on first need: rotation requests and the verified current escrow key, if any.
-    info: OnceCell<(Vec<String>, Option<[u8; 32]>)>,
+    /// Fetched on first need: rotation requests, the verified current escrow key, if any, and
+    /// escrow conflicts.
+    info: OnceCell<Info>,
 }
 
 impl<'c> ServerEscrow<'c> {
@@ -47,9 +57,9 @@ impl<'c> ServerEscrow<'c> {
         Self { client, credential, trusted, device_id: device_id.to_string(), pinned, info: OnceCell::new() }
     }
 
-    fn info(&self) -> &(Vec<String>, Option<[u8; 32]>) {
+    fn info(&self) -> &Info {
         self.info.get_or_init(|| match self.client.escrow_rotations(self.credential) {
-            Ok(EscrowInfo { rotations, escrow_key }) => {
+            Ok(EscrowInfo { rotations, escrow_key, conflicts }) => {
                 let current = escrow_key.and_then(|signed| match verify_escrow_key(&signed, self.trusted) {
                     Ok(k) => Some(k),
                     Err(e) => {
@@ -57,11 +67,11 @@ impl<'c> ServerEscrow<'c> {
                         None
                     }
                 });
-                (rotations, current)
+                Info { rotations, current, conflicts }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot ask the server for recovery-key rotations; will ask next sync");
-                (Vec::new(), None)
+                Info::default()
             }
         })
     }
@@ -69,14 +79,14 @@ impl<'c> ServerEscrow<'c> {
     /// The server's current escrow key (base64) when it is verified and differs from the pinned
     /// one: the agent stores it in the vault after the run.
     pub fn adopted_key(&self) -> Option<String> {
-        let (_, current) = self.info.get()?;
+        let current = self.info.get()?.current;
         current.filter(|k| Some(*k) != self.pinned).map(|k| B64.encode(k))
     }
 }
 
 impl EscrowSink for ServerEscrow<'_> {
     fn escrow_target(&self) -> Option<EscrowTarget> {
-        let public_key = self.info().1.or(self.pinned)?;
+        let public_key = self.info().current.or(self.pinned)?;
         Some(EscrowTarget { device_id: self.device_id.clone(), public_key })
     }
 
@@ -87,6 +97,16 @@ impl EscrowSink for ServerEscrow<'_> {
     }
 
     fn pending_rotations(&self) -> Vec<String> {
-        self.info().0.clone()
+        self.info().rotations.clone()
+    }
+
+    fn report_retired(&self, protector_id: &str, replaced_by: Option<&str>) -> Result<(), String> {
+        let body =
+            EscrowRetired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) };
+        self.client.escrow_retired(self.credential, &body).map_err(|e| e.to_string())
+    }
+
+    fn escrow_conflicts(&self) -> Vec<String> {
+        self.info().conflicts.clone()
     }
 }

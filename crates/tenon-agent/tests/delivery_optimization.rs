@@ -41,6 +41,7 @@ impl Device {
             now: 0,
             state: &mut self.state,
             escrow: &tenon_agent::policies::NoEscrow,
+            store: &tenon_agent::policies::NoStore,
         };
         policy.apply(&mut ctx)
     }

@@ -57,6 +57,7 @@ impl Device {
             now: 0,
             state: &mut self.state,
             escrow: &tenon_agent::policies::NoEscrow,
+            store: &tenon_agent::policies::NoStore,
         };
         Signatures.apply(&mut ctx)
     }

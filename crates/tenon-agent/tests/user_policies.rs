@@ -41,6 +41,7 @@ impl Device {
             now,
             state: &mut state,
             escrow: &tenon_agent::policies::NoEscrow,
+            store: &tenon_agent::policies::NoStore,
         };
         let status = policy.apply(&mut ctx);
         self.states.insert(policy.name().to_string(), state);

@@ -1,6 +1,14 @@
 //! The recovery-key escrow vault: accepting sealed keys from devices (acknowledged only after the
-//! row is committed), administrators' audited reads that trigger rotation, the background check
+//! row is committed), administrators' audited reads that trigger rotation, the devices' reports
+//! that a rotated-out protector is gone (only that completes a rotation), the background check
 //! that every stored key still opens, and the offline escrow-key rotation that re-wraps them.
+//!
+//! Conflicts: a protector's recovery password never changes on a real volume, so an upload of a
+//! different password under a protector id the server already holds (a forged upload with a
+//! stolen device credential, say) is kept beside the first and both are flagged: `recovery-keys
+//! show` lists both with a warning, the audit log has a `recovery_key.escrow_conflict` row, and the
+//! device hears of it with its rotation check. An identical re-upload (a receipt lost to a crash)
+//! stores nothing new.
 //!
 //! Keys arrive sealed to the server's escrow public key (tenon-core `policy::escrow`); the server
 //! opens them only to check an upload and to answer an authorised read. Neither the password nor
@@ -21,9 +29,10 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use sqlx::{Row, SqlitePool};
 use std::path::Path;
+use subtle::ConstantTimeEq;
 use tenon_core::policy::escrow::{
-    escrow_key_id, escrow_public_key, is_recovery_password, open, seal, EscrowReceipt, EscrowUpload, SealRandomness,
-    SealedRecoveryKey, SEAL_ALG,
+    escrow_key_id, escrow_public_key, is_recovery_password, open, seal, EscrowReceipt, EscrowRetired, EscrowUpload,
+    SealRandomness, SealedRecoveryKey, SEAL_ALG,
 };
 use zeroize::Zeroizing;
 
@@ -87,6 +96,25 @@ impl EscrowKeyring {
 
 /// Longest mount / protector id the server accepts (Windows: `C:` or a volume GUID path; `{GUID}`).
 const MAX_LABEL: usize = 128;
+/// Different passwords kept for one protector id; past this, uploads for it are refused (a
+/// credential spamming forgeries cannot grow the archive without bound).
+const MAX_PASSWORDS_PER_PROTECTOR: usize = 8;
+
+/// What the server tells administrators about a protector with conflicting passwords.
+pub const CONFLICT_WARNING: &str =
+    "this protector has more than one different recovery password escrowed; a protector's \
+     password never changes, so at least one was not uploaded by the volume (a forged upload with the device's \
+     credential?). Try each, rotate the key, and check the audit log for recovery_key.escrow_conflict";
+
+/// Devices whose rotation check must look in the database: open rotations or escrow conflicts
+/// (loaded into `AppState::rotations_open` at start).
+pub const DEVICES_TO_ASK_SQL: &str = "SELECT device_id FROM recovery_key_rotations WHERE completed_at IS NULL
+     UNION SELECT device_id FROM recovery_keys WHERE conflict = 1 AND retired_at IS NULL";
+
+/// Compares two passwords without an early exit (a timing side channel on a secret).
+fn same_password(a: &str, b: &str) -> bool {
+    a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
 
 fn check_label(what: &str, v: &str) -> ApiResult<()> {
     if v.is_empty() || v.len() > MAX_LABEL || v.chars().any(char::is_control) {
@@ -150,12 +178,52 @@ impl AppState {
         } else {
             reseal(&self.keys.escrow.current, sealed, &password)?
         };
-        drop(password);
         let now = self.now();
         let mut tx = self.db.begin().await?;
+        // What the server already holds for this protector: the same password (a re-upload after
+        // a lost receipt), or a different one (a conflict).
+        let held = sqlx::query(
+            "SELECT id, sealed, received_at, conflict FROM recovery_keys WHERE device_id = ? AND protector_id = ? ORDER BY id",
+        )
+        .bind(device_id)
+        .bind(&sealed.protector_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut identical: Option<i64> = None;
+        let mut different = 0usize;
+        let mut flagged = false;
+        for row in &held {
+            flagged |= row.get::<i64, _>("conflict") != 0;
+            let opened = serde_json::from_str::<SealedRecoveryKey>(row.get::<&str, _>("sealed"))
+                .ok()
+                .and_then(|s| self.keys.escrow.open(&s).ok());
+            match opened {
+                Some(pw) if same_password(&pw, &password) => identical = identical.or(Some(row.get("received_at"))),
+                Some(_) => different += 1,
+                // A row this server cannot open (a lost escrow key) proves nothing either way.
+                None => {}
+            }
+        }
+        drop(password);
+        if let Some(received_at) = identical {
+            tx.rollback().await?;
+            tracing::info!(device = %device_id, protector = %sealed.protector_id, "recovery key already escrowed");
+            return Ok(EscrowReceipt {
+                protector_id: sealed.protector_id.clone(),
+                stored_at: received_at,
+                conflict: flagged,
+            });
+        }
+        if different >= MAX_PASSWORDS_PER_PROTECTOR {
+            return Err(ApiError::Conflict(format!(
+                "protector {} already has {different} different recovery passwords escrowed; refusing more. An administrator should rotate this key and check the audit log",
+                sealed.protector_id
+            )));
+        }
+        let conflict = different > 0;
         sqlx::query(
-            "INSERT INTO recovery_keys (device_id, mount, protector_id, sealed, escrow_key_id, received_at, replaces)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO recovery_keys (device_id, mount, protector_id, sealed, escrow_key_id, received_at, replaces, conflict)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(device_id)
         .bind(&stored.mount)
@@ -164,33 +232,28 @@ impl AppState {
         .bind(&stored.escrow_key_id)
         .bind(now)
         .bind(&upload.replaces)
+        .bind(conflict)
         .execute(&mut *tx)
         .await?;
-        let mut rotation_done = false;
-        if let Some(old) = &upload.replaces {
-            sqlx::query(
-                "UPDATE recovery_keys SET superseded_by = ?, superseded_at = ?
-                 WHERE device_id = ? AND protector_id = ? AND superseded_by IS NULL",
+        if conflict {
+            sqlx::query("UPDATE recovery_keys SET conflict = 1 WHERE device_id = ? AND protector_id = ?")
+                .bind(device_id)
+                .bind(&stored.protector_id)
+                .execute(&mut *tx)
+                .await?;
+            audit(
+                &mut tx,
+                now,
+                &format!("device {device_id}"),
+                "recovery_key.escrow_conflict",
+                Some(device_id),
+                json!({"mount": stored.mount, "protector_id": stored.protector_id,
+                       "different_passwords": different + 1}),
             )
-            .bind(&stored.protector_id)
-            .bind(now)
-            .bind(device_id)
-            .bind(old)
-            .execute(&mut *tx)
             .await?;
-            rotation_done = sqlx::query(
-                "UPDATE recovery_key_rotations SET completed_at = ?, replaced_by = ?
-                 WHERE device_id = ? AND protector_id = ? AND completed_at IS NULL",
-            )
-            .bind(now)
-            .bind(&stored.protector_id)
-            .bind(device_id)
-            .bind(old)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
         }
+        // The rotation `replaces` names is not complete yet: the old protector is still on the
+        // volume until the device reports it retired.
         audit(
             &mut tx,
             now,
@@ -198,30 +261,104 @@ impl AppState {
             "recovery_key.escrow",
             Some(device_id),
             json!({"mount": stored.mount, "protector_id": stored.protector_id, "replaces": upload.replaces,
-                   "rotation_completed": rotation_done, "escrow_key_id": stored.escrow_key_id}),
+                   "conflict": conflict, "escrow_key_id": stored.escrow_key_id}),
         )
         .await?;
         tx.commit().await?;
-        tracing::info!(device = %device_id, protector = %stored.protector_id, "recovery key escrowed");
-        Ok(EscrowReceipt { protector_id: stored.protector_id, stored_at: now })
+        if conflict {
+            // The device's next rotation check must look in the database, to hear of the conflict.
+            self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string());
+            tracing::warn!(device = %device_id, protector = %stored.protector_id, "conflicting recovery key escrowed");
+        } else {
+            tracing::info!(device = %device_id, protector = %stored.protector_id, "recovery key escrowed");
+        }
+        Ok(EscrowReceipt { protector_id: stored.protector_id, stored_at: now, conflict: conflict || flagged })
     }
 
-    /// Protector ids of this device whose keys an administrator read and that are not yet rotated.
-    pub async fn escrow_rotations(&self, device_id: &str) -> ApiResult<Vec<String>> {
-        if !self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).contains(device_id) {
-            return Ok(Vec::new());
+    /// `POST /api/v1/device/escrow/retired`: the device reports a protector gone from its volume.
+    /// Its keys stop being current (superseded by `replaced_by` when given) and an open rotation of
+    /// it is completed, in one transaction with the audit row. Idempotent.
+    pub async fn escrow_retired(&self, device_id: &str, retired: &EscrowRetired) -> ApiResult<bool> {
+        check_label("protector_id", &retired.protector_id)?;
+        if let Some(by) = &retired.replaced_by {
+            check_label("replaced_by", by)?;
+            if by == &retired.protector_id {
+                return Err(ApiError::BadRequest("a protector cannot be replaced by itself".into()));
+            }
         }
-        let rows = sqlx::query(
+        let now = self.now();
+        let mut tx = self.db.begin().await?;
+        let keys = sqlx::query(
+            "UPDATE recovery_keys SET retired_at = ?,
+                 superseded_by = COALESCE(superseded_by, ?),
+                 superseded_at = CASE WHEN superseded_by IS NULL AND ? IS NOT NULL THEN ? ELSE superseded_at END
+             WHERE device_id = ? AND protector_id = ? AND retired_at IS NULL",
+        )
+        .bind(now)
+        .bind(&retired.replaced_by)
+        .bind(&retired.replaced_by)
+        .bind(now)
+        .bind(device_id)
+        .bind(&retired.protector_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let rotation_completed = sqlx::query(
+            "UPDATE recovery_key_rotations SET completed_at = ?, replaced_by = ?
+             WHERE device_id = ? AND protector_id = ? AND completed_at IS NULL",
+        )
+        .bind(now)
+        .bind(&retired.replaced_by)
+        .bind(device_id)
+        .bind(&retired.protector_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if keys == 0 && !rotation_completed {
+            // Already recorded (a report repeated after a lost answer), or never escrowed here.
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        audit(
+            &mut tx,
+            now,
+            &format!("device {device_id}"),
+            "recovery_key.retired",
+            Some(device_id),
+            json!({"protector_id": retired.protector_id, "replaced_by": retired.replaced_by,
+                   "rotation_completed": rotation_completed}),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(device = %device_id, protector = %retired.protector_id, rotation_completed, "recovery key retired");
+        Ok(rotation_completed)
+    }
+
+    /// Protector ids of this device whose keys an administrator read and that the device has not
+    /// yet reported retired, and those with conflicting escrowed passwords (each sorted).
+    pub async fn escrow_rotations(&self, device_id: &str) -> ApiResult<(Vec<String>, Vec<String>)> {
+        if !self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).contains(device_id) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let rotations: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT protector_id FROM recovery_key_rotations
              WHERE device_id = ? AND completed_at IS NULL ORDER BY protector_id",
         )
         .bind(device_id)
         .fetch_all(&self.db)
         .await?;
-        if rows.is_empty() {
+        let conflicts: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT protector_id FROM recovery_keys
+             WHERE device_id = ? AND conflict = 1 AND retired_at IS NULL ORDER BY protector_id",
+        )
+        .bind(device_id)
+        .fetch_all(&self.db)
+        .await?;
+        if rotations.is_empty() && conflicts.is_empty() {
             self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).remove(device_id);
         }
-        Ok(rows.iter().map(|r| r.get(0)).collect())
+        Ok((rotations, conflicts))
     }
 
     /// Records that `actor` was refused the recovery keys of a device (committed before the 403).
@@ -272,26 +409,35 @@ impl AppState {
             return Err(device_not_found(device_id));
         }
         let rows = sqlx::query(
-            "SELECT id, mount, protector_id, sealed, received_at, replaces, superseded_by, superseded_at, read_count
+            "SELECT id, mount, protector_id, sealed, received_at, replaces, superseded_by, superseded_at, read_count,
+                    conflict, retired_at
              FROM recovery_keys WHERE device_id = ? ORDER BY id",
         )
         .bind(device_id)
         .fetch_all(&mut *tx)
         .await?;
-        // A protector may have been uploaded more than once (a receipt lost to a crash); its newest
-        // row stands for it.
+        // A protector's current key is its newest row that is neither superseded nor retired (older
+        // servers stored a re-upload as another row). A protector in conflict has several current
+        // keys, one per different password: all of them are listed, flagged.
+        let current = |r: &sqlx::sqlite::SqliteRow| {
+            r.get::<Option<String>, _>("superseded_by").is_none() && r.get::<Option<i64>, _>("retired_at").is_none()
+        };
         let mut newest: std::collections::BTreeMap<String, usize> = Default::default();
         for (i, r) in rows.iter().enumerate() {
-            newest.insert(r.get::<String, _>("protector_id"), i);
+            if current(r) {
+                newest.insert(r.get::<String, _>("protector_id"), i);
+            }
         }
         let mut out = Vec::new();
         let mut read_ids = Vec::new();
         let mut rotate = Vec::new();
+        let mut conflicted = Vec::new();
         for (i, r) in rows.iter().enumerate() {
             let protector: String = r.get("protector_id");
             let superseded: Option<String> = r.get("superseded_by");
-            let is_newest = newest.get(&protector) == Some(&i);
-            if !all && (!is_newest || superseded.is_some()) {
+            let conflict = r.get::<i64, _>("conflict") != 0;
+            let is_current = current(r) && (conflict || newest.get(&protector) == Some(&i));
+            if !all && !is_current {
                 continue;
             }
             let sealed: Result<SealedRecoveryKey, _> = serde_json::from_str(r.get::<&str, _>("sealed"));
@@ -304,8 +450,11 @@ impl AppState {
                 Err(why) => (None, Some(format!("stored key {why}"))),
             };
             read_ids.push(r.get::<i64, _>("id"));
-            if superseded.is_none() && is_newest && !rotate.contains(&protector) {
+            if is_current && !rotate.contains(&protector) {
                 rotate.push(protector.clone());
+            }
+            if conflict && !conflicted.contains(&protector) {
+                conflicted.push(protector.clone());
             }
             out.push(json!({
                 "device_id": device_id,
@@ -317,6 +466,9 @@ impl AppState {
                 "replaces": r.get::<Option<String>, _>("replaces"),
                 "superseded_by": superseded,
                 "superseded_at": r.get::<Option<i64>, _>("superseded_at").map(crate::api::rfc3339),
+                "retired_at": r.get::<Option<i64>, _>("retired_at").map(crate::api::rfc3339),
+                "conflict": conflict,
+                "warning": conflict.then_some(CONFLICT_WARNING),
                 "read_count": r.get::<i64, _>("read_count") + 1,
             }));
         }
@@ -355,7 +507,8 @@ impl AppState {
             &actor.label(),
             "recovery_key.read",
             Some(device_id),
-            json!({"keys": protectors, "rotation_requested": rotate, "include_superseded": all}),
+            json!({"keys": protectors, "rotation_requested": rotate, "include_superseded": all,
+                   "conflicts": conflicted}),
         )
         .await?;
         tx.commit().await?;

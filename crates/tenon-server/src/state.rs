@@ -207,10 +207,7 @@ impl AppState {
                 meta.users.insert(u);
             }
         }
-        let open: Vec<String> =
-            sqlx::query_scalar("SELECT DISTINCT device_id FROM recovery_key_rotations WHERE completed_at IS NULL")
-                .fetch_all(&db)
-                .await?;
+        let open: Vec<String> = sqlx::query_scalar(crate::escrow::DEVICES_TO_ASK_SQL).fetch_all(&db).await?;
         let state = Self {
             db,
             keys,

@@ -251,7 +251,11 @@ fn full_escrow_run_role_checks_rotation_and_no_key_anywhere() {
     let log = audit(&server, &mut t);
     assert!(log.iter().any(|e| e["action"] == json!("recovery_key.escrow")
         && e["details"]["protector_id"] == json!(new_protector)
-        && e["details"]["replaces"] == json!(protector)
+        && e["details"]["replaces"] == json!(protector)));
+    // The rotation completed when the device reported the old protector gone from the volume.
+    assert!(log.iter().any(|e| e["action"] == json!("recovery_key.retired")
+        && e["details"]["protector_id"] == json!(protector)
+        && e["details"]["replaced_by"] == json!(new_protector)
         && e["details"]["rotation_completed"] == json!(true)));
 
     // Leak check: nothing the server or agent wrote holds either password, with or without dashes.

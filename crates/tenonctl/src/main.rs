@@ -568,10 +568,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ];
                 if all {
                     cols.push(("SUPERSEDED BY", "superseded_by"));
+                    cols.push(("RETIRED", "retired_at"));
+                }
+                let keys = v.as_array().into_iter().flatten();
+                let conflicts: Vec<&Value> = keys.clone().filter(|k| k["conflict"] == json!(true)).collect();
+                if !conflicts.is_empty() {
+                    cols.push(("CONFLICT", "conflict"));
                 }
                 print_table(false, &v, &cols);
-                for k in v.as_array().into_iter().flatten().filter(|k| !k["error"].is_null()) {
+                for k in keys.filter(|k| !k["error"].is_null()) {
                     eprintln!("warning: protector {}: {}", cell(&k["protector_id"]), cell(&k["error"]));
+                }
+                // On stdout, beside the keys: whoever reads them must not miss that one may be forged.
+                let mut seen = Vec::new();
+                for k in conflicts {
+                    if !seen.contains(&&k["protector_id"]) {
+                        seen.push(&k["protector_id"]);
+                        println!("WARNING: protector {}: {}", cell(&k["protector_id"]), cell(&k["warning"]));
+                    }
                 }
                 eprintln!("this read was audited; the device will rotate these keys at its next sync");
             }
@@ -631,6 +645,9 @@ fn print_bitlocker(s: &Value) {
     }
     if let Some(r) = s.get("rotations_pending") {
         println!("  rotations pending: {}", cell(r));
+    }
+    if let Some(w) = s.get("escrow_warning") {
+        println!("  WARNING: {}", cell(w));
     }
     for e in s.get("errors").and_then(Value::as_array).into_iter().flatten() {
         println!("  error: {}", cell(e));

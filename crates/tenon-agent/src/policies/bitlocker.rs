@@ -7,11 +7,17 @@
 //! failed Entra escrow does not stop the run (the next attempt is scheduled with backoff); any
 //! other failure does, and the status says which step failed and why.
 //!
-//! Crash safety: the lead's loop persists `ctx.state` after each run, so a kill mid-run loses what
-//! this run wrote. The platform is therefore the source of truth for protectors: a recovery
+//! Crash safety: the state is a persisted state machine. It is written durably
+//! ([`PolicyContext::persist`]) before every step that must be remembered and after every step,
+//! so a kill at any point resumes where it stopped: before adding a recovery password the agent
+//! records the intent (with the protectors already there), so a key added just before a kill is
+//! recognised as Tenon's and adopted, never left as an orphan; a rotation is requested -> new
+//! protector added -> new key escrowed (receipt) -> old protector deleted -> retirement reported
+//! to the server, which completes the rotation only then. Surplus keys Tenon added are removed
+//! once the keeper is escrowed. The platform stays the source of truth for protectors: a recovery
 //! password found on the volume without a Tenon receipt is read back (`recovery_password`) and
-//! escrowed, never silently trusted. An Entra attempt is counted before it is made, so a restart
-//! cannot turn the backoff into a retry storm.
+//! escrowed, never silently trusted. An Entra attempt is counted (durably) before it is made, so a
+//! restart cannot turn the backoff into a retry storm.
 //!
 //! Secrets: the recovery password lives only in a `Zeroizing` buffer between the platform call and
 //! sealing; statuses, errors and logs name protectors by id, never by password.
@@ -26,16 +32,18 @@
 //! `tenon_escrow_pending` | `entra_escrow_pending`), `escrow_failed` (`entra_escrow_failed`),
 //! `action_required` (`step_failed` | `volume_decrypting` | `volume_unreadable` |
 //! `facts_unavailable`). When enforcing, the details also carry `mount`, `encryption`, `percent`,
-//! `protectors` (`[{id, kind, tenon_escrowed, entra: escrowed|pending|failed|not_joined,
-//! entra_attempts, entra_next_attempt_at?, entra_last_error?}]`), `entra_joined`,
+//! `protectors` (`[{id, kind, tenon_escrowed, tenon_escrow_conflict?, entra:
+//! escrowed|pending|failed|not_joined, entra_attempts, entra_next_attempt_at?, entra_last_error?}]`),
+//! `entra_joined`,
 //! `entra_max_attempts`, `warning` ("recovery key not secured in Entra ..." when not joined),
-//! `rotations_pending`, `actions` (steps done this run) and `errors`.
+//! `rotations_pending`, `escrow_conflicts` (protectors for which the server holds a different
+//! password too) with `escrow_warning`, `actions` (steps done this run) and `errors`.
 
 use super::{config_get, Policy, PolicyContext};
 use crate::platform::{PResult, PlatformError, RegValue, Volume, VolumeEncryption};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tenon_core::api::PolicyStatus;
 use tenon_core::policy::bitlocker::{
     decide, entra_progress, plan_steps, setting_enabled, summarize, BitlockerInput, Decision, Encryption, EntraEscrow,
@@ -49,8 +57,13 @@ use zeroize::Zeroizing;
 /// The BitLocker policy.
 pub struct Bitlocker;
 
-/// A run executes at most this many steps; the full path from a fresh volume takes six or seven.
-const MAX_STEPS_PER_RUN: usize = 16;
+/// A run executes at most this many steps; the full path from a fresh volume takes six or seven,
+/// a rotation four.
+const MAX_STEPS_PER_RUN: usize = 24;
+/// At most this many retirements are remembered; the server lists the rest again next sync.
+const MAX_RETIREMENTS: usize = 64;
+/// Longest protector id taken from the server (a `{GUID}` is 38).
+const MAX_PROTECTOR_ID: usize = 128;
 
 const NOT_IN_ENTRA: &str =
     "recovery key not secured in Entra: the device is not Entra-joined (the Tenon escrow holds it)";
@@ -61,9 +74,23 @@ struct BitlockerState {
     /// Recovery-password protectors Tenon knows about, by protector id.
     #[serde(default)]
     protectors: BTreeMap<String, ProtectorRecord>,
-    /// Rotations asked for by the server, by the protector id to retire.
+    /// Protectors to retire (rotations the server asked for, surplus keys Tenon added), by id,
+    /// until the server has been told they are gone.
     #[serde(default)]
     rotations: BTreeMap<String, RotationRecord>,
+    /// Written just before a recovery password is added, cleared once its id is recorded.
+    #[serde(default)]
+    adding: Option<AddIntent>,
+}
+
+/// A recovery password being added: if the agent dies before it learns the new id, the next run
+/// adopts the recovery password that is on the volume but not in `before` as Tenon's.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct AddIntent {
+    mount: String,
+    /// Every protector id on the volume before the add.
+    before: Vec<String>,
+    replaces: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -78,6 +105,12 @@ struct ProtectorRecord {
     tenon_escrowed: bool,
     #[serde(default)]
     tenon_stored_at: Option<i64>,
+    /// The protector this key was added to replace (sent with its escrow upload).
+    #[serde(default)]
+    replaces: Option<String>,
+    /// The server holds a different password for this protector as well.
+    #[serde(default)]
+    tenon_conflict: bool,
     /// The Entra retry queue entry of this key.
     #[serde(default)]
     entra: EntraRecord,
@@ -109,9 +142,9 @@ impl EntraRecord {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct RotationRecord {
     requested_at: i64,
-    /// The new recovery password, once added.
+    /// `false`: the server asked (a read); `true`: a surplus key Tenon added.
     #[serde(default)]
-    replacement: Option<String>,
+    surplus: bool,
 }
 
 /// Why a step failed. No variant carries a recovery password.
@@ -131,6 +164,10 @@ enum StepError {
     MalformedPassword,
     #[error("no random bytes for sealing: {0}")]
     Random(String),
+    #[error("the Tenon server did not record the retirement: {0}")]
+    Retire(String),
+    #[error("cannot persist the policy state before going on (the vault could not be written): {0}")]
+    Persist(String),
     #[error("attempt {attempt} of {max}: {source}")]
     Entra {
         attempt: u32,
@@ -295,11 +332,18 @@ impl<'c, 'a> Run<'c, 'a> {
         }
     }
 
-    /// Writes the state back to the context, which the agent persists after the run.
+    /// Writes the state back to the context (the agent persists it after the run in any case).
     fn save(&mut self) {
         if let Ok(v) = serde_json::to_value(&self.state) {
             *self.ctx.state = v;
         }
+    }
+
+    /// Writes the state back and makes it durable now: what a step did, or is about to do, must
+    /// survive a kill.
+    fn checkpoint(&mut self) -> Result<(), StepError> {
+        self.save();
+        self.ctx.persist().map_err(StepError::Persist)
     }
 
     fn read_volume(&self, mount: &str) -> PResult<Volume> {
@@ -318,11 +362,61 @@ impl<'c, 'a> Run<'c, 'a> {
         }
     }
 
-    /// Forgets protectors that are gone from the volume, and rotations of keys that are gone.
+    /// Forgets protectors that are gone from the volume. Retirements stay until reported.
     fn prune(&mut self, vol: &Volume) {
         let present = |id: &str| vol.protectors.iter().any(|p| p.id == id);
         self.state.protectors.retain(|id, r| !r.mount.eq_ignore_ascii_case(&vol.mount) || present(id));
-        self.state.rotations.retain(|old, _| present(old));
+    }
+
+    /// A run that died between adding a recovery password and recording it left its intent: the
+    /// recovery password that appeared since is Tenon's (it is escrowed, or removed as surplus).
+    fn adopt_interrupted_add(&mut self, vol: &Volume) -> Result<(), StepError> {
+        let Some(intent) = self.state.adding.take() else { return Ok(()) };
+        if intent.mount.eq_ignore_ascii_case(&vol.mount) {
+            for p in vol.protectors.iter().filter(|p| protector_kind(&p.kind) == ProtectorKind::RecoveryPassword) {
+                if !intent.before.contains(&p.id) && !self.state.protectors.contains_key(&p.id) {
+                    tracing::info!("bitlocker: adopting recovery password {} added before an interruption", p.id);
+                    self.state.protectors.insert(
+                        p.id.clone(),
+                        ProtectorRecord {
+                            mount: vol.mount.clone(),
+                            added_by_tenon: true,
+                            added_at: Some(self.ctx.now),
+                            replaces: intent.replaces.clone(),
+                            ..ProtectorRecord::default()
+                        },
+                    );
+                }
+            }
+        }
+        self.checkpoint()
+    }
+
+    /// Takes in the server's rotation requests and conflict flags (bounded: the lists come over
+    /// the network), and records the requests durably before anything acts on them.
+    fn learn_from_server(&mut self) -> Result<(), StepError> {
+        let sane = |id: &String| !id.is_empty() && id.len() <= MAX_PROTECTOR_ID && !id.chars().any(char::is_control);
+        let now = self.ctx.now;
+        let mut changed = false;
+        for id in self.ctx.escrow.pending_rotations().into_iter().filter(sane) {
+            if self.state.rotations.len() >= MAX_RETIREMENTS {
+                break;
+            }
+            if let std::collections::btree_map::Entry::Vacant(e) = self.state.rotations.entry(id) {
+                e.insert(RotationRecord { requested_at: now, surplus: false });
+                changed = true;
+            }
+        }
+        for id in self.ctx.escrow.escrow_conflicts().into_iter().filter(sane).take(MAX_RETIREMENTS) {
+            if let Some(rec) = self.state.protectors.get_mut(&id).filter(|r| !r.tenon_conflict) {
+                rec.tenon_conflict = true;
+                changed = true;
+            }
+        }
+        if changed {
+            self.checkpoint()?;
+        }
+        Ok(())
     }
 
     fn escrow_facts(&self) -> BTreeMap<String, ProtectorEscrow> {
@@ -333,21 +427,27 @@ impl<'c, 'a> Run<'c, 'a> {
             .collect()
     }
 
-    fn rotation_facts(&self) -> BTreeMap<String, Option<String>> {
-        self.state.rotations.iter().map(|(old, r)| (old.clone(), r.replacement.clone())).collect()
+    fn retirement_facts(&self) -> BTreeSet<String> {
+        self.state.rotations.keys().cloned().collect()
+    }
+
+    fn tenon_added_facts(&self) -> BTreeSet<String> {
+        self.state.protectors.iter().filter(|(_, r)| r.added_by_tenon).map(|(id, _)| id.clone()).collect()
     }
 
     fn with_plan_input<T>(&self, vol: &Volume, prevent: Option<u32>, f: impl FnOnce(&PlanInput<'_>) -> T) -> T {
         let volume = volume_facts(vol);
         let escrow = self.escrow_facts();
-        let rotations = self.rotation_facts();
+        let retirements = self.retirement_facts();
+        let tenon_added = self.tenon_added_facts();
         f(&PlanInput {
             volume: &volume,
             prevent_device_encryption: prevent,
             escrow: &escrow,
             entra_joined: self.entra_joined,
             entra_max_attempts: self.entra_max_attempts,
-            rotations: &rotations,
+            retirements: &retirements,
+            tenon_added: &tenon_added,
             now: self.ctx.now,
         })
     }
@@ -361,9 +461,9 @@ impl<'c, 'a> Run<'c, 'a> {
                 false
             }
         };
-        for id in self.ctx.escrow.pending_rotations() {
-            let now = self.ctx.now;
-            self.state.rotations.entry(id).or_insert(RotationRecord { requested_at: now, replacement: None });
+        if let Err(e) = self.adopt_interrupted_add(&first).and_then(|()| self.learn_from_server()) {
+            self.errors.push(e.to_string());
+            return self.status(&first, true);
         }
 
         let mut current = Some(first);
@@ -386,15 +486,17 @@ impl<'c, 'a> Run<'c, 'a> {
                 break;
             };
             tracing::info!("bitlocker: {}", step.describe());
-            match self.execute(&mount, &step) {
+            match self.execute(&mount, &step).and_then(|()| self.checkpoint()) {
                 Ok(()) => self.done.push(step.describe()),
                 Err(e) => {
                     tracing::warn!("bitlocker: {} failed: {e}", step.describe());
                     self.errors.push(format!("{}: {e}", step.describe()));
-                    let is_entra = matches!(step, Step::EscrowToEntra { .. });
-                    step_failed |= !is_entra && !matches!(step, Step::EscrowToTenon { .. });
+                    // Entra escrow and the retirement report depend on a service, and nothing
+                    // after them depends on them: the run goes on.
+                    let goes_on = matches!(step, Step::EscrowToEntra { .. } | Step::ReportRetired { .. });
+                    step_failed |= !goes_on && !matches!(step, Step::EscrowToTenon { .. });
                     failed.insert(step);
-                    if !is_entra {
+                    if !goes_on {
                         // Nothing after a failed step may run: each depends on the ones before. The
                         // failed step is taken to have changed nothing, so the facts stand.
                         current = Some(vol);
@@ -434,23 +536,27 @@ impl<'c, 'a> Run<'c, 'a> {
                 p.reg_set(BITLOCKER_CONTROL_KEY, PREVENT_DEVICE_ENCRYPTION, &RegValue::Dword(0))?;
             }
             Step::AddRecoveryPassword { replaces } => {
+                // The intent first, durably: a kill after the add but before its id is recorded
+                // must not leave a key nobody knows is Tenon's.
+                let before = self.read_volume(mount)?.protectors.into_iter().map(|p| p.id).collect();
+                self.state.adding = Some(AddIntent { mount: mount.to_string(), before, replaces: replaces.clone() });
+                self.checkpoint()?;
                 let (id, password) = p.add_recovery_password(mount)?;
                 let password = Zeroizing::new(password);
-                // Record the protector, and the rotation it serves, before anything else can fail:
-                // the next run then escrows this one rather than adding yet another.
+                // Record the protector before anything else can fail: the next run then escrows
+                // this one rather than adding yet another.
+                self.state.adding = None;
                 self.state.protectors.insert(
                     id.clone(),
                     ProtectorRecord {
                         mount: mount.to_string(),
                         added_by_tenon: true,
                         added_at: Some(now),
+                        replaces: replaces.clone(),
                         ..ProtectorRecord::default()
                     },
                 );
-                if let Some(rotation) = replaces.as_ref().and_then(|old| self.state.rotations.get_mut(old)) {
-                    rotation.replacement = Some(id.clone());
-                }
-                self.save();
+                self.checkpoint()?;
                 if !is_recovery_password(&password) {
                     return Err(StepError::MalformedPassword);
                 }
@@ -459,9 +565,20 @@ impl<'c, 'a> Run<'c, 'a> {
             Step::EscrowToTenon { protector_id } => self.escrow_to_tenon(mount, protector_id)?,
             Step::EscrowToEntra { protector_id } => self.escrow_to_entra(mount, protector_id)?,
             Step::DeleteProtector { protector_id } => {
+                // A surplus key is remembered as a retirement before it goes, so the server hears
+                // of it even if the agent dies right after the delete.
+                if !self.state.rotations.contains_key(protector_id) {
+                    self.state
+                        .rotations
+                        .insert(protector_id.clone(), RotationRecord { requested_at: now, surplus: true });
+                    self.checkpoint()?;
+                }
                 p.delete_protector(mount, protector_id)?;
-                self.state.rotations.remove(protector_id);
                 self.state.protectors.remove(protector_id);
+            }
+            Step::ReportRetired { protector_id, replaced_by } => {
+                self.ctx.escrow.report_retired(protector_id, replaced_by.as_deref()).map_err(StepError::Retire)?;
+                self.state.rotations.remove(protector_id);
             }
             Step::AddTpmProtector => {
                 p.add_tpm_protector(mount)?;
@@ -482,8 +599,7 @@ impl<'c, 'a> Run<'c, 'a> {
         let sealed =
             seal(&target.public_key, &target.device_id, mount, id, &password, &SealRandomness::from_bytes(&random))?;
         drop(password);
-        let replaces =
-            self.state.rotations.iter().find(|(_, r)| r.replacement.as_deref() == Some(id)).map(|(old, _)| old.clone());
+        let replaces = self.state.protectors.get(id).and_then(|r| r.replaces.clone());
         let receipt = self.ctx.escrow.upload(&sealed, replaces.as_deref()).map_err(StepError::Upload)?;
         if receipt.protector_id != id {
             return Err(StepError::WrongReceipt { expected: id.to_string(), got: receipt.protector_id });
@@ -495,6 +611,7 @@ impl<'c, 'a> Run<'c, 'a> {
             .or_insert_with(|| ProtectorRecord { mount: mount.to_string(), ..ProtectorRecord::default() });
         rec.tenon_escrowed = true;
         rec.tenon_stored_at = Some(receipt.stored_at);
+        rec.tenon_conflict |= receipt.conflict;
         self.fresh.remove(id);
         Ok(())
     }
@@ -511,7 +628,7 @@ impl<'c, 'a> Run<'c, 'a> {
         rec.entra.last_attempt_at = Some(now);
         let attempt = rec.entra.attempts;
         // Count the attempt before making it: an agent killed during the call must not get a free retry.
-        self.save();
+        self.checkpoint()?;
         let result = self.ctx.platform.backup_to_entra(mount, id);
         let rec = self.state.protectors.entry(id.to_string()).or_default();
         match result {
@@ -546,6 +663,9 @@ impl<'c, 'a> Run<'c, 'a> {
                     "tenon_escrowed": rec.tenon_escrowed,
                     "entra_attempts": rec.entra.attempts,
                 });
+                if rec.tenon_conflict {
+                    entry["tenon_escrow_conflict"] = json!(true);
+                }
                 let entra = match entra_progress(self.entra_joined, rec.entra.as_core(), self.entra_max_attempts, now) {
                     EntraProgress::NotJoined => json!("not_joined"),
                     EntraProgress::Escrowed => json!("escrowed"),
@@ -580,6 +700,24 @@ impl<'c, 'a> Run<'c, 'a> {
         let rotating: Vec<&String> = self.state.rotations.keys().collect();
         if !rotating.is_empty() {
             st = st.with("rotations_pending", json!(rotating));
+        }
+        let conflicts: Vec<&String> = vol
+            .protectors
+            .iter()
+            .map(|p| &p.id)
+            .filter(|id| self.state.protectors.get(*id).is_some_and(|r| r.tenon_conflict))
+            .collect();
+        if !conflicts.is_empty() {
+            st = st.with(
+                "escrow_warning",
+                format!(
+                    "the Tenon server holds more than one different recovery password for protector {}; a protector's \
+                     password never changes, so one was not uploaded by this volume: check `tenonctl recovery-keys show` \
+                     and the audit log",
+                    conflicts.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            );
+            st = st.with("escrow_conflicts", json!(conflicts));
         }
         if !self.done.is_empty() {
             st = st.with("actions", self.done);

@@ -1,6 +1,6 @@
 //! An in-memory Tenon escrow server for tests and demos: it stores every sealed key it receives
 //! (an archive, never an overwrite), can open them with its escrow secret, answers rotation
-//! requests, and can be told to fail uploads.
+//! requests (until a retirement is reported), and can be told to fail uploads.
 
 use super::{EscrowSink, EscrowTarget};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,10 +14,19 @@ pub struct StoredKey {
     pub replaces: Option<String>,
 }
 
+/// One retirement the device reported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retired {
+    pub protector_id: String,
+    pub replaced_by: Option<String>,
+}
+
 #[derive(Default)]
 struct Inner {
     stored: Vec<StoredKey>,
     rotations: Vec<String>,
+    retired: Vec<Retired>,
+    conflicts: Vec<String>,
     failures_left: u32,
     now: i64,
 }
@@ -64,6 +73,16 @@ impl MemoryEscrow {
         self.inner().rotations.push(protector_id.to_string());
     }
 
+    /// Every retirement reported so far, oldest first.
+    pub fn retired(&self) -> Vec<Retired> {
+        self.inner().retired.clone()
+    }
+
+    /// Makes the server report a conflict for a protector, as a second, different upload does.
+    pub fn flag_conflict(&self, protector_id: &str) {
+        self.inner().conflicts.push(protector_id.to_string());
+    }
+
     /// Makes the next `n` uploads fail.
     pub fn fail_uploads(&self, n: u32) {
         self.inner().failures_left = n;
@@ -90,17 +109,53 @@ impl EscrowSink for MemoryEscrow {
         if sealed.device_id != self.device_id || open(&self.secret, sealed).is_err() {
             return Err("sealed key rejected: it does not open with the escrow key".into());
         }
-        inner.stored.push(StoredKey { sealed: sealed.clone(), replaces: replaces.map(str::to_string) });
-        if let Some(old) = replaces {
-            inner.rotations.retain(|r| r != old);
+        // Like the real server: an identical re-upload is idempotent, a different password for a
+        // protector already held is kept too and flagged.
+        let same_protector: Vec<Zeroizing<String>> = inner
+            .stored
+            .iter()
+            .filter(|k| k.sealed.protector_id == sealed.protector_id)
+            .filter_map(|k| open(&self.secret, &k.sealed).ok())
+            .collect();
+        let password = open(&self.secret, sealed).map_err(|_| "sealed key rejected".to_string())?;
+        let identical = same_protector.iter().any(|p| p.as_str() == password.as_str());
+        if !identical {
+            if !same_protector.is_empty() {
+                inner.conflicts.push(sealed.protector_id.clone());
+            }
+            inner.stored.push(StoredKey { sealed: sealed.clone(), replaces: replaces.map(str::to_string) });
         }
         if let Some(journal) = &self.journal {
             journal.lock().unwrap_or_else(|e| e.into_inner()).push(format!("escrow upload {}", sealed.protector_id));
         }
-        Ok(EscrowReceipt { protector_id: sealed.protector_id.clone(), stored_at: inner.now })
+        let conflict = inner.conflicts.contains(&sealed.protector_id);
+        Ok(EscrowReceipt { protector_id: sealed.protector_id.clone(), stored_at: inner.now, conflict })
     }
 
     fn pending_rotations(&self) -> Vec<String> {
         self.inner().rotations.clone()
+    }
+
+    fn report_retired(&self, protector_id: &str, replaced_by: Option<&str>) -> Result<(), String> {
+        let mut inner = self.inner();
+        if inner.failures_left > 0 {
+            inner.failures_left -= 1;
+            return Err("escrow server unavailable (simulated)".into());
+        }
+        inner.rotations.retain(|r| r != protector_id);
+        inner.conflicts.retain(|r| r != protector_id);
+        inner
+            .retired
+            .push(Retired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) });
+        if let Some(journal) = &self.journal {
+            journal.lock().unwrap_or_else(|e| e.into_inner()).push(format!("escrow retired {protector_id}"));
+        }
+        Ok(())
+    }
+
+    fn escrow_conflicts(&self) -> Vec<String> {
+        let mut c = self.inner().conflicts.clone();
+        c.dedup();
+        c
     }
 }

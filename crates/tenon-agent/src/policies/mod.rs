@@ -2,7 +2,9 @@
 //! tenon-core), applies it through the [`Platform`], and returns a status for the report.
 //!
 //! A policy's `state` is persisted in the encrypted vault between runs. Policies use it to remember
-//! what Tenon itself wrote, so that they overwrite or remove only their own changes.
+//! what Tenon itself wrote, so that they overwrite or remove only their own changes. A policy whose
+//! steps must survive a kill between them (BitLocker) persists its state durably after each step
+//! with [`PolicyContext::persist`]; the agent writes it to the vault at once.
 
 pub mod bitlocker;
 pub mod delivery_optimization;
@@ -30,6 +32,31 @@ pub struct PolicyContext<'a> {
     pub state: &'a mut Value,
     /// The Tenon server's recovery-key escrow ([`NoEscrow`] where there is none).
     pub escrow: &'a dyn EscrowSink,
+    /// Where [`PolicyContext::persist`] writes `state` ([`NoStore`] where nothing is durable).
+    pub store: &'a dyn StateStore,
+}
+
+impl PolicyContext<'_> {
+    /// Writes this policy's `state` durably now (the agent: both vault copies), so that what a
+    /// step did is remembered even if the agent is killed before the run ends.
+    pub fn persist(&self) -> Result<(), String> {
+        self.store.persist(self.state)
+    }
+}
+
+/// Durable storage of one policy's state between the steps of a run.
+pub trait StateStore {
+    /// `Ok` once `state` is on disk; an error says why not (state holds no secrets).
+    fn persist(&self, state: &Value) -> Result<(), String>;
+}
+
+/// Nothing is durable before the run ends (tests that do not simulate kills).
+pub struct NoStore;
+
+impl StateStore for NoStore {
+    fn persist(&self, _state: &Value) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Where an escrowed key is sealed to: the server's escrow public key, and this device's id, which
@@ -51,10 +78,16 @@ pub trait EscrowSink {
     /// an error says why not (it never contains key material: only the sealed form is sent).
     /// `replaces` names the protector this key rotates out.
     fn upload(&self, sealed: &SealedRecoveryKey, replaces: Option<&str>) -> Result<EscrowReceipt, String>;
-    /// Protector ids whose keys the server asks to rotate (an administrator read them). The policy
-    /// remembers each request in its state until done, so the server may stop listing an id once it
-    /// has stored a key uploaded with `replaces` = that id. Empty when unknown or unreachable.
+    /// Protector ids whose keys the server asks to rotate (an administrator read them). The server
+    /// lists an id until the device reports it retired; the policy also remembers each request in
+    /// its state until then. Empty when unknown or unreachable.
     fn pending_rotations(&self) -> Vec<String>;
+    /// Tells the server a protector to retire is gone from the volume, `replaced_by` the escrowed
+    /// key that stays. Idempotent; `Ok` once the server recorded it.
+    fn report_retired(&self, protector_id: &str, replaced_by: Option<&str>) -> Result<(), String>;
+    /// Protector ids for which the server holds more than one different recovery password (a
+    /// forged or foreign upload). Empty when unknown or unreachable.
+    fn escrow_conflicts(&self) -> Vec<String>;
 }
 
 /// No server escrow: every upload fails, so the BitLocker policy stops at `escrow_pending`.
@@ -70,6 +103,14 @@ impl EscrowSink for NoEscrow {
     }
 
     fn pending_rotations(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn report_retired(&self, _protector_id: &str, _replaced_by: Option<&str>) -> Result<(), String> {
+        Err("server escrow not configured".into())
+    }
+
+    fn escrow_conflicts(&self) -> Vec<String> {
         Vec::new()
     }
 }

@@ -10,7 +10,7 @@
 
 use crate::policy::escrow::next_attempt_at;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Machine setting that turns the policy on (`true`).
 pub const SETTING_ENABLED: &str = "Policies.RequireSecurityFeatures.BitlockerEnabled";
@@ -264,8 +264,12 @@ pub struct PlanInput<'a> {
     pub escrow: &'a BTreeMap<String, ProtectorEscrow>,
     pub entra_joined: bool,
     pub entra_max_attempts: u32,
-    /// Rotations asked for: the recovery protector to retire -> its replacement, once added.
-    pub rotations: &'a BTreeMap<String, Option<String>>,
+    /// Recovery protectors to retire until the server has heard they are gone: rotations the
+    /// server asked for (an administrator read the key) and Tenon's own surplus keys.
+    pub retirements: &'a BTreeSet<String>,
+    /// Recovery protectors Tenon itself added (its record of them); only these are ever removed
+    /// without a retirement request.
+    pub tenon_added: &'a BTreeSet<String>,
     pub now: i64,
 }
 
@@ -278,23 +282,51 @@ impl PlanInput<'_> {
         self.escrow_of(id).tenon
     }
 
-    /// A rotation whose old protector is still on the volume (others are done or moot).
-    fn active_rotations(&self) -> impl Iterator<Item = (&String, Option<&String>)> {
-        self.rotations
-            .iter()
-            .filter(|(old, _)| self.volume.has(old, ProtectorKind::RecoveryPassword))
-            .map(|(old, new)| (old, new.as_ref().filter(|n| self.volume.has(n, ProtectorKind::RecoveryPassword))))
-    }
-
+    /// A recovery password on the volume that is to be retired.
     fn retiring(&self, id: &str) -> bool {
-        self.active_rotations().any(|(old, _)| old == id)
+        self.retirements.contains(id) && self.volume.has(id, ProtectorKind::RecoveryPassword)
     }
 
-    /// Every recovery password on the volume is in the Tenon escrow, and there is one: the
+    /// Recovery passwords on the volume that are not being retired.
+    fn staying(&self) -> impl Iterator<Item = &ProtectorFacts> {
+        self.volume.recovery_passwords().filter(|p| !self.retiring(&p.id))
+    }
+
+    /// The recovery password the volume keeps: one that stays and is in the Tenon escrow, one
+    /// Tenon added before a person's own (which stays anyway: Tenon never removes those unasked),
+    /// then by id so every run picks the same one. Nothing is ever removed while there is none.
+    pub fn keeper(&self) -> Option<&str> {
+        self.staying()
+            .filter(|p| self.tenon_escrowed(&p.id))
+            .min_by_key(|p| (!self.tenon_added.contains(&p.id), &p.id))
+            .map(|p| p.id.as_str())
+    }
+
+    /// A key Tenon added that is neither the keeper nor being retired: left over by an
+    /// interrupted run, it is removed once the keeper is escrowed.
+    fn surplus(&self, id: &str) -> bool {
+        self.tenon_added.contains(id)
+            && !self.retiring(id)
+            && self.keeper().is_some_and(|k| k != id)
+            && self.volume.has(id, ProtectorKind::RecoveryPassword)
+    }
+
+    /// A key that is on its way out (retired or surplus) once a keeper exists.
+    fn leaving(&self, id: &str) -> bool {
+        self.surplus(id) || (self.retiring(id) && self.keeper().is_some())
+    }
+
+    /// There is a recovery password, and every one not on its way out is in the Tenon escrow
+    /// (while a rotation waits for its replacement, the retiring key still counts).
+    fn escrow_complete(&self) -> bool {
+        let mut rps = self.volume.recovery_passwords().filter(|p| !self.leaving(&p.id)).peekable();
+        rps.peek().is_some() && rps.all(|p| self.tenon_escrowed(&p.id))
+    }
+
+    /// A keeper exists and every recovery password that stays is in the Tenon escrow: the
     /// precondition for the TPM protector and for encrypting.
     fn recovery_secured(&self) -> bool {
-        let mut rps = self.volume.recovery_passwords().peekable();
-        rps.peek().is_some() && rps.all(|p| self.tenon_escrowed(&p.id))
+        self.keeper().is_some() && self.staying().filter(|p| !self.surplus(&p.id)).all(|p| self.tenon_escrowed(&p.id))
     }
 }
 
@@ -303,7 +335,7 @@ impl PlanInput<'_> {
 pub enum Step {
     /// Write REG_DWORD [`PREVENT_DEVICE_ENCRYPTION`] = 0 under [`BITLOCKER_CONTROL_KEY`].
     SetPreventDeviceEncryption,
-    /// Add a recovery-password protector; `replaces` names the protector it rotates out.
+    /// Add a recovery-password protector; `replaces` names a protector it rotates out.
     AddRecoveryPassword {
         replaces: Option<String>,
     },
@@ -313,9 +345,15 @@ pub enum Step {
     EscrowToEntra {
         protector_id: String,
     },
-    /// Remove a rotated-out recovery password whose replacement is in the Tenon escrow.
+    /// Remove a retiring or surplus recovery password; the keeper is in the Tenon escrow.
     DeleteProtector {
         protector_id: String,
+    },
+    /// Tell the Tenon server that a protector to retire is gone from the volume, and which key
+    /// stays (the server completes the rotation only then).
+    ReportRetired {
+        protector_id: String,
+        replaced_by: Option<String>,
     },
     AddTpmProtector,
     /// XTS-AES-256, used space only.
@@ -332,6 +370,7 @@ impl Step {
             Self::EscrowToTenon { protector_id } => format!("escrow {protector_id} to Tenon"),
             Self::EscrowToEntra { protector_id } => format!("escrow {protector_id} to Entra ID"),
             Self::DeleteProtector { protector_id } => format!("delete rotated protector {protector_id}"),
+            Self::ReportRetired { protector_id, .. } => format!("report {protector_id} retired to Tenon"),
             Self::AddTpmProtector => "add TPM protector".into(),
             Self::Encrypt => "encrypt (XTS-AES-256, used space)".into(),
         }
@@ -339,8 +378,12 @@ impl Step {
 }
 
 /// The steps whose preconditions hold now, in the mandated order. Nothing here ever decrypts or
-/// removes a TPM protector; the only removal is a rotated-out recovery password whose replacement
-/// the Tenon server has acknowledged.
+/// removes a TPM protector; the only removals are recovery passwords being retired (or surplus
+/// ones Tenon added) while a keeper the Tenon server acknowledged stays on the volume.
+///
+/// Rotation is a state machine the facts drive, so it resumes from any step after a crash:
+/// requested -> replacement added -> replacement escrowed (receipt) -> old protector deleted ->
+/// retirement reported. One replacement serves every key being retired at the same time.
 pub fn plan_steps(input: &PlanInput<'_>) -> Vec<Step> {
     let vol = input.volume;
     let mut steps = Vec::new();
@@ -353,40 +396,45 @@ pub fn plan_steps(input: &PlanInput<'_>) -> Vec<Step> {
         return steps;
     }
 
-    // 1. Recovery passwords: one if there is none, and one per rotation that lacks its replacement.
-    if vol.recovery_passwords().next().is_none() {
-        steps.push(Step::AddRecoveryPassword { replaces: None });
-    }
-    for (old, new) in input.active_rotations() {
-        if new.is_none() {
-            steps.push(Step::AddRecoveryPassword { replaces: Some(old.clone()) });
-        }
+    // 1. A recovery password that stays: one if there is none (a fresh volume, or every key on it
+    //    is being retired).
+    if input.staying().next().is_none() {
+        let replaces = vol.recovery_passwords().find(|p| input.retiring(&p.id)).map(|p| p.id.clone());
+        steps.push(Step::AddRecoveryPassword { replaces });
     }
 
-    // 2. Escrow, Tenon first: it is the escrow Tenon answers for. Entra when joined and due.
+    // 2. Escrow, Tenon first: it is the escrow Tenon answers for. Entra when joined and due. A key
+    //    on its way out is not worth another copy.
     for p in vol.recovery_passwords() {
-        if !input.tenon_escrowed(&p.id) {
+        if !input.tenon_escrowed(&p.id) && !input.leaving(&p.id) {
             steps.push(Step::EscrowToTenon { protector_id: p.id.clone() });
         }
     }
     for p in vol.recovery_passwords() {
         let progress =
             entra_progress(input.entra_joined, input.escrow_of(&p.id).entra, input.entra_max_attempts, input.now);
-        // A key about to be retired is not worth a cloud copy.
-        if matches!(progress, EntraProgress::Due { .. }) && !input.retiring(&p.id) {
+        if matches!(progress, EntraProgress::Due { .. }) && !input.retiring(&p.id) && !input.surplus(&p.id) {
             steps.push(Step::EscrowToEntra { protector_id: p.id.clone() });
         }
     }
 
-    // 3. Retire rotated-out keys once their replacement is safely in the Tenon escrow.
-    for (old, new) in input.active_rotations() {
-        if new.is_some_and(|n| input.tenon_escrowed(n)) {
-            steps.push(Step::DeleteProtector { protector_id: old.clone() });
+    // 3. Retire keys once the keeper is safely in the Tenon escrow, then tell the server.
+    let keeper = input.keeper();
+    if keeper.is_some() {
+        for p in vol.recovery_passwords() {
+            if input.leaving(&p.id) {
+                steps.push(Step::DeleteProtector { protector_id: p.id.clone() });
+            }
+        }
+    }
+    for id in input.retirements {
+        if !vol.has(id, ProtectorKind::RecoveryPassword) {
+            steps.push(Step::ReportRetired { protector_id: id.clone(), replaced_by: keeper.map(str::to_string) });
         }
     }
 
-    // 4. TPM protector and encryption only once every recovery password is escrowed to Tenon:
-    //    a volume must never become locked behind a key nobody holds.
+    // 4. TPM protector and encryption only once every recovery password that stays is escrowed
+    //    to Tenon: a volume must never become locked behind a key nobody holds.
     if input.recovery_secured() {
         let has_tpm = vol.protectors.iter().any(|p| p.kind == ProtectorKind::Tpm);
         if !has_tpm {
@@ -438,12 +486,12 @@ pub fn summarize(input: &PlanInput<'_>, step_failed: bool) -> (State, Option<&'s
     if vol.encryption == Encryption::Decrypting {
         return (State::ActionRequired, Some("volume_decrypting"));
     }
-    if !input.recovery_secured() {
+    if !input.escrow_complete() {
         return (State::EscrowPending, Some("tenon_escrow_pending"));
     }
     let entra: Vec<EntraProgress> = vol
         .recovery_passwords()
-        .filter(|p| !input.retiring(&p.id))
+        .filter(|p| !input.retiring(&p.id) && !input.surplus(&p.id))
         .map(|p| entra_progress(input.entra_joined, input.escrow_of(&p.id).entra, input.entra_max_attempts, input.now))
         .collect();
     if entra.iter().any(|e| matches!(e, EntraProgress::Failed { .. })) {
@@ -624,7 +672,10 @@ mod tests {
         /// `(id, tenon escrowed, entra)`.
         escrow: Vec<(&'static str, bool, EntraEscrow)>,
         joined: bool,
-        rotations: &'static [(&'static str, Option<&'static str>)],
+        /// Protectors to retire.
+        rotations: &'static [&'static str],
+        /// Protectors Tenon added.
+        tenon: &'static [&'static str],
         now: i64,
     }
 
@@ -637,6 +688,7 @@ mod tests {
             escrow: vec![],
             joined: false,
             rotations: &[],
+            tenon: &[],
             now: 10_000,
         }
     }
@@ -664,14 +716,16 @@ mod tests {
             .iter()
             .map(|(id, tenon, entra)| (id.to_string(), ProtectorEscrow { tenon: *tenon, entra: *entra }))
             .collect();
-        let rotations = c.rotations.iter().map(|(o, n)| (o.to_string(), n.map(str::to_string))).collect();
+        let retirements = c.rotations.iter().map(|o| o.to_string()).collect();
+        let tenon_added = c.tenon.iter().map(|o| o.to_string()).collect();
         let input = PlanInput {
             volume: &volume,
             prevent_device_encryption: c.prevent,
             escrow: &escrow,
             entra_joined: c.joined,
             entra_max_attempts: 3,
-            rotations: &rotations,
+            retirements: &retirements,
+            tenon_added: &tenon_added,
             now: c.now,
         };
         f(&input)
@@ -688,6 +742,9 @@ mod tests {
     }
     fn delete(id: &str) -> Step {
         Step::DeleteProtector { protector_id: id.into() }
+    }
+    fn retired(id: &str, by: Option<&str>) -> Step {
+        Step::ReportRetired { protector_id: id.into(), replaced_by: by.map(str::to_string) }
     }
 
     fn retrying(attempts: u32, last_attempt_at: i64) -> EntraEscrow {
@@ -821,28 +878,27 @@ mod tests {
             Case { protectors: &[("t1", 't')], encryption: Encryption::Decrypting, prevent: None, ..case() },
             vec![SetPreventDeviceEncryption],
         );
-        // Rotation: add the replacement, escrow it, then delete the old one.
+        // Rotation: add the replacement, escrow it, delete the old one, then tell the server.
         let enc = || Case {
             protectors: &[("old", 'r'), ("t1", 't')],
             escrow: vec![("old", true, Escrowed)],
             encryption: Encryption::Encrypted,
             joined: true,
+            tenon: &["old"],
             ..case()
         };
-        check(Case { rotations: &[("old", None)], ..enc() }, vec![add(Some("old"))]);
+        check(Case { rotations: &["old"], ..enc() }, vec![add(Some("old"))]);
+        let both: &[(&str, char)] = &[("old", 'r'), ("new", 'r'), ("t1", 't')];
         check(
-            Case {
-                protectors: &[("old", 'r'), ("new", 'r'), ("t1", 't')],
-                rotations: &[("old", Some("new"))],
-                ..enc()
-            },
+            Case { protectors: both, rotations: &["old"], tenon: &["old", "new"], ..enc() },
             vec![tenon("new"), entra("new")],
         );
         check(
             Case {
-                protectors: &[("old", 'r'), ("new", 'r'), ("t1", 't')],
+                protectors: both,
                 escrow: vec![("old", true, Escrowed), ("new", true, NotTried)],
-                rotations: &[("old", Some("new"))],
+                rotations: &["old"],
+                tenon: &["old", "new"],
                 ..enc()
             },
             vec![entra("new"), delete("old")],
@@ -850,9 +906,9 @@ mod tests {
         // Entra escrow of the new key is not waited for; Tenon's receipt is enough to retire the old.
         check(
             Case {
-                protectors: &[("old", 'r'), ("new", 'r'), ("t1", 't')],
+                protectors: both,
                 escrow: vec![("old", true, Escrowed), ("new", true, retrying(1, 9_999))],
-                rotations: &[("old", Some("new"))],
+                rotations: &["old"],
                 ..enc()
             },
             vec![delete("old")],
@@ -860,21 +916,94 @@ mod tests {
         // A retiring key that never reached Entra is not sent there any more.
         check(
             Case {
-                protectors: &[("old", 'r'), ("new", 'r'), ("t1", 't')],
+                protectors: both,
                 escrow: vec![("old", true, NotTried), ("new", true, Escrowed)],
-                rotations: &[("old", Some("new"))],
+                rotations: &["old"],
                 ..enc()
             },
             vec![delete("old")],
         );
-        // The replacement vanished (deleted by someone): add another.
+        // Old key gone: the server hears it, with the key that stays; only then is it done.
         check(
-            Case { protectors: &[("old", 'r'), ("t1", 't')], rotations: &[("old", Some("gone"))], ..enc() },
-            vec![add(Some("old"))],
+            Case {
+                protectors: &[("new", 'r'), ("t1", 't')],
+                escrow: vec![("new", true, Escrowed)],
+                rotations: &["old"],
+                ..enc()
+            },
+            vec![retired("old", Some("new"))],
         );
-        // Rotation done (old gone) or asked for a protector that is not a recovery password: nothing.
-        check(Case { rotations: &[("gone", None)], ..enc() }, vec![]);
-        check(Case { rotations: &[("t1", None)], ..enc() }, vec![]);
+        // The replacement vanished (deleted by someone): add another.
+        check(Case { rotations: &["old"], ..enc() }, vec![add(Some("old"))]);
+        // Asked for a protector that is not (or no longer) a recovery password here: only reported.
+        check(Case { rotations: &["gone"], ..enc() }, vec![retired("gone", Some("old"))]);
+        check(Case { rotations: &["t1"], ..enc() }, vec![retired("t1", Some("old"))]);
+        // Two keys read at once: one replacement retires both.
+        let two: &[(&str, char)] = &[("a", 'r'), ("b", 'r'), ("t1", 't')];
+        let two_escrowed = || vec![("a", true, Escrowed), ("b", true, Escrowed)];
+        check(Case { protectors: two, escrow: two_escrowed(), rotations: &["a", "b"], ..enc() }, vec![add(Some("a"))]);
+        check(
+            Case {
+                protectors: &[("a", 'r'), ("b", 'r'), ("n", 'r'), ("t1", 't')],
+                escrow: vec![("a", true, Escrowed), ("b", true, Escrowed), ("n", true, Escrowed)],
+                rotations: &["a", "b"],
+                ..enc()
+            },
+            vec![delete("a"), delete("b")],
+        );
+        // Surplus keys Tenon added (an interrupted run) go once the keeper is escrowed, unescrowed
+        // ones without a pointless upload; a person's own key is the keeper and is never removed.
+        check(
+            Case {
+                protectors: &[("k", 'r'), ("x", 'r'), ("t1", 't')],
+                escrow: vec![("k", true, Escrowed)],
+                tenon: &["k", "x"],
+                ..enc()
+            },
+            vec![delete("x")],
+        );
+        check(
+            Case {
+                protectors: &[("k", 'r'), ("x", 'r'), ("t1", 't')],
+                escrow: vec![("k", true, Escrowed), ("x", true, Escrowed)],
+                tenon: &["k", "x"],
+                ..enc()
+            },
+            vec![delete("x")],
+        );
+        check(
+            Case {
+                protectors: &[("user", 'r'), ("a", 'r'), ("b", 'r'), ("t1", 't')],
+                escrow: vec![("user", true, Escrowed), ("a", true, Escrowed), ("b", true, Escrowed)],
+                tenon: &["a", "b"],
+                ..enc()
+            },
+            vec![delete("b")],
+        );
+        // Two unescrowed keys, none escrowed yet: escrow first; nothing is removed without a keeper.
+        check(
+            Case { protectors: &[("k", 'r'), ("x", 'r'), ("t1", 't')], escrow: vec![], tenon: &["k", "x"], ..enc() },
+            vec![tenon("k"), tenon("x"), entra("k"), entra("x")],
+        );
+        // Keys that are not Tenon's and not asked for are kept and escrowed, never removed.
+        check(
+            Case {
+                protectors: &[("k", 'r'), ("y", 'r'), ("z", 'r'), ("t1", 't')],
+                escrow: vec![("k", true, Escrowed), ("y", true, Escrowed), ("z", true, Escrowed)],
+                tenon: &["k"],
+                ..enc()
+            },
+            vec![],
+        );
+        check(
+            Case {
+                protectors: &[("y", 'r'), ("z", 'r'), ("t1", 't')],
+                escrow: vec![("y", true, Escrowed), ("z", true, Escrowed)],
+                tenon: &[],
+                ..enc()
+            },
+            vec![],
+        );
     }
 
     #[test]
@@ -948,7 +1077,7 @@ mod tests {
                 protectors: &[("old", 'r'), ("t1", 't')],
                 escrow: vec![("old", true, NotTried)],
                 encryption: Encryption::Encrypted,
-                rotations: &[("old", None)],
+                rotations: &["old"],
                 ..case()
             },
             false,

@@ -82,6 +82,20 @@ pub struct EscrowReceipt {
     pub protector_id: String,
     /// Unix seconds at which the server stored it.
     pub stored_at: i64,
+    /// The server holds a different recovery password for this protector too (a protector's
+    /// password never changes on a real volume, so one of them was not uploaded by this volume).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conflict: bool,
+}
+
+/// The body of `POST /api/v1/device/escrow/retired`: a recovery protector the server asked to
+/// retire (or a surplus one Tenon added) is gone from the volume; `replaced_by` is the escrowed
+/// key that stays. Only this completes a rotation on the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EscrowRetired {
+    pub protector_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
 }
 
 /// The random bytes one seal consumes; the caller fills them from the OS generator.

@@ -14,7 +14,7 @@ use base64::Engine;
 use serde_json::json;
 use std::sync::Arc;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, TrustBundle};
-use tenon_core::policy::escrow::{escrow_public_key, sign_escrow_key, EscrowReceipt, EscrowUpload};
+use tenon_core::policy::escrow::{escrow_public_key, sign_escrow_key, EscrowReceipt, EscrowRetired, EscrowUpload};
 
 pub async fn enroll(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<EnrollRequest>) -> ApiResult<Response> {
     let (device_id, credential) = state.enroll(&req.token, &req.hostname, &req.agent_version).await?;
@@ -101,14 +101,24 @@ pub async fn escrow(
     Ok((StatusCode::CREATED, Json(receipt)))
 }
 
-/// The protectors whose keys an administrator read and the device should rotate, and the
-/// current escrow key, signed.
+/// The protectors whose keys an administrator read and the device should rotate, those with
+/// conflicting escrowed passwords, and the current escrow key, signed.
 pub async fn escrow_rotations(
     State(state): State<Arc<AppState>>,
     device: Device,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let rotations = state.escrow_rotations(&device.id).await?;
+    let (rotations, conflicts) = state.escrow_rotations(&device.id).await?;
     // The current escrow key, signed, so agents move to it after `rotate-escrow-key`.
     let escrow_key = sign_escrow_key(&state.keys.signing, &escrow_public_key(&state.keys.escrow.current));
-    Ok(Json(json!({ "rotations": rotations, "escrow_key": escrow_key })))
+    Ok(Json(json!({ "rotations": rotations, "escrow_key": escrow_key, "conflicts": conflicts })))
+}
+
+/// The device reports a recovery protector gone from its volume: only this completes a rotation.
+pub async fn escrow_retired(
+    State(state): State<Arc<AppState>>,
+    device: Device,
+    ApiJson(retired): ApiJson<EscrowRetired>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let rotation_completed = state.escrow_retired(&device.id, &retired).await?;
+    Ok(Json(json!({ "protector_id": retired.protector_id, "rotation_completed": rotation_completed })))
 }

@@ -58,6 +58,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/device/report", post(device::report))
         .route("/device/escrow", post(device::escrow))
         .route("/device/escrow/rotations", get(device::escrow_rotations))
+        .route("/device/escrow/retired", post(device::escrow_retired))
         .nest("/admin", admin);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))

@@ -6,10 +6,12 @@ use super::*;
 use crate::platform::simulated::SimulatedPlatform;
 use crate::platform::*;
 use crate::policies::escrow::MemoryEscrow;
-use crate::policies::{EscrowSink, NoEscrow};
+use crate::policies::{EscrowSink, NoEscrow, StateStore};
 use serde_json::{json, Map};
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,17 +20,91 @@ const ESCROW_SECRET: [u8; 32] = [42; 32];
 
 type Journal = Arc<Mutex<Vec<String>>>;
 
+/// Kills the agent (a panic the test catches) right after the n-th effect on the device or the
+/// escrow server: the effect happened, and nothing after it did, as with a SIGKILL.
+#[derive(Default)]
+struct KillSwitch(Mutex<Option<u32>>);
+
+impl KillSwitch {
+    fn arm(&self, after_effects: Option<u32>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = after_effects;
+    }
+
+    fn tick(&self) {
+        let mut left = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match *left {
+            Some(n) if n <= 1 => {
+                *left = None;
+                drop(left);
+                panic!("agent killed");
+            }
+            Some(n) => *left = Some(n - 1),
+            None => {}
+        }
+    }
+}
+
+/// The escrow server, with its effects counted towards the kill switch.
+struct KillableEscrow<'a> {
+    inner: &'a MemoryEscrow,
+    kill: &'a KillSwitch,
+}
+
+impl EscrowSink for KillableEscrow<'_> {
+    fn escrow_target(&self) -> Option<crate::policies::EscrowTarget> {
+        self.inner.escrow_target()
+    }
+    fn upload(
+        &self,
+        sealed: &tenon_core::policy::escrow::SealedRecoveryKey,
+        replaces: Option<&str>,
+    ) -> Result<tenon_core::policy::escrow::EscrowReceipt, String> {
+        let r = self.inner.upload(sealed, replaces);
+        self.kill.tick();
+        r
+    }
+    fn pending_rotations(&self) -> Vec<String> {
+        self.inner.pending_rotations()
+    }
+    fn report_retired(&self, protector_id: &str, replaced_by: Option<&str>) -> Result<(), String> {
+        let r = self.inner.report_retired(protector_id, replaced_by);
+        self.kill.tick();
+        r
+    }
+    fn escrow_conflicts(&self) -> Vec<String> {
+        self.inner.escrow_conflicts()
+    }
+}
+
+/// What the agent's vault holds: the state as the policy last persisted it.
+#[derive(Default)]
+struct Durable(RefCell<Value>);
+
+impl StateStore for Durable {
+    fn persist(&self, state: &Value) -> Result<(), String> {
+        *self.0.borrow_mut() = state.clone();
+        Ok(())
+    }
+}
+
 /// Delegates to the simulated device and journals every call that changes it (and password reads).
 struct Journaled<'a> {
     inner: &'a SimulatedPlatform,
     journal: &'a Journal,
     /// A BitLocker call that fails, as a broken provider would.
     fail_on: Option<&'static str>,
+    kill: &'a KillSwitch,
 }
 
 impl Journaled<'_> {
     fn log(&self, entry: String) {
         self.journal.lock().unwrap().push(entry);
+    }
+
+    /// Counts an effect (after it happened) towards the kill switch.
+    fn effect<T>(&self, r: T) -> T {
+        self.kill.tick();
+        r
     }
 
     fn broken(&self, call: &'static str) -> PResult<()> {
@@ -50,7 +126,7 @@ impl Platform for Journaled<'_> {
     }
     fn reg_set(&self, key: &str, name: &str, value: &RegValue) -> PResult<()> {
         self.log(format!("reg_set {key}\\{name}={value:?}"));
-        self.inner.reg_set(key, name, value)
+        self.effect(self.inner.reg_set(key, name, value))
     }
     fn reg_delete(&self, key: &str, name: &str) -> PResult<bool> {
         self.log(format!("reg_delete {key}\\{name}"));
@@ -86,21 +162,21 @@ impl Platform for Journaled<'_> {
     fn add_recovery_password(&self, mount: &str) -> PResult<(String, String)> {
         let r = self.inner.add_recovery_password(mount);
         self.log(format!("add_recovery_password {}", r.as_ref().map(|(id, _)| id.as_str()).unwrap_or("failed")));
-        r
+        self.effect(r)
     }
     fn add_tpm_protector(&self, mount: &str) -> PResult<String> {
         self.log("add_tpm_protector".into());
         self.broken("add_tpm_protector")?;
-        self.inner.add_tpm_protector(mount)
+        self.effect(self.inner.add_tpm_protector(mount))
     }
     fn delete_protector(&self, mount: &str, protector_id: &str) -> PResult<()> {
         self.log(format!("delete_protector {protector_id}"));
-        self.inner.delete_protector(mount, protector_id)
+        self.effect(self.inner.delete_protector(mount, protector_id))
     }
     fn encrypt(&self, mount: &str) -> PResult<()> {
         self.log("encrypt".into());
         self.broken("encrypt")?;
-        self.inner.encrypt(mount)
+        self.effect(self.inner.encrypt(mount))
     }
     fn backup_to_entra(&self, mount: &str, protector_id: &str) -> PResult<()> {
         if self.fail_on == Some("kill_during_backup_to_entra") {
@@ -108,7 +184,7 @@ impl Platform for Journaled<'_> {
         }
         let r = self.inner.backup_to_entra(mount, protector_id);
         self.log(format!("backup_to_entra {protector_id} {}", if r.is_ok() { "ok" } else { "failed" }));
-        r
+        self.effect(r)
     }
     fn signed_in_users(&self) -> PResult<Vec<SessionUser>> {
         self.inner.signed_in_users()
@@ -177,6 +253,9 @@ struct Agent {
     escrow: MemoryEscrow,
     machine: Map<String, Value>,
     state: Value,
+    /// The state as last persisted (what survives a kill).
+    durable: Durable,
+    kill: Rc<KillSwitch>,
     now: i64,
     /// Every status reported, as JSON text.
     reports: Vec<String>,
@@ -199,6 +278,8 @@ impl Agent {
             escrow,
             machine: config,
             state: Value::Null,
+            durable: Durable::default(),
+            kill: Rc::default(),
             now: 1_000_000,
             reports: vec![],
             passwords: vec![],
@@ -211,7 +292,8 @@ impl Agent {
     fn run_with(&mut self, escrow: &dyn EscrowSink) -> PolicyStatus {
         // A fresh platform each run: nothing survives in memory between runs but `state`.
         let sim = SimulatedPlatform::open(&self.path).unwrap();
-        let platform = Journaled { inner: &sim, journal: &self.journal, fail_on: self.fail_on };
+        let kill = self.kill.clone();
+        let platform = Journaled { inner: &sim, journal: &self.journal, fail_on: self.fail_on, kill: &kill };
         let users = Map::new();
         let mut ctx = PolicyContext {
             platform: &platform,
@@ -220,11 +302,33 @@ impl Agent {
             now: self.now,
             state: &mut self.state,
             escrow,
+            store: &self.durable,
         };
         let status = Bitlocker.apply(&mut ctx);
+        // The agent persists the state after the run.
+        *self.durable.0.borrow_mut() = self.state.clone();
         self.reports.push(serde_json::to_string(&status).unwrap());
         self.collect_passwords();
         status
+    }
+
+    /// A run killed right after its `after`-th effect (if it gets that far); the agent restarts
+    /// with what it had persisted. Returns whether the kill happened.
+    fn run_killed(&mut self, after: u32) -> bool {
+        let escrow = std::mem::replace(&mut self.escrow, MemoryEscrow::new("unused", [0; 32]));
+        self.kill.arm(Some(after));
+        let kill = self.kill.clone();
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_with(&KillableEscrow { inner: &escrow, kill: &kill })
+        }))
+        .is_err();
+        self.kill.arm(None);
+        self.escrow = escrow;
+        if killed {
+            self.state = self.durable.0.borrow().clone();
+            self.collect_passwords();
+        }
+        killed
     }
 
     fn run(&mut self) -> PolicyStatus {
@@ -620,6 +724,7 @@ fn rotation_adds_escrows_then_deletes_the_old_key() {
             format!("escrow upload {new}"),
             format!("backup_to_entra {new} ok"),
             format!("delete_protector {old}"),
+            format!("escrow retired {old}"),
         ]
     );
     assert_eq!(st.state, "encrypted");
@@ -636,10 +741,15 @@ fn rotation_adds_escrows_then_deletes_the_old_key() {
     assert_eq!(new_password.as_str(), a.password_of(&new));
     assert_ne!(new_password.as_str(), old_password);
     assert!(a.escrow.pending_rotations().is_empty());
-    // Stale requests for the deleted key are ignored.
+    assert_eq!(
+        a.escrow.retired(),
+        vec![crate::policies::escrow::Retired { protector_id: old.clone(), replaced_by: Some(new.clone()) }]
+    );
+    // A stale request for the deleted key is only answered: it is gone.
     a.escrow.request_rotation(&old);
     assert_eq!(a.run().state, "encrypted");
-    assert!(a.take_journal().is_empty());
+    assert_eq!(a.take_journal(), vec![format!("escrow retired {old}")]);
+    assert!(a.escrow.pending_rotations().is_empty());
 }
 
 #[test]
@@ -662,7 +772,12 @@ fn rotation_waits_for_the_tenon_receipt_before_deleting() {
     let new = a.protector_ids("recovery_password").into_iter().find(|id| *id != old).unwrap();
     assert_eq!(
         a.take_journal(),
-        vec![format!("recovery_password {new}"), format!("escrow upload {new}"), format!("delete_protector {old}")]
+        vec![
+            format!("recovery_password {new}"),
+            format!("escrow upload {new}"),
+            format!("delete_protector {old}"),
+            format!("escrow retired {old}")
+        ]
     );
     assert_eq!(st.state, "encrypted");
     assert_eq!(a.protector_ids("recovery_password"), vec![new]);
@@ -789,4 +904,124 @@ fn unreadable_state_starts_fresh_without_losing_keys() {
     assert_eq!(rp.len(), 1, "no second key");
     // The key is escrowed again (the server archives it) rather than trusted from a lost record.
     assert_eq!(a.take_journal()[..2], [format!("recovery_password {}", rp[0]), format!("escrow upload {}", rp[0])]);
+}
+
+/// The recovery passwords on the volume, as (id, password).
+fn recovery_keys(a: &Agent) -> Vec<(String, String)> {
+    a.protector_ids("recovery_password").into_iter().map(|id| (id.clone(), a.password_of(&id))).collect()
+}
+
+/// The state every rotation must end in: one recovery password, not the read one, escrowed (the
+/// server's copy opens to the volume's password), and the server told the old one is gone.
+fn assert_rotated(a: &Agent, read: &(String, String), context: &str) {
+    let keys = recovery_keys(a);
+    assert_eq!(keys.len(), 1, "{context}: exactly one recovery password: {keys:?}");
+    assert!(keys.iter().all(|(id, pw)| id != &read.0 && pw != &read.1), "{context}: the read key is gone");
+    let (id, pw) = &keys[0];
+    assert_eq!(a.escrow.open_latest(id).map(|p| p.to_string()).as_deref(), Some(pw.as_str()), "{context}");
+    assert!(a.escrow.pending_rotations().is_empty(), "{context}: the server's request is done");
+    assert!(a.escrow.retired().iter().any(|r| r.protector_id == read.0), "{context}: retirement reported");
+}
+
+#[test]
+fn rotation_killed_after_any_effect_resumes_and_leaves_one_escrowed_key() {
+    // Kill right after the 1st, 2nd, ... effect of the rotation run (add, upload, Entra, delete,
+    // report); the restart has only what was persisted. Whatever the point, the next runs finish
+    // the rotation with exactly one key, and the server hears of the retirement only after the
+    // old protector is gone from the volume.
+    let mut max_effects_seen = 0;
+    for kill_after in 1..=8u32 {
+        let mut a = Agent::new(device_json(json!({"entra_joined": true})), machine_config(json!({})));
+        a.run_until("encrypted", 60);
+        for cycle in 0..3 {
+            let read = recovery_keys(&a).remove(0);
+            a.escrow.request_rotation(&read.0);
+            a.take_journal();
+            let killed = a.run_killed(kill_after);
+            let effects = a.take_journal().iter().filter(|e| !e.starts_with("recovery_password")).count();
+            if !killed {
+                max_effects_seen = max_effects_seen.max(effects);
+            }
+            // The server never hears "retired" for a protector still on the volume.
+            let on_volume = a.protector_ids("recovery_password");
+            for r in a.escrow.retired() {
+                assert!(!on_volume.contains(&r.protector_id), "kill after {kill_after}: retired too early");
+            }
+            for _ in 0..2 {
+                a.run();
+            }
+            assert_rotated(&a, &read, &format!("kill after effect {kill_after}, cycle {cycle}"));
+            // A kill right after an Entra call leaves that attempt counted: it is retried after
+            // the backoff, not at once.
+            a.now += 600;
+            assert_eq!(a.run().state, "encrypted", "kill after effect {kill_after}, cycle {cycle}");
+            assert!(a.take_journal().iter().all(|e| !e.starts_with("add_")), "nothing more to do");
+        }
+    }
+    // The kills covered every effect of a rotation run (add, upload, Entra, delete, report).
+    assert_eq!(max_effects_seen, 5);
+}
+
+#[test]
+fn a_key_added_just_before_a_kill_is_adopted_not_orphaned() {
+    let mut a = Agent::new(device_json(json!({})), machine_config(json!({})));
+    a.run_until("encrypted", 60);
+    let read = recovery_keys(&a).remove(0);
+    a.escrow.request_rotation(&read.0);
+    a.take_journal();
+    // Killed right after the add returned: the new id never reached the state, only the intent.
+    assert!(a.run_killed(1));
+    let j = a.take_journal();
+    assert!(j[0].starts_with("add_recovery_password"), "{j:?}");
+    let added = a.protector_ids("recovery_password").into_iter().find(|id| *id != read.0).unwrap();
+    a.run();
+    let j = a.take_journal();
+    assert!(!j.iter().any(|e| e.starts_with("add_recovery_password")), "no second key: {j:?}");
+    assert_eq!(a.protector_ids("recovery_password"), vec![added.clone()]);
+    assert_eq!(a.escrow.stored().last().unwrap().replaces.as_deref(), Some(read.0.as_str()));
+    assert_rotated(&a, &read, "adopted");
+}
+
+#[test]
+fn surplus_keys_tenon_added_are_removed_and_reported_once_the_keeper_is_escrowed() {
+    let mut a = Agent::new(device_json(json!({})), machine_config(json!({})));
+    a.run_until("encrypted", 60);
+    let keeper = a.protector_ids("recovery_password").remove(0);
+    // A second key Tenon recorded as its own (as an interrupted run of an older agent could leave).
+    let sim = SimulatedPlatform::open(&a.path).unwrap();
+    let (extra, _) = sim.add_recovery_password("C:").unwrap();
+    a.state["protectors"][&extra] = json!({"mount": "C:", "added_by_tenon": true});
+    // And a person's own key, which is never touched.
+    let (own, _) = sim.add_recovery_password("C:").unwrap();
+    a.take_journal();
+    let st = a.run();
+    let j = a.take_journal();
+    assert!(j.contains(&format!("delete_protector {extra}")), "{j:?}");
+    assert!(j.contains(&format!("escrow retired {extra}")), "{j:?}");
+    assert!(!j.contains(&format!("escrow upload {extra}")), "a surplus key is not escrowed first: {j:?}");
+    assert!(j.contains(&format!("escrow upload {own}")), "a person's key is escrowed: {j:?}");
+    let mut left = a.protector_ids("recovery_password");
+    left.sort();
+    let mut expected = vec![keeper, own];
+    expected.sort();
+    assert_eq!(left, expected);
+    assert_eq!(st.state, "encrypted");
+}
+
+#[test]
+fn an_escrow_conflict_is_reported_in_the_status() {
+    let mut a = Agent::new(device_json(json!({})), machine_config(json!({})));
+    a.run_until("encrypted", 60);
+    let rp = a.protector_ids("recovery_password").remove(0);
+    let st = a.run();
+    assert!(st.details.get("escrow_conflicts").is_none());
+    // Someone with the device credential uploaded a different password under this protector id.
+    a.escrow.flag_conflict(&rp);
+    let st = a.run();
+    assert_eq!(st.details["escrow_conflicts"], json!([rp]));
+    assert!(st.details["escrow_warning"].as_str().unwrap().contains(&rp));
+    assert_eq!(protector_status(&st, &rp)["tenon_escrow_conflict"], true);
+    // Remembered even when the server no longer says so (restarted, say).
+    a.escrow.report_retired(&rp, None).unwrap();
+    assert_eq!(a.run().details["escrow_conflicts"], json!([rp]));
 }
