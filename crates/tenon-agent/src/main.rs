@@ -138,6 +138,8 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info".into()))
             .with_writer(std::io::stderr)
+            // Colour codes only for a person at a terminal, never in a log file or a pipe.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let Some(state_dir) = cli.state_dir.clone().or_else(default_state_dir) else {

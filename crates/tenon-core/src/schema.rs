@@ -7,7 +7,7 @@
 //! `Policies.PasswordExpiryWarning`); a prefix takes an object whose members are checked in turn.
 
 use crate::ids::SettingKey;
-use crate::settings::{SettingValue, BACKEND_ONLY_ROOTS};
+use crate::settings::SettingValue;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -429,6 +429,7 @@ pub fn markdown() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::BACKEND_ONLY_ROOTS;
     use serde_json::json;
 
     fn check_set(key: &str, value: Value) -> Result<(), SchemaError> {

@@ -9,6 +9,7 @@ pub mod datadir;
 pub mod error;
 pub mod escrow;
 pub mod index;
+pub mod lifecycle;
 pub mod secrets;
 pub mod signatures;
 pub mod state;
@@ -56,6 +57,11 @@ async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow:
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    // Bind first: a taken port must fail before anything is written (a fresh data dir, keys, the
+    // admin token).
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; is another server using it? pass --listen ADDR", opts.listen))?;
     let data_dir = datadir::DataDir::open(&opts.data_dir)?;
     let clock = state::system_clock();
     let keys = data_dir.load_or_create_keys(clock())?;
@@ -65,9 +71,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let path = data_dir.write_admin_token(&token)?;
         println!("bootstrap admin token written to {} (readable by this user only)", path.display());
     }
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}; is another server using it? pass --listen ADDR", opts.listen))?;
     let local = listener.local_addr()?;
     println!("tenon-server listening on http://{local} (data dir {})", data_dir.path.display());
     tracing::info!(%local, devices = state.index.len(), "listening");
