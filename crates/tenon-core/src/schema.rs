@@ -20,7 +20,10 @@ pub const FREE_FORM_ROOT: &str = "Custom";
 pub enum ValueType {
     Bool,
     /// A whole number in `min..=max`.
-    Integer { min: i64, max: i64 },
+    Integer {
+        min: i64,
+        max: i64,
+    },
     /// An array of whole days (0 to 3650).
     DayList,
     /// A string (server-derived keys only).
@@ -45,9 +48,7 @@ impl ValueType {
         match self {
             Self::Bool => v.is_boolean(),
             Self::Integer { min, max } => v.as_i64().is_some_and(|n| (*min..=*max).contains(&n)),
-            Self::DayList => {
-                v.as_array().is_some_and(|a| a.iter().all(|d| d.as_u64().is_some_and(|n| n <= 3650)))
-            }
+            Self::DayList => v.as_array().is_some_and(|a| a.iter().all(|d| d.as_u64().is_some_and(|n| n <= 3650))),
             Self::String => v.is_string(),
             Self::Object => v.is_object(),
         }
@@ -111,8 +112,22 @@ const fn admin(
     SettingSpec { key, ty, default, scope, delivery, source: Source::Admin, description }
 }
 
-const fn derived(key: &'static str, ty: ValueType, scope: Scope, from: &'static str, description: &'static str) -> SettingSpec {
-    SettingSpec { key, ty, default: "null", scope, delivery: Delivery::Delivered, source: Source::Server(from), description }
+const fn derived(
+    key: &'static str,
+    ty: ValueType,
+    scope: Scope,
+    from: &'static str,
+    description: &'static str,
+) -> SettingSpec {
+    SettingSpec {
+        key,
+        ty,
+        default: "null",
+        scope,
+        delivery: Delivery::Delivered,
+        source: Source::Server(from),
+        description,
+    }
 }
 
 /// Every key Tenon understands, sorted by key. Features that read a new key add it here.
@@ -469,8 +484,10 @@ mod tests {
             move |e| matches!(e, SchemaError::WrongType { key, .. } if key == k)
         }
         assert_eq!(check_set("Policies.SetNetworkOptimizationID", json!(true)), Ok(()));
-        assert!(check_set("Policies.SetNetworkOptimizationID", json!(5)).is_err_and(wrong("Policies.SetNetworkOptimizationID")));
-        assert!(check_set("Policies.SetNetworkOptimizationID", json!("yes")).is_err_and(wrong("Policies.SetNetworkOptimizationID")));
+        assert!(check_set("Policies.SetNetworkOptimizationID", json!(5))
+            .is_err_and(wrong("Policies.SetNetworkOptimizationID")));
+        assert!(check_set("Policies.SetNetworkOptimizationID", json!("yes"))
+            .is_err_and(wrong("Policies.SetNetworkOptimizationID")));
         assert_eq!(
             check_set("Policies.SetNetworkOptimizationId", json!(true)),
             Err(Unknown {
@@ -488,10 +505,14 @@ mod tests {
         ));
         assert_eq!(check_set("Custom.Anything.Goes", json!({"x": [1, "y"]})), Ok(()));
         assert_eq!(check_set("Custom", json!({"x": 1})), Ok(()));
-        assert_eq!(check_set("Policies.PasswordExpiryWarning", json!({"Enabled": false, "ThresholdDays": [3]})), Ok(()));
+        assert_eq!(
+            check_set("Policies.PasswordExpiryWarning", json!({"Enabled": false, "ThresholdDays": [3]})),
+            Ok(())
+        );
         assert!(check_set("Policies.PasswordExpiryWarning", json!({"Enabled": "no"}))
             .is_err_and(wrong("Policies.PasswordExpiryWarning.Enabled")));
-        assert!(check_set("Policies.PasswordExpiryWarning", json!(true)).is_err_and(wrong("Policies.PasswordExpiryWarning")));
+        assert!(check_set("Policies.PasswordExpiryWarning", json!(true))
+            .is_err_and(wrong("Policies.PasswordExpiryWarning")));
         assert!(matches!(check_set("Policies", json!({"Nope": 1})), Err(Unknown { .. })));
         assert!(check_set("Policies.PasswordExpiryWarning.ThresholdDays", json!([14, -1])).is_err());
         assert!(check_set("Policies.RequireSecurityFeatures.EntraEscrowMaxAttempts", json!(0)).is_err());
@@ -513,6 +534,9 @@ mod tests {
         assert!(read(&c, "Policies.SetNetworkOptimizationID").is_err());
         assert_eq!(read(&c, "Policies.SetCurrentUserAdministrator"), Ok(Some(&json!(true))));
         assert_eq!(read(&c, "Policies.RequireSecurityFeatures.BitlockerEnabled"), Ok(None));
-        assert_eq!(read(&cfg(json!({"Policies": {"SetNetworkOptimizationID": null}})), "Policies.SetNetworkOptimizationID"), Ok(None));
+        assert_eq!(
+            read(&cfg(json!({"Policies": {"SetNetworkOptimizationID": null}})), "Policies.SetNetworkOptimizationID"),
+            Ok(None)
+        );
     }
 }

@@ -73,7 +73,11 @@ impl AppState {
             Some(Some(_)) => return Err(ApiError::Conflict(format!("enrollment token {id} is already revoked"))),
             Some(None) => {}
         }
-        sqlx::query("UPDATE enroll_tokens SET revoked_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE enroll_tokens SET revoked_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         audit(&mut tx, now, &actor.label(), "enroll_token.revoke", Some(id), json!({})).await?;
         tx.commit().await?;
         Ok(())

@@ -493,11 +493,12 @@ impl AppState {
         let mut world = self.world.lock().await;
         let now = self.now();
         let mut tx = self.db.begin().await?;
-        let row = sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = ?")
-            .bind(token_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(bad)?;
+        let row =
+            sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = ?")
+                .bind(token_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(bad)?;
         if !secrets::secret_matches(secret, row.get::<&str, _>(0)) {
             return Err(bad());
         }

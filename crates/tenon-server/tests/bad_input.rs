@@ -352,7 +352,9 @@ fn every_endpoint_answers_bad_input_with_a_problem() {
                 path: "/api/v1/admin/settings",
                 auth: admin.clone(),
                 content_type: json_ct,
-                body: Some(br#"{"scope":{"kind":"tenant"},"key":"Policies.SetNetworkOptimizationID","value":5}"#.to_vec()),
+                body: Some(
+                    br#"{"scope":{"kind":"tenant"},"key":"Policies.SetNetworkOptimizationID","value":5}"#.to_vec(),
+                ),
             },
             400,
             "invalid_setting_value",

@@ -26,7 +26,14 @@ fn two_agents_get_their_own_config_and_survive_a_restart() {
     server.ctl_ok(&["settings", "set", "--tenant", "Custom.Common", "1"]);
     server.ctl_ok(&["settings", "set", "--group", "Engineering", "Custom.Team", "\"eng\""]);
     server.ctl_ok(&["settings", "set", "--group", "Sales", "Custom.Team", "\"sales\""]);
-    server.ctl_ok(&["settings", "set", "--user", "ben@contoso.com", "SoftwarePackageOverrides.IgnoreUserRestrictions", "true"]);
+    server.ctl_ok(&[
+        "settings",
+        "set",
+        "--user",
+        "ben@contoso.com",
+        "SoftwarePackageOverrides.IgnoreUserRestrictions",
+        "true",
+    ]);
 
     let token = server.enroll_token(2);
     let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-ANNA", "signed_in_users": ["anna@contoso.com"]}));

@@ -48,10 +48,12 @@ fn settings_refuse_unknown_keys_and_wrong_types_and_store_nothing() {
 
     // Keys of one's own live under Custom.*; a group nobody is in is accepted with a warning.
     server.ctl_ok(&["settings", "set", "--tenant", "Custom.Site", "{\"code\": 7}"]);
-    let out = server.ctl(&["settings", "set", "--group", "NoSuchGroup", "Policies.SetCurrentUserAdministrator", "true"]);
+    let out =
+        server.ctl(&["settings", "set", "--group", "NoSuchGroup", "Policies.SetCurrentUserAdministrator", "true"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("warning: no user is in group NoSuchGroup"), "{}", stderr(&out));
-    let out = server.ctl(&["settings", "set", "--group", "Engineering", "Policies.SetCurrentUserAdministrator", "true"]);
+    let out =
+        server.ctl(&["settings", "set", "--group", "Engineering", "Policies.SetCurrentUserAdministrator", "true"]);
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
     assert_eq!(server.ctl_json(&["settings", "list"]).as_array().unwrap().len(), 3);
 
@@ -87,9 +89,8 @@ fn enrollment_tokens_are_listed_without_secrets_and_can_be_revoked() {
         assert!(!text.contains(secret), "a token secret is listed: {text}");
     }
     let list: Value = serde_json::from_str(&text).unwrap();
-    let state = |id: &str| {
-        list.as_array().unwrap().iter().find(|t| t["id"] == json!(id)).map(|t| t["state"].clone()).unwrap()
-    };
+    let state =
+        |id: &str| list.as_array().unwrap().iter().find(|t| t["id"] == json!(id)).map(|t| t["state"].clone()).unwrap();
     assert_eq!(state(&id_of(&one)), json!("used_up"));
     assert_eq!(state(&id_of(&two)), json!("active"));
     assert!(list[0]["expires_at"].as_str().unwrap().contains('T'), "RFC 3339: {list:#}");
@@ -134,7 +135,10 @@ fn removing_a_user_who_owns_a_device_says_what_to_do_and_force_clears_it() {
     let out = server.ctl(&["users", "remove", "anna@contoso.com"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("primary user of 1 device") && err.contains("set-primary") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("primary user of 1 device") && err.contains("set-primary") && err.contains("--force"),
+        "{err}"
+    );
     assert_eq!(server.ctl_json(&["users", "list"]).as_array().unwrap().len(), 2, "nothing half-done");
 
     // Ben has no device: removed at once.
@@ -291,11 +295,8 @@ fn a_taken_port_is_refused_before_anything_is_written() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let data = tmp.path().join("fresh-data");
-    let out = Command::new(bin("tenon-server"))
-        .args(["serve", "--listen", &addr, "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out =
+        Command::new(bin("tenon-server")).args(["serve", "--listen", &addr, "--data-dir"]).arg(&data).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot listen on"), "{}", stderr(&out));
     assert!(!data.exists(), "the data dir was created although the port is taken");

@@ -310,7 +310,10 @@ impl Client {
         check_server_url(server)?;
         let token = match token_file {
             Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
-                usage(format!("cannot read the token file {}: {e}; check --token-file (or TENON_TOKEN_FILE)", f.display()))
+                usage(format!(
+                    "cannot read the token file {}: {e}; check --token-file (or TENON_TOKEN_FILE)",
+                    f.display()
+                ))
             })?),
             None => token,
         };
@@ -445,7 +448,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|r| {
                         let by = if r["source"] == json!("admin") { "admin" } else { "server" };
-                        json!({"key": r["key"], "type": r["type_text"], "default": r["default"].to_string(),
+                        let default = if r["default"].is_null() { "-".to_string() } else { r["default"].to_string() };
+                        json!({"key": r["key"], "type": r["type_text"], "default": default,
                                "scope": r["scope"], "delivery": r["delivery"], "by": by,
                                "description": r["description"]})
                     })
@@ -666,8 +670,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             .unwrap_or_default();
                         let state = s["state"].as_str().unwrap_or("unknown");
                         let common = common_state(name, state).as_str();
-                        let state =
-                            if common == state { cell(&s["state"]) } else { format!("{} [{common}]", cell(&s["state"])) };
+                        let state = if common == state {
+                            cell(&s["state"])
+                        } else {
+                            format!("{} [{common}]", cell(&s["state"]))
+                        };
                         println!("policy {:<17} {state}{reason}", table::visible(name));
                         if name == "bitlocker" {
                             print_bitlocker(s);
@@ -947,7 +954,11 @@ impl Client {
         if let Ok(id) = DeviceId::parse(arg.trim()) {
             return Ok(id.to_string());
         }
-        let v = self.call("GET", &format!("/devices?include_decommissioned=true&hostname={}", urlencode(arg.trim())), None)?;
+        let v = self.call(
+            "GET",
+            &format!("/devices?include_decommissioned=true&hostname={}", urlencode(arg.trim())),
+            None,
+        )?;
         let all: Vec<&Value> = v.as_array().into_iter().flatten().collect();
         let active: Vec<&&Value> = all.iter().filter(|d| d["status"] == json!("active")).collect();
         let pick = match (all.len(), active.len()) {

@@ -65,7 +65,11 @@ pub fn common_state(policy: &str, state: &str) -> CommonState {
     if let Some(c) = CommonState::ALL.into_iter().find(|c| c.as_str() == state) {
         return c;
     }
-    DETAILED_STATES.iter().find(|(p, s, _)| *p == policy && *s == state).map(|(_, _, c)| *c).unwrap_or(CommonState::Unknown)
+    DETAILED_STATES
+        .iter()
+        .find(|(p, s, _)| *p == policy && *s == state)
+        .map(|(_, _, c)| *c)
+        .unwrap_or(CommonState::Unknown)
 }
 
 #[cfg(test)]
@@ -74,7 +78,9 @@ mod tests {
 
     #[test]
     fn states_map_onto_the_common_set() {
-        let check = |policy: &str, state: &str, want: CommonState| assert_eq!(common_state(policy, state), want, "{policy} {state}");
+        let check = |policy: &str, state: &str, want: CommonState| {
+            assert_eq!(common_state(policy, state), want, "{policy} {state}")
+        };
         check("signatures", "ok", CommonState::Ok);
         check("signatures", "not_applicable", CommonState::NotApplicable);
         check("password_expiry", "unknown", CommonState::Unknown);
