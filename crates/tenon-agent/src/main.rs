@@ -174,6 +174,11 @@ fn main() -> ExitCode {
     let agent = Agent::new(&state_dir, platform.as_ref(), clock);
     let result = match cli.command {
         Command::Enroll { server, token, token_file, force } => {
+            let s = server.trim();
+            if !(s.starts_with("http://") || s.starts_with("https://")) {
+                eprintln!("error: --server {s:?} has no http:// or https:// in front; write it as http://{s} (or https://...)");
+                return ExitCode::from(2);
+            }
             let token = match enroll_token(token, token_file.as_deref()) {
                 Ok(t) => t,
                 Err(e) => {

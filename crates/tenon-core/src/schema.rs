@@ -251,7 +251,7 @@ pub const SETTINGS: &[SettingSpec] = &[
 /// Why a setting was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SchemaError {
-    #[error("unknown setting {key}{}; `tenonctl settings keys` lists the valid keys, and keys of your own go under Custom.*", suggestion.as_ref().map(|s| format!("; did you mean {s}?")).unwrap_or_default())]
+    #[error("unknown setting {key}{} (`tenonctl settings keys` lists the valid keys; keys of your own go under Custom.*)", suggestion.as_ref().map(|s| format!("; did you mean {s}?")).unwrap_or_default())]
     Unknown { key: String, suggestion: Option<String> },
     #[error("{key} must be {expected}, not {got}")]
     WrongType { key: String, expected: String, got: String },

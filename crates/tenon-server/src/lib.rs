@@ -67,6 +67,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let keys = data_dir.load_or_create_keys(clock())?;
     let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
     let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?);
+    state.log_undeclared_settings().await;
     if let Some(token) = state.bootstrap_admin_token().await? {
         let path = data_dir.write_admin_token(&token)?;
         println!("bootstrap admin token written to {} (readable by this user only)", path.display());

@@ -143,6 +143,26 @@ impl AppState {
         Ok(UserRemoval { cleared_primary, devices_updated })
     }
 
+    /// Stored settings the schema does not declare (written before the schema existed, or by a
+    /// newer version): still delivered as stored, so the server says so at startup.
+    pub async fn log_undeclared_settings(&self) {
+        let world = self.world.lock().await;
+        let scopes = std::iter::once(("tenant".to_string(), &world.directory.tenant))
+            .chain(world.directory.groups.iter().map(|(g, grp)| (format!("group {g}"), &grp.settings)))
+            .chain(world.directory.users.iter().map(|(u, user)| (format!("user {u}"), &user.settings)));
+        for (scope, settings) in scopes {
+            for (key, value) in settings {
+                if let Err(e) = tenon_core::schema::validate(key, value) {
+                    tracing::warn!(
+                        scope = %scope,
+                        key = %key,
+                        "stored setting is not valid now: {e}; remove it with `tenonctl settings unset` or move it under Custom.*"
+                    );
+                }
+            }
+        }
+    }
+
     /// A warning when `scope` is a group (other than "All Users") that no user belongs to yet:
     /// the setting is stored, but reaches nobody until users join it.
     pub async fn empty_group_warning(&self, scope: &SettingScope) -> Option<String> {

@@ -277,6 +277,11 @@ fn tenonctl_takes_the_token_from_a_file_and_wants_a_scheme() {
     let err = stderr(&out);
     assert!(err.contains(&format!("http://{bare}")) && !err.contains("RelativeUrlWithoutBase"), "{err}");
 
+    let c = SimAgent::new(tmp.path(), "c", json!({"hostname": "PC-BARE"}));
+    let out = c.command(&["enroll", "--server", &bare]).env("TENON_ENROLL_TOKEN", "x").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains(&format!("http://{bare}")), "{}", stderr(&out));
+
     // The agent: the enrollment token from the environment.
     let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-ENV"}));
     let token = server.enroll_token(1);
