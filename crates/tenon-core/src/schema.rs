@@ -257,6 +257,8 @@ pub enum SchemaError {
     WrongType { key: String, expected: String, got: String },
     #[error("{key} is set by the server from {from}; it cannot be set directly")]
     ServerManaged { key: String, from: &'static str },
+    #[error("{key} is read by the server from the tenant and \"All Users\" only; set it with --tenant or --group \"All Users\"")]
+    TenantWideOnly { key: String },
 }
 
 impl SchemaError {
@@ -266,6 +268,7 @@ impl SchemaError {
             Self::Unknown { .. } => "unknown_setting",
             Self::WrongType { .. } => "invalid_setting_value",
             Self::ServerManaged { .. } => "server_managed_setting",
+            Self::TenantWideOnly { .. } => "invalid_setting_scope",
         }
     }
 }
@@ -277,6 +280,22 @@ pub fn lookup(key: &str) -> Option<&'static SettingSpec> {
 
 fn is_prefix(key: &str) -> bool {
     SETTINGS.iter().any(|s| s.key.len() > key.len() && s.key.starts_with(key) && s.key.as_bytes()[key.len()] == b'.')
+}
+
+/// [`validate`], and for a group other than "All Users" or a user (`tenant_wide` false) also that
+/// no key read by the server only from the tenant-wide settings is set there, where it would do nothing.
+pub fn validate_at(key: &SettingKey, value: &SettingValue, tenant_wide: bool) -> Result<(), SchemaError> {
+    validate(key, value)?;
+    if tenant_wide || matches!(value, SettingValue::Undefined) {
+        return Ok(());
+    }
+    let k = key.as_str();
+    let below = |s: &SettingSpec| s.key == k || (s.key.starts_with(k) && s.key.as_bytes().get(k.len()) == Some(&b'.'));
+    let server_read = |s: &&SettingSpec| s.scope == Scope::Server && below(s);
+    match SETTINGS.iter().find(server_read) {
+        Some(s) => Err(SchemaError::TenantWideOnly { key: s.key.to_string() }),
+        None => Ok(()),
+    }
 }
 
 /// Checks what an administrator wants to store at `key`.
@@ -407,7 +426,7 @@ pub fn markdown() -> String {
          - **scope** `machine`: read from the device's primary user's config (tenant and \"All Users\"\n  \
          while the device has none); `user`: read from each signed-in user's config; `server`: read by\n  \
          the server from the tenant and \"All Users\" settings.\n\
-         - **delivery** `delivered`: devices receive it; `backend-only`: the server evaluates it and\n  \
+         - **delivery** `delivered`: devices receive it; `backend_only`: the server evaluates it and\n  \
          strips it from what devices receive.\n\
          - **set by** `admin`: `tenonctl settings set`; `server`: derived by the server, cannot be set.\n\n\
          | key | type | default | scope | delivery | set by | description |\n\
@@ -427,7 +446,7 @@ pub fn markdown() -> String {
             scope_text(s.scope),
             match s.delivery {
                 Delivery::Delivered => "delivered",
-                Delivery::BackendOnly => "backend-only",
+                Delivery::BackendOnly => "backend_only",
             },
             by,
             description.replace('|', "\\|"),
@@ -525,6 +544,15 @@ mod tests {
         assert_eq!(undefined("Policies.PasswordExpiryWarning"), Ok(()));
         assert!(matches!(undefined("Policies.Typo"), Err(Unknown { .. })));
         assert!(matches!(undefined("Client.IsPrimaryOfUser"), Err(ServerManaged { .. })));
+        let at =
+            |k: &str, v: Value, wide: bool| validate_at(&SettingKey::parse(k).unwrap(), &SettingValue::Set(v), wide);
+        assert_eq!(at("Devices.PrimaryUserDetectionWindowHours", json!(24), true), Ok(()));
+        assert!(matches!(at("Devices.PrimaryUserDetectionWindowHours", json!(24), false), Err(TenantWideOnly { .. })));
+        assert!(matches!(
+            at("Devices", json!({"PrimaryUserDetectionWindowHours": 1}), false),
+            Err(TenantWideOnly { .. })
+        ));
+        assert_eq!(at("Policies.SetCurrentUserAdministrator", json!(true), false), Ok(()));
     }
 
     #[test]

@@ -734,7 +734,12 @@ impl AppState {
         let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         // Removing needs no schema check: a key an older version stored must stay removable.
         if let Some(v) = &value {
-            tenon_core::schema::validate(&key, v)?;
+            let tenant_wide = match scope {
+                SettingScope::Tenant => true,
+                SettingScope::Group(g) => GroupName::parse(g).is_ok_and(|g| g.is_all_users()),
+                SettingScope::User(_) => false,
+            };
+            tenon_core::schema::validate_at(&key, v, tenant_wide)?;
         }
         let mut world = self.world.lock().await;
         let (kind, name) = self.check_scope(&world, scope)?;

@@ -33,6 +33,7 @@ fn settings_refuse_unknown_keys_and_wrong_types_and_store_nothing() {
         (vec!["--tenant", "Policies.SetNetworkOptimizationID", "5"], "must be true or false, not 5"),
         (vec!["--tenant", "Policies.SetNetworkOptimizationID", "\"yes\""], "must be true or false"),
         (vec!["--group", "Engineering", "Client.PrimaryUser", "\"anna@contoso.com\""], "set by the server"),
+        (vec!["--group", "Engineering", "Devices.PrimaryUserDetectionWindowHours", "24"], "--tenant"),
     ];
     for (args, says) in refused {
         let mut all = vec!["settings", "set"];

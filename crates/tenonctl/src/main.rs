@@ -407,7 +407,8 @@ impl std::fmt::Display for ServerRefused {
 impl std::error::Error for ServerRefused {}
 
 /// Refusals that mean the command line was wrong (exit code 2, like a usage error).
-const USAGE_CODES: [&str; 3] = ["unknown_setting", "invalid_setting_value", "server_managed_setting"];
+const USAGE_CODES: [&str; 4] =
+    ["unknown_setting", "invalid_setting_value", "server_managed_setting", "invalid_setting_scope"];
 
 /// A usage error found after parsing (exit code 2).
 #[derive(Debug)]
