@@ -307,3 +307,19 @@ fn a_taken_port_is_refused_before_anything_is_written() {
     assert!(stderr(&out).contains("cannot listen on"), "{}", stderr(&out));
     assert!(!data.exists(), "the data dir was created although the port is taken");
 }
+
+#[test]
+fn admin_tokens_create_help_explains_the_roles() {
+    let out = Command::new(bin("tenonctl")).args(["admin-tokens", "create", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for says in [
+        "admin          everything except reading recovery keys",
+        "each read is audited and makes the device rotate the key",
+        "A token may grant only roles it holds itself",
+        "needs a token that has both",
+        "The bootstrap token (DATA_DIR/admin.token) has both",
+    ] {
+        assert!(help.contains(says), "{says:?} missing from:\n{help}");
+    }
+}
