@@ -251,7 +251,8 @@ fn show_status(dir: &std::path::Path, json: bool) -> ExitCode {
         println!("decommissioned: yes, re-enroll this device");
     }
     for (name, s) in &status.policies {
-        println!("policy {name}: {}", s.get("state").and_then(|v| v.as_str()).unwrap_or("?"));
+        let reason = s.get("reason").and_then(|v| v.as_str()).map(|r| format!(" ({r})")).unwrap_or_default();
+        println!("policy {name}: {}{reason}", s.get("state").and_then(|v| v.as_str()).unwrap_or("?"));
     }
     ExitCode::SUCCESS
 }
