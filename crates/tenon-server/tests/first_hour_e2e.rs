@@ -323,3 +323,29 @@ fn admin_tokens_create_help_explains_the_roles() {
         assert!(help.contains(says), "{says:?} missing from:\n{help}");
     }
 }
+
+/// A key stored before the schema existed (or by a newer version) is still loaded and delivered,
+/// the server says so at startup, and it can always be removed.
+#[test]
+fn a_stored_key_the_schema_refuses_is_reported_and_stays_removable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    Server::start(&data, "127.0.0.1:0").stop();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("tenon.db"));
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        sqlx::query("INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES ('tenant', '', 'Policies.Team', '\"eng\"', 0)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    });
+    let server = Server::start(&data, "127.0.0.1:0");
+    let log = std::fs::read_to_string(&server.stderr_log).unwrap();
+    assert!(log.contains("stored setting is not valid now") && log.contains("Policies.Team"), "{log}");
+    assert_eq!(server.ctl_json(&["settings", "list"])[0]["key"], json!("Policies.Team"));
+    server.ctl_ok(&["settings", "unset", "--tenant", "Policies.Team"]);
+    assert_eq!(server.ctl_json(&["settings", "list"]), json!([]));
+    server.stop();
+}
