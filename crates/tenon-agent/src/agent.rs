@@ -389,7 +389,15 @@ impl<'p> Agent<'p> {
             // re-runs the network-dependent policies; the interval stays the fallback.
             scope.spawn(|| {
                 crate::netwatch::watch_network(self.platform, stop, |gw| {
-                    tracing::info!(gateway = ?gw, "network changed; syncing now");
+                    let gateway = match gw {
+                        Some(g) => format!(
+                            "{} ({})",
+                            g.ip,
+                            g.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+                        ),
+                        None => "none".into(),
+                    };
+                    tracing::info!(gateway = %gateway, "network changed; syncing now");
                     network_changed.store(true, Ordering::SeqCst);
                 })
             });
@@ -406,7 +414,8 @@ impl<'p> Agent<'p> {
             network_changed.store(false, Ordering::SeqCst);
             let wait = match self.sync_once() {
                 Ok(s) => {
-                    tracing::info!(result = s.result, version = ?s.config_version, "sync done");
+                    let version = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+                    tracing::info!(result = s.result, version = %version, "sync done");
                     backoff = Duration::from_secs(5);
                     jitter(interval, 0.2)
                 }

@@ -32,12 +32,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Enroll this device with a server.
+    /// Enroll this device with a server. The token comes from --token-file, TENON_ENROLL_TOKEN or
+    /// --token (on the command line it is visible in the process list; prefer the other two).
     Enroll {
         #[arg(long)]
         server: String,
-        #[arg(long)]
-        token: String,
+        /// The enrollment token (prefer --token-file or TENON_ENROLL_TOKEN).
+        #[arg(long, env = "TENON_ENROLL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding the enrollment token (wins over --token and TENON_ENROLL_TOKEN).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         /// Discard an existing enrollment.
         #[arg(long)]
         force: bool,
@@ -138,6 +143,8 @@ fn main() -> ExitCode {
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TENON_LOG").unwrap_or_else(|_| "info".into()))
             .with_writer(std::io::stderr)
+            // Colour codes only for a person at a terminal, never in a log file or a pipe.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     let Some(state_dir) = cli.state_dir.clone().or_else(default_state_dir) else {
@@ -166,9 +173,23 @@ fn main() -> ExitCode {
     };
     let agent = Agent::new(&state_dir, platform.as_ref(), clock);
     let result = match cli.command {
-        Command::Enroll { server, token, force } => agent.enroll(&server, &token, force).map(|id| {
-            println!("{id}");
-        }),
+        Command::Enroll { server, token, token_file, force } => {
+            let s = server.trim();
+            if !(s.starts_with("http://") || s.starts_with("https://")) {
+                eprintln!("error: --server {s:?} has no http:// or https:// in front; write it as http://{s} (or https://...)");
+                return ExitCode::from(2);
+            }
+            let token = match enroll_token(token, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            agent.enroll(&server, &token, force).map(|id| {
+                println!("{id}");
+            })
+        }
         Command::Sync { .. } => {
             let r = agent.sync_once().map(|s| {
                 let v = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
@@ -198,6 +219,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// The enrollment token from `--token-file`, else `--token` / `TENON_ENROLL_TOKEN`.
+fn enroll_token(token: Option<String>, file: Option<&std::path::Path>) -> Result<String, String> {
+    let token = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| format!("cannot read the token file {}: {e}; check --token-file", f.display()))?,
+        None => token.unwrap_or_default(),
+    };
+    let token = token.trim();
+    if token.is_empty() {
+        return Err("no enrollment token: pass --token-file FILE or set TENON_ENROLL_TOKEN                     (create one with `tenonctl enroll-token create`)"
+            .into());
+    }
+    Ok(token.to_string())
+}
+
 fn show_status(dir: &std::path::Path, json: bool) -> ExitCode {
     let status = Status::load(dir);
     if json {
@@ -215,7 +251,8 @@ fn show_status(dir: &std::path::Path, json: bool) -> ExitCode {
         println!("decommissioned: yes, re-enroll this device");
     }
     for (name, s) in &status.policies {
-        println!("policy {name}: {}", s.get("state").and_then(|v| v.as_str()).unwrap_or("?"));
+        let reason = s.get("reason").and_then(|v| v.as_str()).map(|r| format!(" ({r})")).unwrap_or_default();
+        println!("policy {name}: {}{reason}", s.get("state").and_then(|v| v.as_str()).unwrap_or("?"));
     }
     ExitCode::SUCCESS
 }

@@ -224,3 +224,17 @@ fn state_records_what_was_written() {
     d.run_default();
     assert_eq!(d.state, json!({"group_id": "00063065-0000-0001-0001-001a2b3c4d5e", "download_mode": 2}));
 }
+
+/// Issue 12: `5` and `"yes"` were taken as "on". A value of the wrong type is reported as
+/// `failed` with the expected type, and the device stays exactly as it was.
+#[test]
+fn a_value_of_the_wrong_type_is_reported_not_guessed() {
+    let mut d = Device::behind("192.168.77.1", "aa:bb:cc:dd:ee:01");
+    for bad in [json!(5), json!("yes")] {
+        let before = d.bytes();
+        let s = d.run(json!({"Policies": {"SetNetworkOptimizationID": bad}}));
+        assert_eq!(s.state, "failed", "{s:?}");
+        assert!(s.reason.as_deref().unwrap().contains("true or false"), "{s:?}");
+        assert_eq!(d.bytes(), before, "nothing may be written for {bad}");
+    }
+}

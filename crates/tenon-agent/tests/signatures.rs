@@ -121,7 +121,7 @@ fn two_users_on_one_device_each_get_their_own_values() {
     let mut dev = Device::new(&[ANNA, "Ben@Contoso.com"]);
     let users = payload(&[template("Corp", None, &[])], &[(ANNA, anna()), (BEN, ben())], None);
     let status = dev.apply(&users);
-    assert_eq!(status.state, "applied", "{status:?}");
+    assert_eq!(status.state, "ok", "{status:?}");
 
     let a = dev.read(ANNA, "Corp.htm");
     assert!(a.starts_with('\u{feff}'));
@@ -149,7 +149,7 @@ fn roaming_option_puts_the_upn_in_the_name() {
     let mut dev = Device::new(&[ANNA]);
     let t = template("Corp", Some(DefaultUse::New), &[("logo.png", LOGO)]);
     let users = payload(&[t], &[(ANNA, anna())], Some(json!({"IncludeUpnInName": true})));
-    assert_eq!(dev.apply(&users).state, "applied");
+    assert_eq!(dev.apply(&users).state, "ok");
     let base = format!("Corp ({ANNA})");
     assert_eq!(
         dev.files(ANNA),
@@ -169,7 +169,7 @@ fn roaming_option_puts_the_upn_in_the_name() {
 fn images_land_in_the_files_folder() {
     let mut dev = Device::new(&[ANNA]);
     let users = payload(&[template("Corp", None, &[("logo.png", LOGO)])], &[(ANNA, anna())], None);
-    assert_eq!(dev.apply(&users).state, "applied");
+    assert_eq!(dev.apply(&users).state, "ok");
     assert_eq!(std::fs::read(dev.sig_dir(ANNA).join("Corp_files/logo.png")).unwrap(), b"PNGDATA");
     assert!(dev.read(ANNA, "Corp.htm").contains("<img src=\"Corp_files/logo.png\">"));
 }
@@ -178,14 +178,15 @@ fn images_land_in_the_files_folder() {
 fn a_second_apply_rewrites_nothing() {
     let mut dev = Device::new(&[ANNA]);
     let users = payload(&[template("Corp", Some(DefaultUse::Both), &[("logo.png", LOGO)])], &[(ANNA, anna())], None);
-    assert_eq!(dev.apply(&users).state, "applied");
+    assert_eq!(dev.apply(&users).state, "ok");
     // Age every file, so a rewrite would show even on a coarse clock.
     let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
     for f in dev.files(ANNA).iter().filter(|f| !f.ends_with('/')) {
         std::fs::File::options().write(true).open(dev.sig_dir(ANNA).join(f)).unwrap().set_modified(old).unwrap();
     }
     let status = dev.apply(&users);
-    assert_eq!(status.state, "compliant", "{status:?}");
+    assert_eq!(status.state, "ok", "{status:?}");
+    assert_eq!(status.details["changed"], json!(false));
     assert_eq!(status.details["users"][ANNA]["written"], json!([]));
     for f in dev.files(ANNA).iter().filter(|f| !f.ends_with('/')) {
         assert_eq!(std::fs::metadata(dev.sig_dir(ANNA).join(f)).unwrap().modified().unwrap(), old, "{f} was rewritten");
@@ -199,7 +200,7 @@ fn a_second_apply_rewrites_nothing() {
         &[(ANNA, changed)],
         None,
     ));
-    assert_eq!(status.state, "applied");
+    assert_eq!(status.state, "ok");
     assert_eq!(status.details["users"][ANNA]["written"], json!(["Corp.htm", "Corp.rtf", "Corp.txt"]));
     assert!(dev.read(ANNA, "Corp.txt").contains("Head of Sales"));
 }
@@ -209,13 +210,13 @@ fn a_removed_template_deletes_exactly_its_files() {
     let mut dev = Device::new(&[ANNA]);
     let corp = template("Corp", Some(DefaultUse::New), &[("logo.png", LOGO)]);
     let sales = template("Sales", Some(DefaultUse::Reply), &[]);
-    assert_eq!(dev.apply(&payload(&[corp.clone(), sales], &[(ANNA, anna())], None)).state, "applied");
+    assert_eq!(dev.apply(&payload(&[corp.clone(), sales], &[(ANNA, anna())], None)).state, "ok");
     // The user's own signature, next to Tenon's.
     std::fs::write(dev.sig_dir(ANNA).join("Mine.htm"), "<p>my own</p>").unwrap();
     assert_eq!(dev.reg(ANNA, "ReplySignature"), Some(RegValue::Sz("Sales".into())));
 
     let status = dev.apply(&payload(&[corp], &[(ANNA, anna())], None));
-    assert_eq!(status.state, "applied", "{status:?}");
+    assert_eq!(status.state, "ok", "{status:?}");
     assert_eq!(dev.files(ANNA), ["Corp.htm", "Corp.rtf", "Corp.txt", "Corp_files/", "Corp_files/logo.png", "Mine.htm"]);
     assert_eq!(dev.read(ANNA, "Mine.htm"), "<p>my own</p>");
     assert_eq!(dev.reg(ANNA, "ReplySignature"), None);
@@ -238,12 +239,12 @@ fn what_the_user_changed_after_removal_stays_theirs() {
     dev.platform.reg_set(&key, "NewSignature", &RegValue::Sz("Mine".into())).unwrap();
 
     let status = dev.apply(&payload(&[], &[(ANNA, anna())], None));
-    assert_eq!(status.state, "applied");
+    assert_eq!(status.state, "ok");
     assert_eq!(dev.files(ANNA), ["Corp.txt"]);
     assert_eq!(status.details["users"][ANNA]["left_as_user_changed"], json!(["Corp.txt"]));
     assert_eq!(dev.reg(ANNA, "NewSignature"), Some(RegValue::Sz("Mine".into())));
     // Released for good: a later run does not touch it either.
-    assert_eq!(dev.apply(&payload(&[], &[(ANNA, anna())], None)).state, "compliant");
+    assert_eq!(dev.apply(&payload(&[], &[(ANNA, anna())], None)).state, "not_applicable");
     assert_eq!(dev.read(ANNA, "Corp.txt"), "edited by Anna");
 }
 
@@ -264,13 +265,42 @@ fn unknown_placeholders_and_bad_configs_are_reported() {
 }
 
 #[test]
-fn users_without_config_are_skipped_and_no_users_is_compliant() {
+fn users_without_config_are_skipped_and_nothing_assigned_is_not_applicable() {
     let mut dev = Device::new(&[ANNA]);
     let status = dev.apply(&Map::new());
-    assert_eq!(status.state, "compliant");
+    assert_eq!(status.state, "not_applicable");
+    assert_eq!(status.reason.as_deref(), Some("no signature templates assigned"));
     assert!(status.details["users"][ANNA]["skipped"].is_string());
     assert!(dev.files(ANNA).is_empty());
     let mut dev = Device::new(&[]);
-    assert_eq!(dev.apply(&Map::new()).state, "compliant");
+    assert_eq!(dev.apply(&Map::new()).state, "not_applicable");
+    // Templates assigned, but nobody signed in: it waits for a user.
+    let status = dev.apply(&payload(&[template("Corp", None, &[])], &[(ANNA, anna())], None));
+    assert_eq!((status.state.as_str(), status.reason.as_deref()), ("waiting", Some("no user is signed in")));
     assert!(tenon_agent::policies::all().iter().any(|p| p.name() == "signatures"));
+}
+
+/// Issue 12: a fresh device whose file names no profiles_dir, with no template assigned, reported
+/// `failed` ("profiles_dir is not set"). Nothing to do is `not_applicable`, and the profile folder
+/// is not even looked up.
+#[test]
+fn nothing_assigned_on_a_device_without_profiles_is_not_applicable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("device.json");
+    std::fs::write(&path, json!({"hostname": "PC-1", "signed_in_users": [ANNA]}).to_string()).unwrap();
+    let platform = SimulatedPlatform::open(&path).unwrap();
+    let mut state = Value::Null;
+    let users = payload(&[], &[(ANNA, anna())], None);
+    let mut ctx = PolicyContext {
+        platform: &platform,
+        machine: &Map::new(),
+        users: &users,
+        now: 0,
+        state: &mut state,
+        escrow: &tenon_agent::policies::NoEscrow,
+        store: &tenon_agent::policies::NoStore,
+    };
+    let status = Signatures.apply(&mut ctx);
+    assert_eq!(status.state, "not_applicable", "{status:?}");
+    assert_eq!(status.reason.as_deref(), Some("no signature templates assigned"));
 }

@@ -352,7 +352,7 @@ fn warnings_follow_the_users_config() {
     assert_eq!(d.notifications().len(), 1);
     users["anna@x.com"]["Policies"] = json!({"PasswordExpiryWarning": {"ThresholdDays": "often"}});
     let s = d.run(&*pe, json!({}), users, NOW);
-    assert_eq!(s.state, "error");
+    assert_eq!(s.state, "failed");
     assert_eq!(s.details["users"]["anna@x.com"]["state"], json!("invalid"));
 }
 
@@ -363,4 +363,10 @@ fn signed_in_user_without_expiry_is_unknown() {
     let s = d.run(&*pe, json!({}), json!({}), NOW);
     assert_eq!(s.details["users"]["anna@x.com"], json!({"days_left": null, "state": "unknown"}));
     assert_eq!(d.notifications().len(), 0);
+    // Issue 12: the policy said `ok` while nobody could tell; an unknown expiry is `unknown`.
+    assert_eq!(s.state, "unknown");
+    assert!(s.reason.as_deref().unwrap().contains("anna@x.com"), "{s:?}");
+    // Nobody to look at: nothing to do.
+    let mut d = device(&[]);
+    assert_eq!(d.run(&*pe, json!({}), json!({}), NOW).state, "not_applicable");
 }

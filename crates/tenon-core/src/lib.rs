@@ -8,5 +8,6 @@ pub mod directory;
 pub mod envelope;
 pub mod ids;
 pub mod policy;
+pub mod schema;
 pub mod settings;
 pub mod trust;

@@ -17,7 +17,8 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 
 /// Top-level keys that only the server evaluates; devices never see them.
-pub const BACKEND_ONLY_ROOTS: [&str; 3] = ["Allow", "Restrict", "SoftwarePackageOverrides"];
+/// (`Devices.*` is read by the server: the primary-user detection window.)
+pub const BACKEND_ONLY_ROOTS: [&str; 4] = ["Allow", "Devices", "Restrict", "SoftwarePackageOverrides"];
 
 /// What one scope says about one key.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -20,6 +20,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Gone(String),
+    /// A setting the schema refuses (unknown key, wrong type, server-managed).
+    #[error(transparent)]
+    Setting(#[from] tenon_core::schema::SchemaError),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -39,6 +42,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Gone(_) => StatusCode::GONE,
+            Self::Setting(_) => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -55,6 +59,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::Gone(_) => "device_decommissioned",
+            Self::Setting(e) => e.code(),
             Self::PayloadTooLarge(_) => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::MethodNotAllowed(_) => "method_not_allowed",

@@ -10,6 +10,7 @@ pub mod datadir;
 pub mod error;
 pub mod escrow;
 pub mod index;
+pub mod lifecycle;
 pub mod metrics;
 pub mod secrets;
 pub mod signatures;
@@ -95,18 +96,21 @@ fn restrict_database_files(db: &std::path::Path) -> anyhow::Result<()> {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    // Bind first: a taken port must fail before anything is written (a fresh data dir, keys, the
+    // admin token).
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}; is another server using it? pass --listen ADDR", opts.listen))?;
     let data_dir = datadir::DataDir::open(&opts.data_dir)?;
     let clock = state::system_clock();
     let keys = data_dir.load_or_create_keys(clock())?;
     let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
     let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?);
+    state.log_undeclared_settings().await;
     if let Some(token) = state.bootstrap_admin_token().await? {
         let path = data_dir.write_admin_token(&token)?;
         println!("bootstrap admin token written to {} (readable by this user only)", path.display());
     }
-    let listener = tokio::net::TcpListener::bind(opts.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}; is another server using it? pass --listen ADDR", opts.listen))?;
     let local = listener.local_addr()?;
     println!("tenon-server listening on http://{local} (data dir {})", data_dir.path.display());
     tracing::info!(%local, devices = state.index.len(), "listening");

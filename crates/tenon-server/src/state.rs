@@ -541,13 +541,19 @@ impl AppState {
         let mut world = self.world.lock().await;
         let now = self.now();
         let mut tx = self.db.begin().await?;
-        let row = sqlx::query("SELECT secret_sha256, uses_left, expires_at FROM enroll_tokens WHERE id = ?")
-            .bind(token_id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(bad)?;
+        let row =
+            sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = ?")
+                .bind(token_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(bad)?;
         if !secrets::secret_matches(secret, row.get::<&str, _>(0)) {
             return Err(bad());
+        }
+        if row.get::<Option<i64>, _>(3).is_some() {
+            return Err(ApiError::Unauthorized(
+                "enrollment token was revoked; create a new one with `tenonctl enroll-token create`".into(),
+            ));
         }
         if row.get::<i64, _>(2) <= now {
             return Err(ApiError::Unauthorized(
@@ -833,6 +839,15 @@ impl AppState {
         value: Option<SettingValue>,
     ) -> ApiResult<usize> {
         let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        // Removing needs no schema check: a key an older version stored must stay removable.
+        if let Some(v) = &value {
+            let tenant_wide = match scope {
+                SettingScope::Tenant => true,
+                SettingScope::Group(g) => GroupName::parse(g).is_ok_and(|g| g.is_all_users()),
+                SettingScope::User(_) => false,
+            };
+            tenon_core::schema::validate_at(&key, v, tenant_wide)?;
+        }
         let mut world = self.world.lock().await;
         let (kind, name) = self.check_scope(&world, scope)?;
         let now = self.now();

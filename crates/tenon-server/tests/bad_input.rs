@@ -330,10 +330,34 @@ fn every_endpoint_answers_bad_input_with_a_problem() {
                 path: "/api/v1/admin/settings",
                 auth: admin.clone(),
                 content_type: json_ct,
-                body: Some(br#"{"scope":{"kind":"user","name":"ghost@x.com"},"key":"A.B","value":1}"#.to_vec()),
+                body: Some(br#"{"scope":{"kind":"user","name":"ghost@x.com"},"key":"Custom.B","value":1}"#.to_vec()),
             },
             404,
             "not_found",
+        ),
+        (
+            Call {
+                method: "PUT",
+                path: "/api/v1/admin/settings",
+                auth: admin.clone(),
+                content_type: json_ct,
+                body: Some(br#"{"scope":{"kind":"tenant"},"key":"Policies.NoSuchThing","value":true}"#.to_vec()),
+            },
+            400,
+            "unknown_setting",
+        ),
+        (
+            Call {
+                method: "PUT",
+                path: "/api/v1/admin/settings",
+                auth: admin.clone(),
+                content_type: json_ct,
+                body: Some(
+                    br#"{"scope":{"kind":"tenant"},"key":"Policies.SetNetworkOptimizationID","value":5}"#.to_vec(),
+                ),
+            },
+            400,
+            "invalid_setting_value",
         ),
         (
             Call {
@@ -471,7 +495,7 @@ fn tenonctl_refuses_values_that_are_not_json() {
     // Nothing was stored.
     assert_eq!(server.ctl_json(&["settings", "list"]), json!([]));
     // And `undefined` is accepted as the delete marker.
-    server.ctl_ok(&["settings", "set", "--tenant", "Policies.X", "undefined"]);
+    server.ctl_ok(&["settings", "set", "--tenant", "Custom.X", "undefined"]);
     let list = server.ctl_json(&["settings", "list"]);
     assert_eq!(list[0]["value"], json!("undefined"));
     // A file that is not a JSON array is a usage error too.

@@ -23,10 +23,17 @@ fn two_agents_get_their_own_config_and_survive_a_restart() {
     let addr = server.addr.clone();
 
     server.ctl_ok(&["users", "import", users_file(tmp.path()).to_str().unwrap()]);
-    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Common", "1"]);
-    server.ctl_ok(&["settings", "set", "--group", "Engineering", "Policies.Team", "\"eng\""]);
-    server.ctl_ok(&["settings", "set", "--group", "Sales", "Policies.Team", "\"sales\""]);
-    server.ctl_ok(&["settings", "set", "--user", "ben@contoso.com", "Allow.LocalAdmin", "true"]);
+    server.ctl_ok(&["settings", "set", "--tenant", "Custom.Common", "1"]);
+    server.ctl_ok(&["settings", "set", "--group", "Engineering", "Custom.Team", "\"eng\""]);
+    server.ctl_ok(&["settings", "set", "--group", "Sales", "Custom.Team", "\"sales\""]);
+    server.ctl_ok(&[
+        "settings",
+        "set",
+        "--user",
+        "ben@contoso.com",
+        "SoftwarePackageOverrides.IgnoreUserRestrictions",
+        "true",
+    ]);
 
     let token = server.enroll_token(2);
     let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-ANNA", "signed_in_users": ["anna@contoso.com"]}));
@@ -46,13 +53,14 @@ fn two_agents_get_their_own_config_and_survive_a_restart() {
     // Each holds its own effective config, as the server compiled it.
     let pa = a.held_payload();
     let pb = b.held_payload();
-    assert_eq!(pa["machine"]["Policies"], json!({"Common": 1, "Team": "eng"}));
-    assert_eq!(pb["machine"]["Policies"], json!({"Common": 1, "Team": "sales"}));
+    assert_eq!(pa["machine"]["Custom"], json!({"Common": 1, "Team": "eng"}));
+    assert_eq!(pb["machine"]["Custom"], json!({"Common": 1, "Team": "sales"}));
     assert_eq!(pa["machine"]["Client"]["PrimaryUser"], json!("anna@contoso.com"));
     assert_eq!(pa["users"]["anna@contoso.com"]["Client"]["IsPrimaryOfUser"], json!(true));
     // Backend-only keys never reach the device.
-    assert!(pb["machine"].get("Allow").is_none());
-    assert!(pb["users"]["ben@contoso.com"].get("Allow").is_none());
+    assert!(pb["machine"].get("SoftwarePackageOverrides").is_none());
+    assert!(pb["users"]["ben@contoso.com"].get("SoftwarePackageOverrides").is_none());
+    assert_eq!(pb["machine"]["Client"]["MandatoryInstalls"]["IgnoreUserRestrictions"], json!(true));
 
     let show_a = server.ctl_json(&["devices", "show", &id_a]);
     let status_a = a.status();
@@ -76,13 +84,13 @@ fn two_agents_get_their_own_config_and_survive_a_restart() {
 
     // A group change reaches only that group's devices, with a higher version.
     let v_b = b.status()["config_version"].as_u64().unwrap();
-    server.ctl_ok(&["settings", "set", "--group", "Sales", "Policies.Team", "\"sales-2\""]);
+    server.ctl_ok(&["settings", "set", "--group", "Sales", "Custom.Team", "\"sales-2\""]);
     assert!(b.ok(&["sync", "--once"]).contains("sync updated"));
     assert!(a.ok(&["sync", "--once"]).contains("sync unchanged"));
     assert!(b.status()["config_version"].as_u64().unwrap() > v_b);
     assert_eq!(a.status()["config_version"], json!(v_a));
-    assert_eq!(b.held_payload()["machine"]["Policies"]["Team"], json!("sales-2"));
-    assert_eq!(a.held_payload()["machine"]["Policies"]["Team"], json!("eng"));
+    assert_eq!(b.held_payload()["machine"]["Custom"]["Team"], json!("sales-2"));
+    assert_eq!(a.held_payload()["machine"]["Custom"]["Team"], json!("eng"));
 
     // A restart loses nothing and the agents carry on.
     let before = server.ctl_json(&["devices", "list"]);
@@ -98,9 +106,9 @@ fn two_agents_get_their_own_config_and_survive_a_restart() {
     }
     assert!(a.ok(&["sync", "--once"]).contains("sync unchanged"));
     assert!(b.ok(&["sync", "--once"]).contains("sync unchanged"));
-    server.ctl_ok(&["settings", "unset", "--group", "Sales", "Policies.Team"]);
+    server.ctl_ok(&["settings", "unset", "--group", "Sales", "Custom.Team"]);
     assert!(b.ok(&["sync", "--once"]).contains("sync updated"));
-    assert!(b.held_payload()["machine"]["Policies"].get("Team").is_none());
+    assert!(b.held_payload()["machine"]["Custom"].get("Team").is_none());
     assert!(b.status()["config_version"].as_u64().unwrap() > v_b + 1);
     server.stop();
 }
@@ -228,8 +236,8 @@ fn a_database_restored_from_backup_continues_above_the_devices_version() {
     }
 
     let server = Server::start(&data, &addr);
-    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Step", "1"]);
-    server.ctl_ok(&["settings", "set", "--tenant", "Policies.Step", "2"]);
+    server.ctl_ok(&["settings", "set", "--tenant", "Custom.Step", "1"]);
+    server.ctl_ok(&["settings", "set", "--tenant", "Custom.Step", "2"]);
     a.ok(&["sync", "--once"]);
     let held = a.status()["config_version"].as_u64().unwrap();
     server.stop();

@@ -1,6 +1,7 @@
 //! tenonctl: the administrator's command line for a Tenon server.
 //!
-//! `tenonctl --server URL --token TOKEN [--json] COMMAND` (or `TENON_SERVER`, `TENON_TOKEN`).
+//! `tenonctl --server URL (--token-file FILE | --token TOKEN) [--json] COMMAND` (or `TENON_SERVER`,
+//! `TENON_TOKEN_FILE`, `TENON_TOKEN`).
 //! Every read prints a table for people, or JSON with `--json`. Errors are one line on stderr;
 //! exit codes: 0 ok, 1 failure, 2 usage.
 
@@ -11,10 +12,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tenon_core::api::{Problem, SettingScope};
-use tenon_core::ids::GroupName;
+use tenon_core::ids::{DeviceId, GroupName};
 use tenon_core::policy::signatures::DefaultUse;
+use tenon_core::policy::state::common_state;
 
 mod signature_files;
+mod table;
+
+use table::{cell, print_json, print_table};
 
 #[derive(Parser)]
 #[command(name = "tenonctl", version, about = "Administer a Tenon server")]
@@ -22,9 +27,13 @@ struct Cli {
     /// Server URL, such as http://127.0.0.1:8440.
     #[arg(long, env = "TENON_SERVER", default_value = "http://127.0.0.1:8440", global = true)]
     server: String,
-    /// Admin token (the bootstrap one is in DATA_DIR/admin.token).
+    /// Admin token. Prefer --token-file: a token on the command line is visible in the process list.
     #[arg(long, env = "TENON_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// A file holding the admin token, such as DATA_DIR/admin.token (the bootstrap one). Wins over
+    /// --token and TENON_TOKEN.
+    #[arg(long, env = "TENON_TOKEN_FILE", global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -80,11 +89,17 @@ enum RecoveryKeysCmd {
 
 #[derive(Subcommand)]
 enum AdminTokensCmd {
-    /// Create an admin token; prints the token alone (or JSON with --json). Needs the admin role.
+    /// Create an admin token; prints the token alone (or JSON with --json).
+    #[command(long_about = "Create an admin token; prints the token alone (or JSON with --json).\n\n\
+Roles:\n  \
+admin          everything except reading recovery keys\n  \
+recovery-keys  read BitLocker recovery keys; each read is audited and makes the device rotate the key\n\n\
+A token may grant only roles it holds itself: creating a token needs admin, and creating a token\n\
+with recovery-keys needs a token that has both. The bootstrap token (DATA_DIR/admin.token) has both.")]
     Create {
         name: String,
-        /// A role: admin (everything but reading recovery keys) or recovery-keys (reading them).
-        /// Repeat for both.
+        /// A role: admin (everything but reading recovery keys) or recovery-keys (reading them;
+        /// audited; the device rotates the key). Repeat for both.
         #[arg(long = "role", required = true, value_parser = ["admin", "recovery-keys"])]
         roles: Vec<String>,
     },
@@ -105,6 +120,11 @@ enum EnrollTokenCmd {
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
     },
+    /// List enrollment tokens: id, state (active, expired, used_up, revoked), uses left, expiry.
+    /// Never the secrets.
+    List,
+    /// Revoke a token by its id (the part after `tenr.`); devices enrolled with it stay enrolled.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +133,14 @@ enum UsersCmd {
     Import { file: PathBuf },
     /// List users.
     List,
+    /// Remove a user, their user-scope settings and group memberships. Their devices are
+    /// re-signed and keep their last configuration until their next sync. A user who is a
+    /// device's primary user is refused unless --force, which clears it.
+    Remove {
+        upn: String,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -154,6 +182,12 @@ enum SettingsCmd {
         scope: ScopeArgs,
         key: String,
     },
+    /// Every key Tenon understands: type, default, scope, delivery, description (needs no server).
+    Keys {
+        /// docs/settings.md as generated from the schema.
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
+    },
     /// List settings (all scopes, or one).
     List {
         #[arg(long)]
@@ -184,8 +218,14 @@ enum DevicesCmd {
         /// Include decommissioned devices.
         #[arg(long)]
         all: bool,
+        /// At most N devices (a page); the next page starts with --after the last id shown.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10000))]
+        limit: Option<u32>,
+        /// Start after this device id (the last one of the previous page).
+        #[arg(long, value_name = "ID")]
+        after: Option<String>,
     },
-    /// Show one device.
+    /// Show one device, by id or by its (unique) host name.
     Show { id: String },
     /// The configuration the device currently gets (version, hash and payload).
     Config { id: String },
@@ -266,10 +306,20 @@ struct Client {
 }
 
 impl Client {
-    fn new(server: &str, token: Option<String>) -> anyhow::Result<Self> {
+    fn new(server: &str, token: Option<String>, token_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        check_server_url(server)?;
+        let token = match token_file {
+            Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
+                usage(format!(
+                    "cannot read the token file {}: {e}; check --token-file (or TENON_TOKEN_FILE)",
+                    f.display()
+                ))
+            })?),
+            None => token,
+        };
         let token = token
             .filter(|t| !t.trim().is_empty())
-            .ok_or_else(|| usage("no admin token: pass --token TOKEN or set TENON_TOKEN (the bootstrap token is in DATA_DIR/admin.token)".into()))?;
+            .ok_or_else(|| usage("no admin token: pass --token-file FILE (the bootstrap token is DATA_DIR/admin.token) or set TENON_TOKEN".into()))?;
         let http = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))
@@ -290,8 +340,11 @@ impl Client {
             Err(ureq::Error::Status(code, r)) => {
                 let text = r.into_string().unwrap_or_default();
                 match serde_json::from_str::<Problem>(&text) {
-                    Ok(p) => bail!("{} (HTTP {code})", p.detail),
-                    Err(_) => bail!("server answered HTTP {code}: {}", text.chars().take(200).collect::<String>()),
+                    Ok(p) => Err(anyhow::Error::new(ServerRefused { status: code, code: p.code, detail: p.detail })),
+                    Err(_) => bail!(
+                        "server answered HTTP {code}: {}",
+                        table::visible(&text.chars().take(200).collect::<String>())
+                    ),
                 }
             }
             Err(ureq::Error::Transport(t)) => {
@@ -314,7 +367,9 @@ fn main() -> ExitCode {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("error: {msg}");
-            if e.downcast_ref::<UsageError>().is_some() {
+            let refused_usage =
+                e.downcast_ref::<ServerRefused>().is_some_and(|r| USAGE_CODES.contains(&r.code.as_str()));
+            if e.downcast_ref::<UsageError>().is_some() || refused_usage {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE
@@ -322,6 +377,38 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// `--server` must be an http:// or https:// URL; `127.0.0.1:8440` alone is a common slip.
+fn check_server_url(server: &str) -> anyhow::Result<()> {
+    let s = server.trim();
+    if s.starts_with("http://") || s.starts_with("https://") {
+        return Ok(());
+    }
+    Err(usage(format!(
+        "--server {s:?} has no http:// or https:// in front; write it as http://{} (or https://...)",
+        s.split("://").last().unwrap_or(s)
+    )))
+}
+
+/// The server refused a request with a problem+json answer.
+#[derive(Debug)]
+struct ServerRefused {
+    status: u16,
+    code: String,
+    detail: String,
+}
+
+impl std::fmt::Display for ServerRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (HTTP {})", table::visible(&self.detail), self.status)
+    }
+}
+
+impl std::error::Error for ServerRefused {}
+
+/// Refusals that mean the command line was wrong (exit code 2, like a usage error).
+const USAGE_CODES: [&str; 4] =
+    ["unknown_setting", "invalid_setting_value", "server_managed_setting", "invalid_setting_scope"];
 
 /// A usage error found after parsing (exit code 2).
 #[derive(Debug)]
@@ -340,9 +427,92 @@ fn usage(msg: String) -> anyhow::Error {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let c = Client::new(&cli.server, cli.token)?;
     let json_out = cli.json;
+    // The schema is compiled in: listing it needs no server.
+    if let Command::Settings(SettingsCmd::Keys { markdown }) = &cli.command {
+        if *markdown {
+            print!("{}", tenon_core::schema::markdown());
+        } else {
+            let rows: Vec<Value> = tenon_core::schema::SETTINGS
+                .iter()
+                .map(|s| {
+                    let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
+                    v["type_text"] = json!(s.ty.describe());
+                    v["default"] = serde_json::from_str(s.default).unwrap_or(Value::Null);
+                    v
+                })
+                .collect();
+            if json_out {
+                print_json(&Value::Array(rows));
+            } else {
+                let rows: Vec<Value> = rows
+                    .iter()
+                    .map(|r| {
+                        let by = if r["source"] == json!("admin") { "admin" } else { "server" };
+                        let default = if r["default"].is_null() { "-".to_string() } else { r["default"].to_string() };
+                        json!({"key": r["key"], "type": r["type_text"], "default": default,
+                               "scope": r["scope"], "delivery": r["delivery"], "by": by,
+                               "description": r["description"]})
+                    })
+                    .collect();
+                print_table(
+                    false,
+                    &Value::Array(rows),
+                    &[
+                        ("KEY", "key"),
+                        ("TYPE", "type"),
+                        ("DEFAULT", "default"),
+                        ("SCOPE", "scope"),
+                        ("DELIVERY", "delivery"),
+                        ("SET BY", "by"),
+                        ("DESCRIPTION", "description"),
+                    ],
+                );
+                println!("Keys of your own go under Custom.* (any JSON value, delivered as is).");
+            }
+        }
+        return Ok(());
+    }
+    let c = Client::new(&cli.server, cli.token, cli.token_file.as_deref())?;
     match cli.command {
+        Command::Settings(SettingsCmd::Keys { .. }) => unreachable!("answered above"),
+        Command::EnrollToken(EnrollTokenCmd::List) => {
+            let v = c.call("GET", "/enroll-tokens", None)?;
+            print_table(
+                json_out,
+                &v,
+                &[
+                    ("ID", "id"),
+                    ("STATE", "state"),
+                    ("USES LEFT", "uses_left"),
+                    ("USES", "uses"),
+                    ("EXPIRES", "expires_at"),
+                    ("CREATED", "created_at"),
+                    ("REVOKED", "revoked_at"),
+                ],
+            );
+        }
+        Command::EnrollToken(EnrollTokenCmd::Revoke { id }) => {
+            let id = enroll_token_id(&id);
+            c.call("POST", &format!("/enroll-tokens/{}/revoke", urlencode(&id)), None)?;
+            if !json_out {
+                println!("enrollment token {id} revoked: no device can enroll with it; enrolled devices stay enrolled");
+            }
+        }
+        Command::Users(UsersCmd::Remove { upn, force }) => {
+            let v = c.call("DELETE", &format!("/users/{}?force={force}", urlencode(&upn)), None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                let cleared = v["cleared_primary"].as_array().map(Vec::len).unwrap_or(0);
+                println!(
+                    "user {} removed; {} devices re-signed (they keep their last configuration until their next sync){}",
+                    cell(&v["upn"]),
+                    v["devices_updated"],
+                    if cleared > 0 { format!("; primary user cleared on {}", cell(&v["cleared_primary"])) } else { String::new() }
+                );
+            }
+        }
         Command::EnrollToken(EnrollTokenCmd::Create { uses, ttl }) => {
             let v = c.call("POST", "/enroll-tokens", Some(&json!({"uses": uses, "ttl_seconds": ttl.as_secs()})))?;
             if json_out {
@@ -390,6 +560,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("set {key}; {} devices re-signed", v["devices_updated"]);
             }
+            if let Some(w) = v["warning"].as_str() {
+                eprintln!("warning: {}", table::visible(w));
+            }
         }
         Command::Settings(SettingsCmd::Unset { scope, key }) => {
             let v = c.call("POST", "/settings/unset", Some(&json!({"scope": scope.scope(), "key": key})))?;
@@ -436,12 +609,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("group {name} priority {priority}; {} devices re-signed", v["devices_updated"]);
             }
         }
-        Command::Devices(DevicesCmd::List { without_primary, primary_mismatch, all }) => {
-            let v = c.call(
-                "GET",
-                &format!("/devices?without_primary={without_primary}&primary_mismatch={primary_mismatch}&include_decommissioned={all}"),
-                None,
-            )?;
+        Command::Devices(DevicesCmd::List { without_primary, primary_mismatch, all, limit, after }) => {
+            let mut q = format!(
+                "/devices?without_primary={without_primary}&primary_mismatch={primary_mismatch}&include_decommissioned={all}"
+            );
+            if let Some(l) = limit {
+                q.push_str(&format!("&limit={l}"));
+            }
+            if let Some(a) = &after {
+                q.push_str(&format!("&after={}", urlencode(a)));
+            }
+            let v = c.call("GET", &q, None)?;
+            let shown = v.as_array().map(Vec::len).unwrap_or(0);
+            if let (Some(l), Some(last)) = (limit, v.as_array().and_then(|a| a.last())) {
+                if shown == l as usize {
+                    eprintln!("more may follow: add --after {}", cell(&last["id"]));
+                }
+            }
             print_table(
                 json_out,
                 &v,
@@ -457,6 +641,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Devices(DevicesCmd::Show { id }) => {
+            let id = c.resolve_device(&id)?;
             let v = c.call("GET", &format!("/devices/{}", urlencode(&id)), None)?;
             if json_out {
                 print_json(&v);
@@ -479,9 +664,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 if let Some(p) = v["policies"].as_object() {
                     for (name, s) in p {
-                        let reason =
-                            s.get("reason").and_then(Value::as_str).map(|r| format!(" ({r})")).unwrap_or_default();
-                        println!("policy {name:<17} {}{reason}", cell(&s["state"]));
+                        let reason = s
+                            .get("reason")
+                            .and_then(Value::as_str)
+                            .map(|r| format!(" ({})", table::visible(r)))
+                            .unwrap_or_default();
+                        let state = s["state"].as_str().unwrap_or("unknown");
+                        let common = common_state(name, state).as_str();
+                        let state = if common == state {
+                            cell(&s["state"])
+                        } else {
+                            format!("{} [{common}]", cell(&s["state"]))
+                        };
+                        println!("policy {:<17} {state}{reason}", table::visible(name));
                         if name == "bitlocker" {
                             print_bitlocker(s);
                         }
@@ -490,10 +685,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Devices(DevicesCmd::Config { id }) => {
+            let id = c.resolve_device(&id)?;
             let v = c.call("GET", &format!("/devices/{}/config", urlencode(&id)), None)?;
             print_json(if json_out { &v } else { &v["payload"] });
         }
         Command::Devices(DevicesCmd::Reports { id, limit }) => {
+            let id = c.resolve_device(&id)?;
             let v = c.call("GET", &format!("/devices/{}/reports?limit={limit}", urlencode(&id)), None)?;
             let rows: Vec<Value> = v
                 .as_array()
@@ -515,6 +712,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Devices(DevicesCmd::SetPrimary { id, upn, clear }) => {
+            let id = c.resolve_device(&id)?;
             let upn = if clear { None } else { upn };
             c.call("PUT", &format!("/devices/{}/primary", urlencode(&id)), Some(&json!({"upn": upn})))?;
             if !json_out {
@@ -525,6 +723,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Devices(DevicesCmd::Decommission { id }) => {
+            let id = c.resolve_device(&id)?;
             c.call("POST", &format!("/devices/{}/decommission", urlencode(&id)), None)?;
             if !json_out {
                 println!("device {id} decommissioned: its credential is revoked and its primary user cleared");
@@ -554,6 +753,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::RecoveryKeys(RecoveryKeysCmd::Show { device_id, all }) => {
+            let device_id = c.resolve_device(&device_id)?;
             let v = c.call("GET", &format!("/devices/{}/recovery-keys?all={all}", urlencode(&device_id)), None)?;
             if json_out {
                 print_json(&v);
@@ -757,36 +957,42 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
-fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
-        other => other.to_string(),
+/// The id inside `tenr.ID.SECRET.FPR`, when a whole token was given (the id alone otherwise).
+fn enroll_token_id(arg: &str) -> String {
+    let a = arg.trim();
+    match a.strip_prefix("tenr.") {
+        Some(rest) => rest.split('.').next().unwrap_or(rest).to_string(),
+        None => a.to_string(),
     }
 }
 
-fn print_table(json_out: bool, v: &Value, columns: &[(&str, &str)]) {
-    if json_out {
-        return print_json(v);
-    }
-    let rows: Vec<Vec<String>> =
-        v.as_array().into_iter().flatten().map(|r| columns.iter().map(|(_, k)| cell(&r[*k])).collect()).collect();
-    let widths: Vec<usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0).max(h.len()))
-        .collect();
-    let line = |cells: Vec<String>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
-    };
-    line(columns.iter().map(|(h, _)| h.to_string()).collect());
-    for r in rows {
-        line(r);
+impl Client {
+    /// A device argument: an id as it is, or a host name that names exactly one device.
+    fn resolve_device(&self, arg: &str) -> anyhow::Result<String> {
+        if let Ok(id) = DeviceId::parse(arg.trim()) {
+            return Ok(id.to_string());
+        }
+        let v = self.call(
+            "GET",
+            &format!("/devices?include_decommissioned=true&hostname={}", urlencode(arg.trim())),
+            None,
+        )?;
+        let all: Vec<&Value> = v.as_array().into_iter().flatten().collect();
+        let active: Vec<&&Value> = all.iter().filter(|d| d["status"] == json!("active")).collect();
+        let pick = match (all.len(), active.len()) {
+            (1, _) => all[0],
+            (_, 1) => *active[0],
+            (0, _) => bail!(
+                "no device {}: neither an id nor a host name the server knows; `tenonctl devices list` shows them",
+                table::visible(arg)
+            ),
+            _ => bail!(
+                "host name {} names {} devices ({}); give the id instead",
+                table::visible(arg),
+                all.len(),
+                all.iter().map(|d| cell(&d["id"])).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        pick["id"].as_str().map(str::to_string).context("the server listed a device without an id")
     }
 }

@@ -1,4 +1,4 @@
-//! A simulated device: one JSON file (DESIGN.md section 7) that the agent reads facts from and
+//! A simulated device: one JSON file (docs/device-file.md) that the agent reads facts from and
 //! writes effects back into. Fields the agent does not know are kept as they are.
 //!
 //! Each call reads the file afresh and each change rewrites it atomically, so a test (or a person

@@ -2,7 +2,7 @@
 //! values, lets the pure plan of `tenon_core::policy::delivery_optimization` decide, writes the
 //! values, and remembers in the policy state what Tenon wrote so it only ever touches its own.
 
-use super::{config_get, Policy, PolicyContext};
+use super::{Policy, PolicyContext};
 use crate::platform::{self, PResult, Platform, RegValue};
 use serde_json::Value;
 use tenon_core::api::PolicyStatus;
@@ -20,7 +20,17 @@ impl Policy for DeliveryOptimization {
 
     fn apply(&self, ctx: &mut PolicyContext<'_>) -> PolicyStatus {
         let p = ctx.platform;
-        let enabled = dopol::enabled(config_get(ctx.machine, dopol::SETTING));
+        // A value of the wrong type (5, "yes") is reported, not guessed at; nothing changes.
+        let setting = match tenon_core::schema::read(ctx.machine, dopol::SETTING) {
+            Ok(v) => v,
+            Err(e) => {
+                return failed(format!(
+                    "{e}; Delivery Optimization is left as it is until the setting is fixed                      (`tenonctl settings set ... {} true`)",
+                    dopol::SETTING
+                ))
+            }
+        };
+        let enabled = dopol::enabled(setting);
         // When the policy is off the gateway only helps recognise Tenon's own values after a lost
         // state, so a failure to read it must not stop the removal.
         let gateway = match platform::default_gateway(p) {

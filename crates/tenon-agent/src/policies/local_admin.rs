@@ -21,15 +21,18 @@ impl Policy for LocalAdmin {
     }
 
     fn apply(&self, ctx: &mut PolicyContext<'_>) -> PolicyStatus {
-        let enabled =
-            super::config_get(ctx.machine, "Policies.SetCurrentUserAdministrator") == Some(&Value::Bool(true));
+        // A value of the wrong type is reported, not guessed at; memberships stay as they are.
+        let enabled = match tenon_core::schema::read(ctx.machine, "Policies.SetCurrentUserAdministrator") {
+            Ok(v) => v == Some(&Value::Bool(true)),
+            Err(e) => return PolicyStatus::new("failed").with_reason(format!("{e}; nothing changed")),
+        };
         let primary = primary_user(ctx.machine);
 
         // The SID comes from the primary user's session; without one the account goes by name.
         let sessions = match ctx.platform.signed_in_users() {
             Ok(s) => s,
             Err(e) if e.is_unavailable() => Vec::new(),
-            Err(e) => return PolicyStatus::new("error").with_reason(format!("cannot list signed-in users: {e}")),
+            Err(e) => return PolicyStatus::new("failed").with_reason(format!("cannot list signed-in users: {e}")),
         };
         let primary_sid = primary
             .as_deref()
@@ -38,7 +41,7 @@ impl Policy for LocalAdmin {
 
         let members: Vec<Member> = match ctx.platform.local_group_members(GROUP) {
             Ok(list) => list.into_iter().map(|a| Member { name: a.name, sid: a.sid }).collect(),
-            Err(e) => return PolicyStatus::new("error").with_reason(format!("cannot list the {GROUP} group: {e}")),
+            Err(e) => return PolicyStatus::new("failed").with_reason(format!("cannot list the {GROUP} group: {e}")),
         };
 
         // A state that does not parse would make Tenon forget what it added; refuse to act rather
@@ -48,7 +51,7 @@ impl Policy for LocalAdmin {
             v => match serde_json::from_value(v.clone()) {
                 Ok(s) => s,
                 Err(e) => {
-                    return PolicyStatus::new("error")
+                    return PolicyStatus::new("failed")
                         .with_reason(format!("the remembered local admin state is unreadable ({e}); nothing changed"))
                 }
             },
@@ -85,7 +88,7 @@ impl Policy for LocalAdmin {
         let status = if failures.is_empty() {
             PolicyStatus::new(plan.outcome.state()).with_reason(plan.outcome.reason())
         } else {
-            PolicyStatus::new("error").with_reason(failures.join("; "))
+            PolicyStatus::new("failed").with_reason(failures.join("; "))
         };
         status
             .with("primary_user", primary.map(Value::String).unwrap_or(Value::Null))

@@ -18,7 +18,7 @@ impl Policy for MandatoryInstalls {
     fn apply(&self, ctx: &mut PolicyContext<'_>) -> PolicyStatus {
         let signed_in = match ctx.platform.signed_in_users() {
             Ok(s) => s.into_iter().map(|s| s.upn).collect(),
-            Err(e) => return PolicyStatus::new("error").with_reason(format!("cannot list signed-in users: {e}")),
+            Err(e) => return PolicyStatus::new("failed").with_reason(format!("cannot list signed-in users: {e}")),
         };
         let facts = InstallFacts::new(signed_in, ctx.machine);
         let (allowed, reason) = mandatory_installs_allowed(&facts, ctx.machine);

@@ -8,8 +8,13 @@
 //! `Client.PasswordExpiry` and every signed-in user. States: `ok` (outside the warning window),
 //! `warned` (inside it, and warned today), `expiring` (inside it, not warned today: not signed in),
 //! `must_change` (FILETIME 0 or expired), `never`, `unknown` (a signed-in user without a known
-//! expiry), `invalid` (the expiry or the warning config cannot be read; the status is then `error`).
+//! expiry), `invalid` (the expiry or the warning config cannot be read).
 //! `notified: true` marks a warning shown on this run.
+//!
+//! The policy's state (docs/policy-states.md): `failed` when an expiry or the warning config cannot
+//! be read or a warning cannot be shown; otherwise `unknown` when a signed-in user's expiry is not
+//! known (never `ok`: nobody can tell whether their password is about to expire);
+//! `not_applicable` when there is no user to look at; `ok` otherwise.
 //!
 //! State: `{"warned": {"<upn>": [[threshold, utc_day], ...]}}`, only today's entries kept.
 
@@ -39,7 +44,7 @@ impl Policy for PasswordExpiryWarnings {
     fn apply(&self, ctx: &mut PolicyContext<'_>) -> PolicyStatus {
         let sessions = match ctx.platform.signed_in_users() {
             Ok(s) => s,
-            Err(e) => return PolicyStatus::new("error").with_reason(format!("cannot list signed-in users: {e}")),
+            Err(e) => return PolicyStatus::new("failed").with_reason(format!("cannot list signed-in users: {e}")),
         };
         let mut signed_in: BTreeMap<String, SessionUser> = BTreeMap::new();
         for s in sessions {
@@ -59,12 +64,14 @@ impl Policy for PasswordExpiryWarnings {
             ctx.users.keys().map(|u| u.to_lowercase()).chain(signed_in.keys().cloned()).collect();
         let mut report = Map::new();
         let mut failures = Vec::new();
+        let mut unknown = Vec::new();
         for upn in users {
             let config = ctx.users.iter().find(|(k, _)| k.to_lowercase() == upn).and_then(|(_, v)| v.as_object());
             let session = signed_in.get(&upn);
             let raw = config.and_then(|c| config_get(c, "Client.PasswordExpiry"));
             let (Some(config), Some(raw)) = (config, raw) else {
                 if session.is_some() {
+                    unknown.push(upn.clone());
                     report.insert(upn, json!({"days_left": null, "state": "unknown"}));
                 }
                 continue;
@@ -114,10 +121,18 @@ impl Policy for PasswordExpiryWarnings {
             *ctx.state = v;
         }
 
-        let status = if failures.is_empty() {
-            PolicyStatus::new("ok")
+        let status = if !failures.is_empty() {
+            PolicyStatus::new("failed").with_reason(failures.join("; "))
+        } else if !unknown.is_empty() {
+            PolicyStatus::new("unknown").with_reason(format!(
+                "the password expiry of {} is not known: the directory has no {} for them",
+                unknown.join(", "),
+                tenon_core::directory::PASSWORD_EXPIRY_ATTRIBUTE
+            ))
+        } else if report.is_empty() {
+            PolicyStatus::new("not_applicable").with_reason("no user is signed in and no expiry is known")
         } else {
-            PolicyStatus::new("error").with_reason(failures.join("; "))
+            PolicyStatus::new("ok")
         };
         status.with("users", report)
     }

@@ -19,6 +19,12 @@
 //! Users who are not signed in are left alone until they are; a signed-in user without a config
 //! in the payload is skipped (the server does not know them yet), while a config without
 //! `Signatures` means "no signatures" and cleans up what Tenon wrote.
+//!
+//! States (docs/policy-states.md): `not_applicable` when no user of the payload has a template
+//! assigned and there is nothing of Tenon's to clean up (the profile folder is not even looked up);
+//! `waiting` when templates are assigned but nobody is signed in; `ok` when every signed-in user's
+//! files are as planned (`changed: true` when this run wrote or removed something); `failed` with
+//! the reason otherwise.
 
 use super::{Policy, PolicyContext};
 use crate::platform::{Platform, PlatformError, RegValue, SessionUser};
@@ -109,6 +115,12 @@ impl Policy for Signatures {
             Ok(u) => u,
             Err(e) => return PolicyStatus::new("failed").with_reason(format!("cannot list signed-in users: {e}")),
         };
+        let assigned = ctx.users.values().any(|c| {
+            c.get("Signatures")
+                .and_then(|s| s.get("Templates"))
+                .and_then(Value::as_object)
+                .is_some_and(|t| !t.is_empty())
+        });
         let mut details = Map::new();
         let mut failures = Vec::new();
         let mut changed = false;
@@ -138,14 +150,14 @@ impl Policy for Signatures {
         *ctx.state = serde_json::to_value(&state).unwrap_or(Value::Null);
         let status = if !failures.is_empty() {
             PolicyStatus::new("failed").with_reason(failures.join("; "))
-        } else if changed {
-            PolicyStatus::new("applied")
+        } else if !assigned && !changed {
+            PolicyStatus::new("not_applicable").with_reason("no signature templates assigned")
         } else if users.is_empty() {
-            PolicyStatus::new("compliant").with_reason("no user is signed in")
+            PolicyStatus::new("waiting").with_reason("no user is signed in")
         } else {
-            PolicyStatus::new("compliant")
+            PolicyStatus::new("ok")
         };
-        status.with("users", Value::Object(details))
+        status.with("changed", changed).with("users", Value::Object(details))
     }
 }
 
@@ -199,6 +211,12 @@ fn apply_user(
         if !t.unknown.is_empty() {
             report.unknown.insert(t.name.clone(), json!(t.unknown));
         }
+    }
+    // Nothing planned and nothing of Tenon's to remove: no need for the profile (a device without
+    // profiles, or whose profile cannot be found, has nothing to do here).
+    let planned_default = plan.new_signature.is_some() || plan.reply_signature.is_some();
+    if plan.files.is_empty() && !planned_default && us.files.is_empty() && us.registry.is_empty() {
+        return Ok(());
     }
     let dir = signatures_dir(platform, user)?;
     let desired = file_hashes(&plan.files);

@@ -8,6 +8,7 @@ pub mod install_gate;
 pub mod local_admin;
 pub mod password_expiry;
 pub mod signatures;
+pub mod state;
 
 use serde_json::{Map, Value};
 

@@ -26,6 +26,22 @@ pub fn rfc3339(t: i64) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+/// Audit details store Unix seconds (`expires_at`, `*_at`); people read RFC 3339.
+fn readable_times(v: Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| match v.as_i64() {
+                    Some(t) if k == "at" || k.ends_with("_at") => (k, Value::String(rfc3339(t))),
+                    _ => (k, readable_times(v)),
+                })
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.into_iter().map(readable_times).collect()),
+        other => other,
+    }
+}
+
 pub async fn create_enroll_token(
     State(state): State<Arc<AppState>>,
     Admin(actor): Admin,
@@ -34,6 +50,36 @@ pub async fn create_enroll_token(
     let (token, expires_at) = state.create_enroll_token(&actor, req.uses, req.ttl_seconds).await?;
     let body = EnrollTokenResponse { token, uses: req.uses, expires_at: rfc3339(expires_at) };
     Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+pub async fn list_enroll_tokens(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
+    Ok(Json(Value::Array(state.list_enroll_tokens().await?)))
+}
+
+pub async fn revoke_enroll_token(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    state.revoke_enroll_token(&actor, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+pub struct RemoveUserQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+pub async fn remove_user(
+    State(state): State<Arc<AppState>>,
+    Admin(actor): Admin,
+    Path(upn): Path<String>,
+    ApiQuery(q): ApiQuery<RemoveUserQuery>,
+) -> ApiResult<Json<Value>> {
+    let r = state.remove_user(&actor, &upn, q.force).await?;
+    Ok(Json(json!({"upn": upn.trim().to_lowercase(), "cleared_primary": r.cleared_primary,
+                   "devices_updated": r.devices_updated})))
 }
 
 pub async fn import_users(
@@ -81,7 +127,8 @@ pub async fn set_setting(
         }
     };
     let n = state.set_setting(&actor, &req.scope, &req.key, value).await?;
-    Ok(Json(json!({"devices_updated": n})))
+    let warning = state.empty_group_warning(&req.scope).await;
+    Ok(Json(json!({"devices_updated": n, "warning": warning})))
 }
 
 pub async fn unset_setting(
@@ -163,6 +210,12 @@ pub struct DevicesQuery {
     primary_mismatch: bool,
     #[serde(default)]
     include_decommissioned: bool,
+    /// Only devices with this host name (case-insensitive).
+    hostname: Option<String>,
+    /// At most this many devices (1 to 10000).
+    limit: Option<i64>,
+    /// The page after this device id (the last id of the previous page), in listing order.
+    after: Option<String>,
 }
 
 pub async fn list_devices(
@@ -170,9 +223,40 @@ pub async fn list_devices(
     Admin(_): Admin,
     ApiQuery(q): ApiQuery<DevicesQuery>,
 ) -> ApiResult<Json<Vec<DeviceView>>> {
-    let rows = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY hostname, id"))
-        .fetch_all(&state.db)
-        .await?;
+    // Keyset paging in the listing order (hostname, id): stable while devices come and go.
+    let cursor = match &q.after {
+        None => None,
+        Some(after) => Some(
+            sqlx::query_scalar::<_, String>("SELECT hostname FROM devices WHERE id = ?")
+                .bind(after.to_lowercase())
+                .fetch_optional(&state.db)
+                .await?
+                .map(|h| (h, after.to_lowercase()))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "after={after}: no such device; pass the last id of the previous page"
+                    ))
+                })?,
+        ),
+    };
+    let limit = match q.limit {
+        None => None,
+        Some(n @ 1..=10_000) => Some(n as usize),
+        Some(n) => return Err(ApiError::BadRequest(format!("limit={n}: give a number from 1 to 10000"))),
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {DEVICE_COLUMNS} FROM devices
+         WHERE (?1 IS NULL OR (hostname, id) > (?1, ?2)) AND (?3 IS NULL OR hostname = ?3 COLLATE NOCASE)
+           AND (?4 OR status = 'active') AND (NOT ?5 OR primary_user IS NULL)
+         ORDER BY hostname, id"
+    ))
+    .bind(cursor.as_ref().map(|c| c.0.as_str()))
+    .bind(cursor.as_ref().map(|c| c.1.as_str()))
+    .bind(q.hostname.as_deref().map(str::trim))
+    .bind(q.include_decommissioned)
+    .bind(q.without_primary)
+    .fetch_all(&state.db)
+    .await?;
     // The user signed in most often on each device, for the mismatch report.
     let mut most_seen: BTreeMap<String, (i64, String)> = BTreeMap::new();
     if q.primary_mismatch {
@@ -200,6 +284,9 @@ pub async fn list_devices(
             }
         }
         out.push(view);
+        if limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
     }
     Ok(Json(out))
 }
@@ -329,7 +416,7 @@ pub async fn audit_list(
                     "actor": r.get::<String, _>(2),
                     "action": r.get::<String, _>(3),
                     "target": r.get::<Option<String>, _>(4),
-                    "details": serde_json::from_str::<Value>(r.get::<&str, _>(5)).unwrap_or(Value::Null),
+                    "details": readable_times(serde_json::from_str::<Value>(r.get::<&str, _>(5)).unwrap_or(Value::Null)),
                 })
             })
             .collect(),

@@ -22,9 +22,11 @@ const SIGNATURE_LIMIT: usize = 16 * 1024 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
-        .route("/enroll-tokens", post(admin::create_enroll_token))
+        .route("/enroll-tokens", post(admin::create_enroll_token).get(admin::list_enroll_tokens))
+        .route("/enroll-tokens/{id}/revoke", post(admin::revoke_enroll_token))
         .route("/users/import", post(admin::import_users).layer(DefaultBodyLimit::max(IMPORT_LIMIT)))
         .route("/users", get(admin::list_users))
+        .route("/users/{upn}", axum::routing::delete(admin::remove_user))
         .route("/settings", get(admin::list_settings).put(admin::set_setting))
         .route("/settings/unset", post(admin::unset_setting))
         .route("/groups/{name}/priority", put(admin::set_group_priority))
