@@ -83,6 +83,8 @@ pub struct AppState {
     /// once the database shows none open). Every BitLocker-enforced agent asks each sync; the
     /// others are answered from memory.
     pub rotations_open: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Rate limits, failed-authentication tally, report history (`with_client_policy`).
+    pub client: crate::client_policy::ClientPolicy,
 }
 
 /// Roles an admin token may hold.
@@ -209,6 +211,7 @@ impl AppState {
             clock,
             envelope_ttl,
             rotations_open: std::sync::Mutex::new(open.into_iter().collect()),
+            client: Default::default(),
         };
         // Converge: anything changed since the envelopes were signed (or a crash between a write
         // and its re-sign) is re-issued now.
@@ -218,6 +221,12 @@ impl AppState {
             state.recompile(&mut world, all).await?;
         }
         Ok(state)
+    }
+
+    /// Replaces the default rate limits and report history with the serve options'.
+    pub fn with_client_policy(mut self, client: crate::client_policy::ClientPolicy) -> Self {
+        self.client = client;
+        self
     }
 
     /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near.
@@ -620,6 +629,7 @@ impl AppState {
             .bind(&report_json)
             .execute(&mut *tx)
             .await?;
+        self.client.history.prune(&mut tx, device_id, now).await?;
         sqlx::query(
             "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
                     last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?

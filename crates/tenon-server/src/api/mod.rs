@@ -19,6 +19,10 @@ const IMPORT_LIMIT: usize = 32 * 1024 * 1024;
 /// Signature templates carry their images; the domain answers a too-large template with a
 /// message that says what to shrink, so the transport limit sits well above that.
 const SIGNATURE_LIMIT: usize = 16 * 1024 * 1024;
+/// A real report is a few KB (one status per policy); 64 KiB leaves room for a long error text.
+pub const REPORT_LIMIT: usize = 64 * 1024;
+/// An enrollment is a token, a hostname and a version.
+const ENROLL_LIMIT: usize = 16 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
@@ -47,10 +51,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/audit", get(admin::audit_list))
         .route("/networks", get(admin::networks));
     let api = Router::new()
-        .route("/enroll", post(device::enroll))
+        .route("/enroll", post(device::enroll).layer(DefaultBodyLimit::max(ENROLL_LIMIT)))
         .route("/device/config", get(device::config))
         .route("/device/trust", get(device::trust))
-        .route("/device/report", post(device::report))
+        .route("/device/report", post(device::report).layer(DefaultBodyLimit::max(REPORT_LIMIT)))
         .route("/device/escrow", post(device::escrow))
         .route("/device/escrow/rotations", get(device::escrow_rotations))
         .nest("/admin", admin);
