@@ -108,8 +108,10 @@ pub async fn serve(
                     // Out of descriptors (EMFILE) or a connection reset before accept: make room
                     // and retry shortly instead of spinning or exiting.
                     tracing::debug!(error = %e, "accept failed");
-                    registry.evict_oldest_idle();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if out_of_descriptors(&e) {
+                        registry.evict_oldest_idle();
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                     continue;
                 }
             },
@@ -164,6 +166,20 @@ fn effective_cap(max_connections: usize) -> usize {
         }
     }
     max_connections.max(1)
+}
+
+/// EMFILE or ENFILE: the process or the system is out of file descriptors.
+fn out_of_descriptors(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        use rustix::io::Errno;
+        matches!(Errno::from_io_error(e), Some(Errno::MFILE | Errno::NFILE))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
 }
 
 /// One open connection as the accept loop and the sweeper see it.
@@ -344,10 +360,7 @@ async fn serve_connection(
     });
     let connection = http.serve_connection(io, service);
     tokio::pin!(connection);
-    let mut draining = *stop.borrow();
-    if draining {
-        connection.as_mut().graceful_shutdown();
-    }
+    let mut draining = false;
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -359,6 +372,11 @@ async fn serve_connection(
             _ = slot.conn.close.notified() => break,
             changed = stop.changed(), if !draining => {
                 draining = true;
+                // No request in progress (idle, or a head still arriving): close now. Otherwise
+                // finish the request and close.
+                if slot.conn.in_flight.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
                 if changed.is_ok() {
                     connection.as_mut().graceful_shutdown();
                 }

@@ -31,11 +31,17 @@ pub struct Server {
 impl Server {
     /// Starts `tenon-server serve` on `listen` (use 127.0.0.1:0 for an ephemeral port).
     pub fn start(data_dir: &Path, listen: &str) -> Server {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// Starts the server with extra `serve` options (short timeouts, other limits).
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let stderr_log = data_dir.with_extension("server.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap();
         let mut child = Command::new(bin("tenon-server"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
