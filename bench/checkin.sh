@@ -29,6 +29,10 @@ SERVER_ARGS=${SERVER_ARGS---enroll-rate-per-address off --enroll-rate-per-token 
 if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release -q -p tenon-server -p tenonctl; fi
 work=$(mktemp -d)
 cleanup() {
+  rc=$?
+  if [ "$rc" -ne 0 ] && [ -s "$work/server.err" ]; then
+    echo "failed (exit $rc); the server's last log lines:"; tail -n 5 "$work/server.err"
+  fi
   [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   rm -rf "$work"

@@ -16,6 +16,7 @@ CONNECTIONS=${1:-2000}
 NOFILE=${2:-}
 SERVER_BIN=${SERVER_BIN:-target/release/tenon-server}
 CTL_BIN=${CTL_BIN:-target/release/tenonctl}
+# The server's header-read timeout (its default; pass --header-read-timeout in SERVER_ARGS to change it).
 HEADER_TIMEOUT=${HEADER_TIMEOUT:-10s}
 
 if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release -q -p tenon-server -p tenonctl; fi
@@ -29,13 +30,14 @@ trap cleanup EXIT
 port=$((20000 + RANDOM % 20000))
 (
   if [ -n "$NOFILE" ]; then ulimit -n "$NOFILE"; fi
-  exec "$SERVER_BIN" serve --listen 127.0.0.1:$port --data-dir "$work/data" --header-read-timeout "$HEADER_TIMEOUT"
+  # shellcheck disable=SC2086 # SERVER_ARGS is a list of options
+  exec "$SERVER_BIN" serve --listen 127.0.0.1:$port --data-dir "$work/data" ${SERVER_ARGS:-}
 ) >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 export TENON_SERVER=http://127.0.0.1:$port TENON_TOKEN=$(cat "$work/data/admin.token")
 token=$("$CTL_BIN" enroll-token create --uses 1 --ttl 1h)
-grep -o 'max_connections=[0-9]*' "$work/server.err" | head -1 | sed 's/^/server: /' || true
+sed 's/\x1b\[[0-9;]*m//g' "$work/server.err" | grep -o 'max_connections=[0-9]*' | head -1 | sed 's/^/server: /' || true
 
 python3 - "$port" "$token" "$CONNECTIONS" "$server_pid" "$HEADER_TIMEOUT" <<'PY'
 import json, socket, sys, time, urllib.request, statistics, re
@@ -96,7 +98,7 @@ show(f"check-in, {n} slow open", timed("/api/v1/device/config", checkin))
 print(f"server RSS with {n} slow connections: {rss()}")
 
 def closed(s):
-    s.settimeout(0.01)
+    s.setblocking(False)
     try:
         while True:
             b = s.recv(4096)
