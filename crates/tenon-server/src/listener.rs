@@ -202,7 +202,12 @@ struct Registry {
 
 impl Registry {
     fn new() -> Self {
-        Self { epoch: Instant::now(), open: Mutex::new(BTreeMap::new()), closing: AtomicUsize::new(0), emptied: Notify::new() }
+        Self {
+            epoch: Instant::now(),
+            open: Mutex::new(BTreeMap::new()),
+            closing: AtomicUsize::new(0),
+            emptied: Notify::new(),
+        }
     }
 
     fn now_ms(&self) -> u64 {

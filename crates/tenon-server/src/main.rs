@@ -32,7 +32,7 @@ enum Command {
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         envelope_ttl: u64,
         #[command(flatten)]
-        limits: ClientLimitArgs,
+        limits: Box<ClientLimitArgs>,
     },
     /// Generate a new escrow key and re-seal every stored recovery key to it (offline: stop the
     /// server first; this takes the data-dir lock).

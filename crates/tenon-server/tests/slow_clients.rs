@@ -32,6 +32,7 @@ fn report_body() -> Value {
            "config_sha256": null, "last_error": null, "policies": {}})
 }
 
+#[allow(clippy::result_large_err)] // ureq's own error, in a test helper
 fn send_report(server: &Server, credential: &str) -> Result<ureq::Response, ureq::Error> {
     ureq::post(&format!("{}/api/v1/device/report", server.url))
         .set("Authorization", &format!("Bearer {credential}"))
@@ -321,7 +322,8 @@ fn failed_authentications_are_logged_in_aggregate_without_secrets() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let (log, lines) = loop {
         let log = plain(&std::fs::read_to_string(&server.stderr_log).unwrap());
-        let lines: Vec<String> = log.lines().filter(|l| l.contains("failed authentications")).map(String::from).collect();
+        let lines: Vec<String> =
+            log.lines().filter(|l| l.contains("failed authentications")).map(String::from).collect();
         let total: u64 = lines
             .iter()
             .map(|l| count(l, "device_credential") + count(l, "admin_token") + count(l, "enrollment_token"))
