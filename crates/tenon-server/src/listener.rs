@@ -194,6 +194,9 @@ struct Connection {
 
 struct Registry {
     epoch: Instant,
+    /// `now_ms` as of the sweeper's last tick: what a read or write stamps, so the hot path reads
+    /// no clock.
+    coarse_ms: AtomicU64,
     /// By accept order, so the oldest is first.
     open: Mutex<BTreeMap<u64, Arc<Connection>>>,
     closing: AtomicUsize,
@@ -204,6 +207,7 @@ impl Registry {
     fn new() -> Self {
         Self {
             epoch: Instant::now(),
+            coarse_ms: AtomicU64::new(0),
             open: Mutex::new(BTreeMap::new()),
             closing: AtomicUsize::new(0),
             emptied: Notify::new(),
@@ -294,12 +298,16 @@ impl Registry {
 
 /// Closes connections on which nothing moved for `idle` while no request was being handled.
 async fn sweep(registry: Arc<Registry>, idle: Duration) {
-    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
-    let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)));
+    let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    // Stamps are up to one period old (the coarse clock): allow for it, so no connection is
+    // closed before `idle`.
+    let idle_ms = u64::try_from((idle + period).as_millis()).unwrap_or(u64::MAX);
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let now = registry.now_ms();
+        registry.coarse_ms.store(now, Ordering::Relaxed);
         let stalled: Vec<Arc<Connection>> = registry
             .lock()
             .values()
@@ -348,12 +356,11 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let in_flight = InFlight::enter(conn.clone());
         req.extensions_mut().insert(ConnectInfo(remote));
-        let deadline = Instant::now() + body_read_timeout;
         let req = req.map(|body| {
             if hyper::body::Body::is_end_stream(&body) {
                 Body::new(body)
             } else {
-                Body::new(TimedBody { inner: body, deadline, sleep: None })
+                Body::new(TimedBody { inner: body, deadline: Instant::now() + body_read_timeout, sleep: None })
             }
         });
         let response = app.clone().call(req);
@@ -415,7 +422,7 @@ struct TrackedIo {
 
 impl TrackedIo {
     fn moved(&self) {
-        self.conn.last_io_ms.store(self.registry.now_ms(), Ordering::Relaxed);
+        self.conn.last_io_ms.store(self.registry.coarse_ms.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
 

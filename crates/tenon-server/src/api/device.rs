@@ -69,8 +69,8 @@ pub async fn trust(State(state): State<Arc<AppState>>, _device: Device) -> Json<
     Json(state.keys.trust_bundle())
 }
 
-/// A device that may send a report now: authenticated, and within the report rates per device
-/// and per address (checked before the body is read).
+/// A device that may send a report now: authenticated, within the report rates per device and
+/// per address, with a body no larger than the cap (all checked before the body is read).
 pub struct ReportingDevice(Device);
 
 impl FromRequestParts<Arc<AppState>> for ReportingDevice {
@@ -79,6 +79,15 @@ impl FromRequestParts<Arc<AppState>> for ReportingDevice {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let device = authenticate_device(parts, state)?;
         state.client.check_report(&device.id, ClientAddr::of(parts))?;
+        // Refuse an announced oversized body before reading any of it (a chunked one is cut off
+        // by the route's body limit as it arrives).
+        let announced = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > super::REPORT_LIMIT as u64) {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a report is at most {} KiB; send only the policy statuses and a short error",
+                super::REPORT_LIMIT / 1024
+            )));
+        }
         Ok(Self(device))
     }
 }
