@@ -6,6 +6,8 @@
 #
 # Needs wrk and nginx (Debian packages `wrk` and `nginx-light`; installed when missing) and python3.
 # Every address is on loopback. Prints the figures; nothing is asserted.
+# The enrollment phase enrolls every device from one address at once, so the server runs with the
+# enrollment rate limits off (SERVER_ARGS). SERVER_BIN/CTL_BIN (with SKIP_BUILD=1) measure other builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICES=${1:-10000}
@@ -21,9 +23,16 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release -q -p tenon-server -p tenonctl
+SERVER_BIN=${SERVER_BIN:-target/release/tenon-server}
+CTL_BIN=${CTL_BIN:-target/release/tenonctl}
+SERVER_ARGS=${SERVER_ARGS---enroll-rate-per-address off --enroll-rate-per-token off}
+if [ -z "${SKIP_BUILD:-}" ]; then cargo build --release -q -p tenon-server -p tenonctl; fi
 work=$(mktemp -d)
 cleanup() {
+  rc=$?
+  if [ "$rc" -ne 0 ] && [ -s "$work/server.err" ]; then
+    echo "failed (exit $rc); the server's last log lines:"; tail -n 5 "$work/server.err"
+  fi
   [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true
   [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
   rm -rf "$work"
@@ -31,11 +40,12 @@ cleanup() {
 trap cleanup EXIT
 
 port=$((20000 + RANDOM % 20000))
-target/release/tenon-server serve --listen 127.0.0.1:$port --data-dir "$work/data" >"$work/server.out" 2>"$work/server.err" &
+# shellcheck disable=SC2086 # SERVER_ARGS is a list of options
+"$SERVER_BIN" serve --listen 127.0.0.1:$port --data-dir "$work/data" $SERVER_ARGS >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
 export TENON_SERVER=http://127.0.0.1:$port TENON_TOKEN=$(cat "$work/data/admin.token")
-token=$(target/release/tenonctl enroll-token create --uses "$DEVICES" --ttl 2h)
+token=$("$CTL_BIN" enroll-token create --uses "$DEVICES" --ttl 2h)
 
 echo "enrolling $DEVICES devices..."
 python3 - "$TENON_SERVER" "$token" "$DEVICES" "$work/creds.txt" <<'PY'

@@ -423,6 +423,11 @@ impl<'p> Agent<'p> {
                     tracing::error!("device decommissioned; stopping: {d}");
                     return Err(AgentError::Decommissioned(d));
                 }
+                Err(AgentError::Client(ClientError::RateLimited { retry_after, detail })) => {
+                    // Wait at least as long as the server asked; never retry sooner.
+                    tracing::warn!(retry_in = ?retry_after, "server is rate limiting this device: {detail}");
+                    retry_after.max(jitter(backoff, 0.3))
+                }
                 Err(e @ AgentError::Client(ClientError::Unreachable { .. })) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "server unreachable");
                     let w = jitter(backoff, 0.3);

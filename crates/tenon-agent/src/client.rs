@@ -13,6 +13,9 @@ pub enum ClientError {
     Decommissioned(String),
     #[error("server refused the device credential: {0}")]
     Unauthorized(String),
+    /// 429: the server asks the device to wait; the agent does not retry before `retry_after`.
+    #[error("the server is rate limiting this device (retry after {}s): {detail}", retry_after.as_secs())]
+    RateLimited { retry_after: Duration, detail: String },
     #[error("server answered {status}: {detail}")]
     Server { status: u16, detail: String },
     #[error("server sent an unexpected answer: {0}")]
@@ -47,6 +50,7 @@ impl ServerClient {
     fn map_err(&self, e: ureq::Error) -> ClientError {
         match e {
             ureq::Error::Status(status, resp) => {
+                let retry_after = retry_after(resp.header("Retry-After"));
                 let body = resp.into_string().unwrap_or_default();
                 let detail = serde_json::from_str::<Problem>(&body).map(|p| p.detail).unwrap_or_else(|_| {
                     let mut b = body;
@@ -56,6 +60,7 @@ impl ServerClient {
                 match status {
                     410 => ClientError::Decommissioned(detail),
                     401 | 403 => ClientError::Unauthorized(detail),
+                    429 => ClientError::RateLimited { retry_after, detail },
                     _ => ClientError::Server { status, detail },
                 }
             }
@@ -168,6 +173,13 @@ impl ServerClient {
     }
 }
 
+/// How long a 429 asks to wait: `Retry-After` in seconds (an HTTP date or a missing header means
+/// a minute), bounded to a day so a hostile answer cannot silence the agent for longer.
+fn retry_after(header: Option<&str>) -> Duration {
+    let secs = header.and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(60);
+    Duration::from_secs(secs.clamp(1, 24 * 3600))
+}
+
 /// The answer of `GET /api/v1/device/escrow/rotations`.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct EscrowInfo {
@@ -177,4 +189,18 @@ pub struct EscrowInfo {
     /// Protectors for which the server holds more than one different recovery password.
     #[serde(default)]
     pub conflicts: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_bounded() {
+        let cases = [(Some("30"), 30), (Some(" 5 "), 5), (Some("0"), 1), (Some("99999999"), 86400), (None, 60)];
+        for (header, secs) in cases {
+            assert_eq!(retry_after(header), Duration::from_secs(secs), "{header:?}");
+        }
+        assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), Duration::from_secs(60));
+    }
 }

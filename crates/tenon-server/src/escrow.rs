@@ -179,7 +179,7 @@ impl AppState {
             reseal(&self.keys.escrow.current, sealed, &password)?
         };
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         // What the server already holds for this protector: the same password (a re-upload after
         // a lost receipt), or a different one (a conflict).
         let held = sqlx::query(
@@ -287,7 +287,7 @@ impl AppState {
             }
         }
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         let keys = sqlx::query(
             "UPDATE recovery_keys SET retired_at = ?,
                  superseded_by = COALESCE(superseded_by, ?),
@@ -363,7 +363,7 @@ impl AppState {
 
     /// Records that `actor` was refused the recovery keys of a device (committed before the 403).
     pub async fn audit_recovery_denial(&self, actor: &Actor, device_id: &str) -> ApiResult<()> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         audit(
             &mut tx,
             self.now(),
@@ -390,7 +390,7 @@ impl AppState {
             )));
         }
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         let known: Option<String> =
             sqlx::query_scalar("SELECT id FROM devices WHERE id = ?").bind(device_id).fetch_optional(&mut *tx).await?;
         if known.is_none() {
@@ -625,7 +625,7 @@ pub async fn rotate_escrow_key(data_dir: &DataDir, db: &SqlitePool, now: i64) ->
     };
     let ring = EscrowKeyring::load(&dir, current)?;
     let new_id = escrow_key_id(&escrow_public_key(&next));
-    let mut tx = db.begin().await?;
+    let mut tx = crate::state::begin_write(db).await?;
     let rows = sqlx::query("SELECT id, sealed FROM recovery_keys").fetch_all(&mut *tx).await?;
     let mut failed = Vec::new();
     let mut updates = Vec::new();

@@ -5,13 +5,18 @@
 //! `index::CheckinIndex` (memory only) -> 304 or the stored envelope bytes.
 
 pub mod api;
+pub mod auth_failures;
 pub mod backup;
+pub mod client_policy;
 pub mod datadir;
 pub mod error;
 pub mod escrow;
 pub mod index;
 pub mod lifecycle;
+pub mod listener;
 pub mod metrics;
+pub mod ratelimit;
+pub mod report_history;
 pub mod secrets;
 pub mod signatures;
 pub mod state;
@@ -32,8 +37,32 @@ pub struct ServeOptions {
     pub database: Option<String>,
     /// Lifetime of a signed envelope, in seconds.
     pub envelope_ttl: i64,
+    /// Connection cap and timeouts (slow and greedy clients).
+    pub connections: listener::ConnectionLimits,
+    /// Report and enrollment rates.
+    pub rates: ratelimit::ClientRates,
+    pub report_history: report_history::ReportHistory,
+    /// How often failed authentications are logged (in aggregate).
+    pub auth_failure_log_interval: Duration,
     /// Where to serve `GET /metrics` (Prometheus text); `None`: no metrics at all.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+impl ServeOptions {
+    /// The production defaults for everything but where to listen and store.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            database: None,
+            envelope_ttl: 7 * 24 * 3600,
+            connections: Default::default(),
+            rates: Default::default(),
+            report_history: Default::default(),
+            auth_failure_log_interval: Duration::from_secs(60),
+            metrics_listen: None,
+        }
+    }
 }
 
 async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow::Result<sqlx::SqlitePool> {
@@ -105,7 +134,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let clock = state::system_clock();
     let keys = data_dir.load_or_create_keys(clock())?;
     let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
-    let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?);
+    let client = client_policy::ClientPolicy::new(&opts.rates, opts.report_history);
+    let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?.with_client_policy(client));
     state.log_undeclared_settings().await;
     if let Some(token) = state.bootstrap_admin_token().await? {
         let path = data_dir.write_admin_token(&token)?;
@@ -116,13 +146,25 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     tracing::info!(%local, devices = state.index.len(), "listening");
 
     let bg = state.clone();
+    let auth_interval = opts.auth_failure_log_interval;
     let background = tokio::spawn(async move {
         let mut flush = tokio::time::interval(Duration::from_secs(15));
         let mut refresh = tokio::time::interval(Duration::from_secs(600));
         // At start (the first tick is immediate) and daily: do all escrowed keys still open?
         let mut verify = tokio::time::interval(Duration::from_secs(24 * 3600));
+        let mut auth_log = tokio::time::interval(auth_interval);
+        let mut limiter_sweep = tokio::time::interval(Duration::from_secs(60));
+        // At start and daily: devices that stopped reporting still age out of the daily history.
+        let mut history_sweep = tokio::time::interval(Duration::from_secs(24 * 3600));
         loop {
             tokio::select! {
+                _ = auth_log.tick() => bg.client.auth_failures.log(auth_interval),
+                _ = limiter_sweep.tick() => bg.client.limiters.sweep(),
+                _ = history_sweep.tick() => match bg.client.history.sweep(&bg.db, bg.now()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(reports = n, "pruned the report history"),
+                    Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot prune the report history; will retry"),
+                },
                 _ = verify.tick() => escrow::log_verification(&bg.db, &bg.keys.escrow).await,
                 _ = flush.tick() => if let Err(e) = bg.flush_last_seen().await {
                     tracing::warn!(error = format!("{e:#}"), "cannot record last-seen times; will retry");
@@ -155,8 +197,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let http = Arc::new(metrics::HttpMetrics::default());
         app = app.layer(axum::middleware::from_fn_with_state(http, metrics::track));
     }
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    listener::serve(listener, app, opts.connections.clone(), shutdown_signal()).await?;
     background.abort();
+    state.client.auth_failures.log(opts.auth_failure_log_interval);
     state.flush_last_seen().await?;
     tracing::info!("stopped");
     Ok(())

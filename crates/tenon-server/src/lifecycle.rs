@@ -59,7 +59,7 @@ impl AppState {
     /// enrolled with it are not affected.
     pub async fn revoke_enroll_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         let revoked: Option<Option<i64>> = sqlx::query_scalar("SELECT revoked_at FROM enroll_tokens WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -110,7 +110,7 @@ impl AppState {
         }
         let affected = Self::devices_of_users(&world, &BTreeSet::from([upn.clone()]));
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("DELETE FROM user_groups WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM users WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM settings WHERE scope_kind = 'user' AND scope_name = ?")

@@ -134,7 +134,7 @@ impl AppState {
             )));
         }
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query(
             "INSERT INTO signatures (name, html, txt, default_use, groups, images, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (name) DO UPDATE SET html = excluded.html, txt = excluded.txt, default_use = excluded.default_use,
@@ -178,7 +178,7 @@ impl AppState {
         };
         let t = world.directory.signatures[i].clone();
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("DELETE FROM signatures WHERE name = ?").bind(&t.name).execute(&mut *tx).await?;
         audit(&mut tx, now, &actor.label(), "signatures.remove", Some(&t.name), json!({"groups": t.groups})).await?;
         tx.commit().await?;

@@ -86,6 +86,8 @@ pub struct AppState {
     /// once the database shows none open). Every BitLocker-enforced agent asks each sync; the
     /// others are answered from memory.
     pub rotations_open: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Rate limits, failed-authentication tally, report history (`with_client_policy`).
+    pub client: crate::client_policy::ClientPolicy,
 }
 
 /// Roles an admin token may hold.
@@ -216,6 +218,7 @@ impl AppState {
             clock,
             envelope_ttl,
             rotations_open: std::sync::Mutex::new(open.into_iter().collect()),
+            client: Default::default(),
         };
         // Converge: anything changed since the envelopes were signed (or a crash between a write
         // and its re-sign) is re-issued now.
@@ -225,6 +228,12 @@ impl AppState {
             state.recompile(&mut world, all).await?;
         }
         Ok(state)
+    }
+
+    /// Replaces the default rate limits and report history with the serve options'.
+    pub fn with_client_policy(mut self, client: crate::client_policy::ClientPolicy) -> Self {
+        self.client = client;
+        self
     }
 
     /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near.
@@ -268,7 +277,7 @@ impl AppState {
         if changed.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         for (id, e) in &changed {
             sqlx::query(
                 "UPDATE devices SET config_version = ?, config_sha256 = ?, envelope = ?, envelope_expires_at = ? WHERE id = ?",
@@ -353,7 +362,7 @@ impl AppState {
     ) -> anyhow::Result<(String, String)> {
         let id = secrets::short_id();
         let cred = secrets::new_credential(secrets::ADMIN_PREFIX, &id);
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("INSERT INTO admin_tokens (id, name, secret_sha256, roles, created_at) VALUES (?, ?, ?, ?, ?)")
             .bind(&id)
             .bind(name)
@@ -377,7 +386,7 @@ impl AppState {
         roles: &[&str],
         missing: &[&str],
     ) -> ApiResult<()> {
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         audit(
             &mut tx,
             self.now(),
@@ -415,7 +424,7 @@ impl AppState {
     /// could administer the server afterwards.
     pub async fn revoke_admin_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         let row = sqlx::query("SELECT name, roles, revoked_at FROM admin_tokens WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -487,7 +496,7 @@ impl AppState {
         let cred = secrets::new_credential(secrets::ENROLL_PREFIX, &id);
         let now = self.now();
         let expires_at = now + ttl_seconds as i64;
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query(
             "INSERT INTO enroll_tokens (id, secret_sha256, uses_total, uses_left, expires_at, created_at, created_by)
              VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -523,16 +532,6 @@ impl AppState {
             )
         };
         let (token_id, secret, fingerprint) = secrets::split_token(token, secrets::ENROLL_PREFIX).ok_or_else(bad)?;
-        // The token names the root key the agent will pin. One that names another key (another
-        // server's token, or a damaged one) would enroll a device that then refuses this server:
-        // refuse it before an enrollment is used up.
-        if fingerprint != Some(self.keys.root_fingerprint().as_str()) {
-            return Err(ApiError::BadRequest(
-                "the enrollment token names another server's root key (its last part is not this server's fingerprint); \
-                 check --server, or create a token on this server with `tenonctl enroll-token create`"
-                    .into(),
-            ));
-        }
         let hostname = Hostname::parse(hostname).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let hostname = hostname.as_str();
         if !valid_agent_version(agent_version) {
@@ -540,7 +539,7 @@ impl AppState {
         }
         let mut world = self.world.lock().await;
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         let row =
             sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = ?")
                 .bind(token_id)
@@ -563,6 +562,17 @@ impl AppState {
         if row.get::<i64, _>(1) <= 0 {
             return Err(ApiError::Unauthorized(
                 "enrollment token has no uses left; create a new one with `tenonctl enroll-token create --uses N`"
+                    .into(),
+            ));
+        }
+        // The token names the root key the agent will pin. One that names another key (a damaged
+        // token, or one edited to point elsewhere) would enroll a device that then refuses this
+        // server: refuse it before an enrollment is used up (after the secret check, so a guessed
+        // token is still a counted authentication failure).
+        if fingerprint != Some(self.keys.root_fingerprint().as_str()) {
+            return Err(ApiError::BadRequest(
+                "the enrollment token names another server's root key (its last part is not this server's fingerprint); \
+                 check --server, or create a token on this server with `tenonctl enroll-token create`"
                     .into(),
             ));
         }
@@ -669,13 +679,14 @@ impl AppState {
             _ => None,
         };
         let report_json = serde_json::to_string(report).map_err(|e| ApiError::Internal(e.into()))?;
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, ?)")
             .bind(device_id)
             .bind(now)
             .bind(&report_json)
             .execute(&mut *tx)
             .await?;
+        self.client.history.prune(&mut tx, device_id, now).await?;
         sqlx::query(
             "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
                     last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?
@@ -785,7 +796,7 @@ impl AppState {
         let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
         if body.version > meta.version {
             let now = self.now();
-            let mut tx = self.db.begin().await?;
+            let mut tx = crate::state::begin_write(&self.db).await?;
             audit(
                 &mut tx,
                 now,
@@ -851,7 +862,7 @@ impl AppState {
         let mut world = self.world.lock().await;
         let (kind, name) = self.check_scope(&world, scope)?;
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         match &value {
             Some(value) => {
                 if let SettingScope::Group(g) = scope {
@@ -952,7 +963,7 @@ impl AppState {
         let g = GroupName::parse(group).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut world = self.world.lock().await;
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("INSERT INTO groups (name, priority) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET priority = excluded.priority")
             .bind(g.as_str())
             .bind(priority)
@@ -1002,7 +1013,7 @@ impl AppState {
         }
         let mut world = self.world.lock().await;
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         let (mut created, mut updated) = (0, 0);
         let mut touched = BTreeSet::new();
         for (upn, id, record, groups) in &parsed {
@@ -1069,7 +1080,7 @@ impl AppState {
             }
         }
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("UPDATE devices SET primary_user = ? WHERE id = ?")
             .bind(upn.as_ref().map(Upn::as_str))
             .bind(device_id)
@@ -1099,7 +1110,7 @@ impl AppState {
             return Err(ApiError::Conflict("device is already decommissioned".into()));
         }
         let now = self.now();
-        let mut tx = self.db.begin().await?;
+        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query(
             "UPDATE devices SET status = 'decommissioned', decommissioned_at = ?, primary_user = NULL WHERE id = ?",
         )
@@ -1134,7 +1145,7 @@ impl AppState {
             return Ok(0);
         }
         let write = async {
-            let mut tx = self.db.begin().await?;
+            let mut tx = crate::state::begin_write(&self.db).await?;
             for (id, t) in &dirty {
                 sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
                     .bind(t)
@@ -1213,6 +1224,14 @@ fn scope_settings_mut<'d>(dir: &'d mut Directory, scope: &SettingScope) -> ApiRe
             &mut dir.users.entry(Upn::parse(u).map_err(|e| ApiError::BadRequest(e.to_string()))?).or_default().settings
         }
     })
+}
+
+/// Opens a write transaction. Every write starts with `BEGIN IMMEDIATE`, which takes SQLite's write
+/// lock at once (waiting up to the busy timeout for another writer): a deferred transaction that
+/// reads first cannot upgrade to a write after another connection committed, and SQLite then fails
+/// it at once with "database is locked" instead of waiting.
+pub async fn begin_write(db: &SqlitePool) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    db.begin_with("BEGIN IMMEDIATE").await
 }
 
 /// Appends an audit row inside the caller's transaction.

@@ -1,11 +1,13 @@
 //! Device endpoints: enrollment, the check-in (the hot path), the trust chain, reports and
 //! recovery-key escrow.
 
-use super::extract::{ApiJson, Device};
+use super::extract::{authenticate_device, ApiJson, ClientAddr, Device};
+use crate::auth_failures::AuthKind;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use axum::extract::rejection::StringRejection;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,8 +18,18 @@ use std::sync::Arc;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, TrustBundle};
 use tenon_core::policy::escrow::{escrow_public_key, sign_escrow_key, EscrowReceipt, EscrowRetired, EscrowUpload};
 
-pub async fn enroll(State(state): State<Arc<AppState>>, ApiJson(req): ApiJson<EnrollRequest>) -> ApiResult<Response> {
-    let (device_id, credential) = state.enroll(&req.token, &req.hostname, &req.agent_version).await?;
+pub async fn enroll(
+    State(state): State<Arc<AppState>>,
+    ClientAddr(source): ClientAddr,
+    ApiJson(req): ApiJson<EnrollRequest>,
+) -> ApiResult<Response> {
+    let token_id = crate::secrets::split_token(&req.token, crate::secrets::ENROLL_PREFIX).map(|(id, _, _)| id);
+    state.client.check_enroll(token_id, source)?;
+    let enrolled = state.enroll(&req.token, &req.hostname, &req.agent_version).await;
+    if matches!(enrolled, Err(ApiError::Unauthorized(_))) {
+        state.client.auth_failed(AuthKind::Enrollment, source);
+    }
+    let (device_id, credential) = enrolled?;
     tracing::info!(device = %device_id, hostname = %req.hostname, "device enrolled");
     let escrow_public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(state.keys.escrow.current));
     let body = EnrollResponse {
@@ -81,9 +93,33 @@ pub async fn prove_held(
     Ok((StatusCode::OK, Json(json!({ "etag": etag }))).into_response())
 }
 
+/// A device that may send a report now: authenticated, within the report rates per device and
+/// per address, with a body no larger than the cap (all checked before the body is read).
+pub struct ReportingDevice(Device);
+
+impl FromRequestParts<Arc<AppState>> for ReportingDevice {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let device = authenticate_device(parts, state)?;
+        state.client.check_report(&device.id, ClientAddr::of(parts))?;
+        // Refuse an announced oversized body before reading any of it (a chunked one is cut off
+        // by the route's body limit as it arrives).
+        let announced = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > super::REPORT_LIMIT as u64) {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "a report is at most {} KiB; send only the policy statuses and a short error",
+                super::REPORT_LIMIT / 1024
+            )));
+        }
+        Ok(Self(device))
+    }
+}
+
+/// A report. Its size is capped by the route's body limit, its rate by [`ReportingDevice`].
 pub async fn report(
     State(state): State<Arc<AppState>>,
-    device: Device,
+    ReportingDevice(device): ReportingDevice,
     ApiJson(report): ApiJson<DeviceReport>,
 ) -> ApiResult<Response> {
     let checked = report.check().map_err(|e| ApiError::BadRequest(format!("report refused: {e}")))?;

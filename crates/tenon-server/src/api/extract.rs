@@ -1,6 +1,7 @@
 //! Request extractors that turn every malformed input into a problem+json 4xx: JSON bodies,
 //! admin tokens and device credentials.
 
+use crate::auth_failures::AuthKind;
 use crate::error::ApiError;
 use crate::index::{DeviceAuth, DeviceSlot};
 use crate::secrets;
@@ -10,6 +11,8 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 /// A JSON body whose every failure is a problem+json that says what to fix.
@@ -27,6 +30,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 fn json_rejection(r: JsonRejection) -> ApiError {
+    if body_timed_out(&r) {
+        return ApiError::RequestTimeout(
+            "the request body did not arrive in time; send it at once, on a connection that is not stalled".into(),
+        );
+    }
     match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
             ApiError::PayloadTooLarge("request body is larger than this endpoint accepts; send less at a time".into())
@@ -43,6 +51,36 @@ fn json_rejection(r: JsonRejection) -> ApiError {
             }
             other => ApiError::BadRequest(format!("request body could not be read: {}", other.body_text())),
         },
+    }
+}
+
+/// Whether reading the body failed because the listener's body-read timeout fired.
+fn body_timed_out(r: &JsonRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(r);
+    while let Some(e) = source {
+        if e.is::<crate::listener::BodyReadTimedOut>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The peer's address, as the listener recorded it (absent when the router is driven in-process,
+/// where no per-address limit applies).
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl ClientAddr {
+    pub fn of(parts: &Parts) -> Option<IpAddr> {
+        parts.extensions.get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0.ip())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Infallible> {
+        Ok(Self(Self::of(parts)))
     }
 }
 
@@ -77,10 +115,18 @@ impl FromRequestParts<Arc<AppState>> for AdminToken {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(|| {
-            ApiError::Unauthorized("missing admin token: send Authorization: Bearer <token> (tenonctl --token)".into())
-        })?;
-        state.authenticate_admin(token).await.map(AdminToken)
+        let failed = || state.client.auth_failed(AuthKind::Admin, ClientAddr::of(parts));
+        let Some(token) = bearer(parts) else {
+            failed();
+            return Err(ApiError::Unauthorized(
+                "missing admin token: send Authorization: Bearer <token> (tenonctl --token)".into(),
+            ));
+        };
+        let result = state.authenticate_admin(token).await.map(AdminToken);
+        if matches!(result, Err(ApiError::Unauthorized(_))) {
+            failed();
+        }
+        result
     }
 }
 
@@ -102,6 +148,7 @@ impl FromRequestParts<Arc<AppState>> for Device {
 /// beyond the returned id.
 pub fn authenticate_device(parts: &Parts, state: &AppState) -> Result<Device, ApiError> {
     let invalid = || {
+        state.client.auth_failed(AuthKind::Device, ClientAddr::of(parts));
         ApiError::Unauthorized(
             "device credential is missing or not valid; re-enroll the device with `tenon-agent enroll`".into(),
         )

@@ -19,6 +19,23 @@ const IMPORT_LIMIT: usize = 32 * 1024 * 1024;
 /// Signature templates carry their images; the domain answers a too-large template with a
 /// message that says what to shrink, so the transport limit sits well above that.
 const SIGNATURE_LIMIT: usize = 16 * 1024 * 1024;
+/// A real report is a few KB (one status per policy); 64 KiB leaves room for a long error text.
+pub const REPORT_LIMIT: usize = 64 * 1024;
+/// An enrollment is a token, a hostname and a version.
+const ENROLL_LIMIT: usize = 16 * 1024;
+
+/// Runs a request's handler on a task of its own. A client that goes away (an agent killed
+/// mid-sync, a timed-out connection) makes hyper drop the request's future; dropped in the middle of
+/// a database call, it can leave a transaction open on a pooled connection (holding SQLite's write
+/// lock) or half-done work behind. On its own task the handler always runs to its end; only the
+/// answer is lost.
+async fn run_to_completion(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::spawn(next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::Internal(anyhow::anyhow!("the request's task failed: {e}")).into_response(),
+    }
+}
 
 pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
@@ -49,19 +66,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/audit", get(admin::audit_list))
         .route("/networks", get(admin::networks));
     let api = Router::new()
-        .route("/enroll", post(device::enroll))
-        .route("/device/config", get(device::config))
+        .route("/enroll", post(device::enroll).layer(DefaultBodyLimit::max(ENROLL_LIMIT)))
         .route("/device/trust", get(device::trust))
         .route("/trust", get(device::public_trust))
         .route(
             "/device/config/held",
             post(device::prove_held).layer(DefaultBodyLimit::max(tenon_core::envelope::MAX_ENVELOPE_BYTES + 4096)),
         )
-        .route("/device/report", post(device::report))
+        .route("/device/report", post(device::report).layer(DefaultBodyLimit::max(REPORT_LIMIT)))
         .route("/device/escrow", post(device::escrow))
         .route("/device/escrow/rotations", get(device::escrow_rotations))
         .route("/device/escrow/retired", post(device::escrow_retired))
-        .nest("/admin", admin);
+        .nest("/admin", admin)
+        .route_layer(axum::middleware::from_fn(run_to_completion))
+        // The check-in: memory only, nothing to protect from cancellation, and the hot path.
+        .route("/device/config", get(device::config));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .nest("/api/v1", api)

@@ -31,11 +31,17 @@ pub struct Server {
 impl Server {
     /// Starts `tenon-server serve` on `listen` (use 127.0.0.1:0 for an ephemeral port).
     pub fn start(data_dir: &Path, listen: &str) -> Server {
+        Self::start_with(data_dir, listen, &[])
+    }
+
+    /// Starts the server with extra `serve` options (short timeouts, other limits).
+    pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
         let stderr_log = data_dir.with_extension("server.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap();
         let mut child = Command::new(bin("tenon-server"))
             .args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -98,13 +104,31 @@ impl Server {
         let mut all = args.to_vec();
         all.push("--json");
         let out = self.ctl(&all);
-        assert!(out.status.success(), "tenonctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tenonctl {args:?} failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
         serde_json::from_slice(&out.stdout).expect("tenonctl --json prints JSON")
+    }
+
+    /// The last lines of the server's log, for failure messages (a 500 names only a reference).
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let errors: Vec<&str> = lines.iter().copied().filter(|l| l.contains("ERROR")).collect();
+        format!("{}\n...\n{}", errors.join("\n"), lines[lines.len().saturating_sub(15)..].join("\n"))
     }
 
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args);
-        assert!(out.status.success(), "tenonctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "tenonctl {args:?} failed: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tail()
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
