@@ -307,7 +307,7 @@ fn service_install_and_uninstall_through_the_scm() {
         return;
     }
     let p = p();
-    let key = r"HKLM\SYSTEM\CurrentControlSet\Services\TenonAgent";
+    let key = r"HKLM\SYSTEM\CurrentControlSet\Services\tenon-agent";
     let exe = std::env::current_exe().unwrap();
     let state = std::path::Path::new(r"C:\ProgramData\Tenon");
     assert!(matches!(service::start(), Err(ServiceError::NotInstalled)), "start before install");
