@@ -29,7 +29,8 @@ pub const INSTALL_KEY: &str = r"HKLM\SOFTWARE\Tenon";
 pub const SERVER_VALUE: &str = "EnrollServer";
 pub const TOKEN_VALUE: &str = "EnrollToken";
 /// How an administrator enrolls a device installed without a server.
-pub const HOW_TO_ENROLL: &str = "enroll it as an administrator with `tenon-agent enroll --server URL --token-file FILE`, \
+pub const HOW_TO_ENROLL: &str =
+    "enroll it as an administrator with `tenon-agent enroll --server URL --token-file FILE`, \
      or reinstall with `msiexec /i tenon-agent.msi TENON_SERVER=URL TENON_ENROLL_TOKEN=TOKEN`";
 /// Longer values are refused, not read (the registry is written by the installer, but bound it).
 const MAX_VALUE_LEN: usize = 2048;
@@ -44,8 +45,13 @@ pub enum Pending {
     /// No server: the agent waits for one (or for a manual enrollment).
     NoServer,
     /// A server but no token: enrollment needs a token.
-    NoToken { server: String },
-    Ready { server: String, token: Zeroizing<String> },
+    NoToken {
+        server: String,
+    },
+    Ready {
+        server: String,
+        token: Zeroizing<String>,
+    },
     /// A value that cannot be used (wrong type, too long); the reason names the value, never its content.
     Unusable(String),
 }
@@ -95,8 +101,12 @@ fn read_text(platform: &dyn Platform, name: &str) -> Result<Result<Option<String
     })
 }
 
-/// Deletes the token (used, or made pointless by an enrollment done by hand).
+/// Deletes the token (used, or made pointless by an enrollment done by hand). Looks first, so an
+/// enrolled agent's every start writes nothing.
 fn consume_token(platform: &dyn Platform) {
+    if matches!(platform.reg_get(INSTALL_KEY, TOKEN_VALUE), Ok(None)) {
+        return;
+    }
     match platform.reg_delete(INSTALL_KEY, TOKEN_VALUE) {
         Ok(true) => tracing::info!("deleted the enrollment token the installer left ({INSTALL_KEY}\\{TOKEN_VALUE})"),
         Ok(false) => {}
@@ -144,26 +154,23 @@ impl Agent<'_> {
                 Ok(p) => p,
                 Err(e) => Pending::Unusable(format!("cannot read {INSTALL_KEY}: {e}")),
             };
-            let (reason, wait) = match pending.waiting_reason() {
-                Some(reason) => (reason, WAIT_POLL),
-                None => {
-                    let Pending::Ready { server, token } = pending else { unreachable!("only Ready has no reason") };
-                    match self.enroll(&server, &token, false) {
-                        Ok(device_id) => {
-                            tracing::info!(device_id = %device_id, server = %server, "enrolled at first start");
-                            consume_token(self.platform);
-                            record(self, None);
-                            return true;
-                        }
-                        Err(AgentError::AlreadyEnrolled(_)) => continue,
-                        Err(e) => {
-                            let wait = jitter(backoff, 0.3);
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                            // The error names the server and what it said, never the token.
-                            (format!("enrollment with {server} failed: {e}; retrying with backoff"), wait)
-                        }
+            let (reason, wait) = match pending {
+                Pending::Ready { server, token } => match self.enroll(&server, &token, false) {
+                    Ok(device_id) => {
+                        tracing::info!(device_id = %device_id, server = %server, "enrolled at first start");
+                        consume_token(self.platform);
+                        record(self, None);
+                        return true;
                     }
-                }
+                    Err(AgentError::AlreadyEnrolled(_)) => continue,
+                    Err(e) => {
+                        let wait = jitter(backoff, 0.3);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        // The error names the server and what it said, never the token.
+                        (format!("enrollment with {server} failed: {e}; retrying with backoff"), wait)
+                    }
+                },
+                other => (other.waiting_reason().unwrap_or_else(|| "not enrolled".into()), WAIT_POLL),
             };
             record(self, Some(&reason));
             if logged.as_deref() != Some(reason.as_str()) {

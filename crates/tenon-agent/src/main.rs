@@ -277,7 +277,7 @@ fn service(cmd: ServiceCmd, state_dir: &std::path::Path, platform: &str) -> Exit
             .map_err(anyhow::Error::from)
             .map(|()| println!("deleted {}", state_dir.display())),
         ServiceCmd::Run => {
-            match service::open_log() {
+            match service::open_log(state_dir) {
                 Ok(log) => {
                     let _ = tracing_subscriber::fmt()
                         .with_env_filter(

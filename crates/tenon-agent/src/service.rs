@@ -14,10 +14,10 @@
 //!   service thread. The flag turns true on Stop or Shutdown; the loop must check it at least every
 //!   few seconds (for example by waiting for network changes with a short timeout) and return. Run
 //!   from a console instead of by the SCM, it fails with [`ServiceError::NotUnderScm`].
-//! - Logging: [`open_log`]`() -> io::Result<RotatingLog>` gives the rotating file under
-//!   `%ProgramData%\Tenon\logs`; pass it to `tracing_subscriber::fmt().with_writer(log)`.
+//! - Logging: [`open_log`]`(state_dir) -> io::Result<RotatingLog>` gives the rotating file under
+//!   `<state_dir>\logs` (`C:\ProgramData\Tenon\logs`); pass it to `tracing_subscriber::fmt().with_writer(log)`.
 
-use crate::platform::windows::{program_data_dir, restrict_dir_to_system_and_admins};
+use crate::platform::windows::restrict_dir_to_system_and_admins;
 use crate::rotating_log::{RotatingLog, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -228,16 +228,18 @@ fn stop_and_wait(service: &windows_service::service::Service) -> Result<(), Serv
     }
 }
 
-/// `%ProgramData%\Tenon\logs`.
-pub fn log_dir() -> PathBuf {
-    program_data_dir().join("Tenon").join("logs")
+/// `<state dir>\logs` (`C:\ProgramData\Tenon\logs` as the MSI installs the service). Derived from
+/// the service's `--state-dir`, not from `%ProgramData%`: a service's environment need not name the
+/// same directory (under Wine it points at `C:\users\Public`).
+pub fn log_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("logs")
 }
 
-/// The service's log: `%ProgramData%\Tenon\logs\tenon-agent.log`, 5 MiB per file, 5 rotated files
-/// kept. The first time, `%ProgramData%\Tenon` is restricted to SYSTEM and Administrators (logs can
-/// name users and devices); failing that is logged by the caller's first event, not fatal.
-pub fn open_log() -> std::io::Result<RotatingLog> {
-    let dir = log_dir();
+/// The service's log: `<state dir>\logs\tenon-agent.log`, 5 MiB per file, 5 rotated files kept. The
+/// first time, the state directory is restricted to SYSTEM and Administrators (logs can name users
+/// and devices); failing that is logged by the caller's first event, not fatal.
+pub fn open_log(state_dir: &Path) -> std::io::Result<RotatingLog> {
+    let dir = log_dir(state_dir);
     let fresh = !dir.exists();
     std::fs::create_dir_all(&dir)?;
     if fresh {

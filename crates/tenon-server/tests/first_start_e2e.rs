@@ -91,7 +91,7 @@ fn enrolls_at_first_start_deletes_the_token_and_syncs() {
     assert!(st["enrollment_error"].is_null(), "{st}");
     assert!(registry_values(&agent).get(TOKEN_VALUE).is_none(), "token deleted: {}", registry_values(&agent));
     assert_eq!(registry_values(&agent)[SERVER_VALUE]["value"], server.url.as_str(), "the server value stays");
-    let devices = server.ctl_json(&["devices", "list", "--json"]);
+    let devices = server.ctl_json(&["devices", "list"]);
     assert_eq!(devices.as_array().unwrap().len(), 1);
     assert_eq!(devices[0]["id"], id.as_str());
     assert!(run.still_running());
@@ -123,7 +123,7 @@ fn a_used_up_token_keeps_the_agent_running_and_saying_why() {
     let log = run.log();
     assert!(log.contains("enrollment with"), "the log says why: {log}");
     assert!(!log.contains(&token) && !shown.to_string().contains(&token), "the token is never shown");
-    assert_eq!(server.ctl_json(&["devices", "list", "--json"]).as_array().unwrap().len(), 1);
+    assert_eq!(server.ctl_json(&["devices", "list"]).as_array().unwrap().len(), 1);
 }
 
 #[test]
