@@ -163,16 +163,25 @@ pub enum PurgeError {
     },
 }
 
+/// How long `purge_state` keeps trying: the SCM reports Stopped a moment before the service's
+/// process has exited and closed its log, and Windows keeps a deleted file that is still open in
+/// its directory until then, so the directory cannot be removed yet.
+const PURGE_WAIT: Duration = Duration::from_secs(10);
+
 /// Deletes the state directory (the device's identity, vault and logs): what the MSI runs on
 /// uninstall with `TENON_PURGE=1`. Only a directory named `Tenon` is deleted; a missing one is fine.
 pub fn purge_state(state_dir: &Path) -> Result<(), PurgeError> {
     if !state_dir.file_name().is_some_and(|n| n.eq_ignore_ascii_case("Tenon")) {
         return Err(PurgeError::NotAStateDir(state_dir.to_path_buf()));
     }
-    match std::fs::remove_dir_all(state_dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(PurgeError::Io { dir: state_dir.to_path_buf(), source }),
+    let deadline = Instant::now() + PURGE_WAIT;
+    loop {
+        match std::fs::remove_dir_all(state_dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
+            Err(source) => return Err(PurgeError::Io { dir: state_dir.to_path_buf(), source }),
+        }
     }
 }
 
