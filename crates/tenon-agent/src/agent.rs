@@ -22,7 +22,12 @@ use tenon_core::envelope::{verify, VerifiedEnvelope, VerifyContext, VerifyError}
 use tenon_core::ids::Hostname;
 use tenon_core::trust::{advance_key_list, pin_root, verify_key_list, KeyList, TrustError};
 
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The crate's version, or `TENON_AGENT_VERSION` at build time (scripts/build-msi sets it with
+/// `TENON_MSI_VERSION`, so an upgrade test can tell the new executable from the old one).
+pub const AGENT_VERSION: &str = match option_env!("TENON_AGENT_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 /// Unix seconds; passed in so tests control time.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -502,7 +507,7 @@ pub fn jitter(base: Duration, spread: f64) -> Duration {
     base.mul_f64(1.0 - spread + 2.0 * spread * r)
 }
 
-fn sleep_until(stop: &AtomicBool, wake: &AtomicBool, total: Duration) {
+pub(crate) fn sleep_until(stop: &AtomicBool, wake: &AtomicBool, total: Duration) {
     let deadline = std::time::Instant::now() + total;
     while !stop.load(Ordering::SeqCst) && !wake.load(Ordering::SeqCst) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

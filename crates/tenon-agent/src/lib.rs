@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod first_start;
 pub mod netwatch;
 pub mod platform;
 pub mod policies;

@@ -17,7 +17,7 @@ use tenon_agent::platform::Platform;
 use tenon_agent::status::Status;
 
 #[derive(Parser)]
-#[command(name = "tenon-agent", version, about = "Tenon device agent")]
+#[command(name = "tenon-agent", version = tenon_agent::agent::AGENT_VERSION, about = "Tenon device agent")]
 struct Cli {
     /// Where the agent keeps its vault and status (Windows default: %ProgramData%\Tenon).
     #[arg(long, global = true)]
@@ -53,7 +53,7 @@ enum Command {
         #[arg(long, required = true)]
         once: bool,
     },
-    /// The service loop.
+    /// The service loop (enrolls first with what the installer left, if not enrolled yet).
     Run {
         /// Check-in interval (jittered by 20%).
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -79,6 +79,9 @@ enum ServiceCmd {
     Stop,
     /// The service entry point (started by the service manager, not by hand).
     Run,
+    /// Delete the state directory (what the MSI runs on uninstall with TENON_PURGE=1).
+    #[command(hide = true)]
+    PurgeState,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -206,7 +209,7 @@ fn main() -> ExitCode {
             // interrupted sync leaves the last complete state. The Windows service stops through
             // the service control manager, which sets this flag.
             let stop = AtomicBool::new(false);
-            agent.run(interval, &stop)
+            agent.run_installed(interval, &stop)
         }
         Command::Status { .. } | Command::Service(_) => unreachable!("handled above"),
     };
@@ -247,6 +250,9 @@ fn show_status(dir: &std::path::Path, json: bool) -> ExitCode {
     println!("config sha256:  {}", or(&status.config_sha256));
     println!("last sync:      {} ({})", or(&status.last_sync), or(&status.last_sync_result));
     println!("last error:     {}", or(&status.last_error));
+    if let Some(e) = &status.enrollment_error {
+        println!("enrollment:     {e}");
+    }
     if status.decommissioned {
         println!("decommissioned: yes, re-enroll this device");
     }
@@ -281,9 +287,10 @@ static SERVICE_ARGS: std::sync::OnceLock<(PathBuf, String)> = std::sync::OnceLoc
 #[cfg(windows)]
 fn service_loop(stop: std::sync::Arc<AtomicBool>) -> anyhow::Result<()> {
     let (dir, spec) = SERVICE_ARGS.get().ok_or_else(|| anyhow::anyhow!("service arguments missing"))?;
+    tenon_agent::service::prepare_at_start(dir);
     let platform = open_platform(spec).map_err(anyhow::Error::msg)?;
     let agent = Agent::new(dir, platform.as_ref(), system_clock());
-    agent.run(Duration::from_secs(60), &stop).map_err(anyhow::Error::from)
+    agent.run_installed(Duration::from_secs(60), &stop).map_err(anyhow::Error::from)
 }
 
 #[cfg(windows)]
@@ -303,8 +310,11 @@ fn service(cmd: ServiceCmd, state_dir: &std::path::Path, platform: &str) -> Exit
         }
         ServiceCmd::Start => service::start().map_err(anyhow::Error::from).map(|()| println!("service started")),
         ServiceCmd::Stop => service::stop().map_err(anyhow::Error::from).map(|()| println!("service stopped")),
+        ServiceCmd::PurgeState => service::purge_state(state_dir)
+            .map_err(anyhow::Error::from)
+            .map(|()| println!("deleted {}", state_dir.display())),
         ServiceCmd::Run => {
-            match service::open_log() {
+            match service::open_log(state_dir) {
                 Ok(log) => {
                     let _ = tracing_subscriber::fmt()
                         .with_env_filter(

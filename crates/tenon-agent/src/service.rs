@@ -14,10 +14,10 @@
 //!   service thread. The flag turns true on Stop or Shutdown; the loop must check it at least every
 //!   few seconds (for example by waiting for network changes with a short timeout) and return. Run
 //!   from a console instead of by the SCM, it fails with [`ServiceError::NotUnderScm`].
-//! - Logging: [`open_log`]`() -> io::Result<RotatingLog>` gives the rotating file under
-//!   `%ProgramData%\Tenon\logs`; pass it to `tracing_subscriber::fmt().with_writer(log)`.
+//! - Logging: [`open_log`]`(state_dir) -> io::Result<RotatingLog>` gives the rotating file under
+//!   `<state_dir>\logs` (`C:\ProgramData\Tenon\logs`); pass it to `tracing_subscriber::fmt().with_writer(log)`.
 
-use crate::platform::windows::{program_data_dir, restrict_dir_to_system_and_admins};
+use crate::platform::windows::restrict_dir_to_system_and_admins;
 use crate::rotating_log::{RotatingLog, DEFAULT_KEEP, DEFAULT_MAX_BYTES};
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -33,7 +33,8 @@ use windows_service::service_control_handler::{self, ServiceControlHandlerResult
 use windows_service::service_manager::{ServiceManager, ServiceManagerAccess};
 use windows_service::{define_windows_service, service_dispatcher};
 
-pub const SERVICE_NAME: &str = "TenonAgent";
+/// The service's name (DESIGN.md 7.1); the MSI registers the same one.
+pub const SERVICE_NAME: &str = "tenon-agent";
 const DISPLAY_NAME: &str = "Tenon Agent";
 const DESCRIPTION: &str = "Applies this device's Tenon configuration and reports its state to the Tenon server.";
 /// How long `stop` (and `uninstall` of a running service) waits for the service to stop.
@@ -111,8 +112,13 @@ pub fn install(exe_path: &Path, state_dir: &Path, extra_args: &[OsString]) -> Re
         .create_service(&info, ServiceAccess::CHANGE_CONFIG | ServiceAccess::START)
         .map_err(scm("creating the service"))?;
     service.set_description(DESCRIPTION).map_err(scm("setting the service description"))?;
-    // Recovery actions are a convenience on top of a working installation: where the SCM does not
-    // support them (Wine lacks the non-crash flag), warn and keep the service installed.
+    set_recovery_actions(&service);
+    Ok(())
+}
+
+/// Restart on failure, 10 s / 60 s / 5 min. Recovery actions are a convenience on top of a working
+/// installation: where the SCM does not support them (Wine lacks the non-crash flag), warn and go on.
+fn set_recovery_actions(service: &windows_service::service::Service) {
     let restart = |secs| ServiceAction { action_type: ServiceActionType::Restart, delay: Duration::from_secs(secs) };
     if let Err(e) = service.update_failure_actions(ServiceFailureActions {
         reset_period: ServiceFailureResetPeriod::After(Duration::from_secs(24 * 3600)),
@@ -126,7 +132,57 @@ pub fn install(exe_path: &Path, state_dir: &Path, extra_args: &[OsString]) -> Re
     if let Err(e) = service.set_failure_actions_on_non_crash_failures(true) {
         tracing::warn!(error = %e, "could not make the service restart after an error exit");
     }
-    Ok(())
+}
+
+/// What the running service makes sure of at every start, whoever installed it (the MSI's
+/// ServiceInstall cannot set recovery actions or ACLs): its restart-on-failure actions, and its
+/// state directory restricted to SYSTEM and Administrators. Failures are logged, not fatal.
+pub fn prepare_at_start(state_dir: &Path) {
+    match ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
+        .and_then(|m| m.open_service(SERVICE_NAME, ServiceAccess::CHANGE_CONFIG))
+    {
+        Ok(service) => set_recovery_actions(&service),
+        Err(e) => tracing::warn!(error = %e, "could not open the service to set its recovery actions"),
+    }
+    if let Err(e) = std::fs::create_dir_all(state_dir) {
+        tracing::warn!(error = %e, dir = %state_dir.display(), "cannot create the state directory");
+    } else if let Err(e) = restrict_dir_to_system_and_admins(state_dir) {
+        tracing::warn!(error = %e, dir = %state_dir.display(), "could not restrict the state directory");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("refusing to delete {0}: only a state directory named Tenon is purged (such as C:\\ProgramData\\Tenon)")]
+    NotAStateDir(PathBuf),
+    #[error("cannot delete {dir}: {source}; stop the service and delete it by hand")]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How long `purge_state` keeps trying: the SCM reports Stopped a moment before the service's
+/// process has exited and closed its log, and Windows keeps a deleted file that is still open in
+/// its directory until then, so the directory cannot be removed yet.
+const PURGE_WAIT: Duration = Duration::from_secs(10);
+
+/// Deletes the state directory (the device's identity, vault and logs): what the MSI runs on
+/// uninstall with `TENON_PURGE=1`. Only a directory named `Tenon` is deleted; a missing one is fine.
+pub fn purge_state(state_dir: &Path) -> Result<(), PurgeError> {
+    if !state_dir.file_name().is_some_and(|n| n.eq_ignore_ascii_case("Tenon")) {
+        return Err(PurgeError::NotAStateDir(state_dir.to_path_buf()));
+    }
+    let deadline = Instant::now() + PURGE_WAIT;
+    loop {
+        match std::fs::remove_dir_all(state_dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(250)),
+            Err(source) => return Err(PurgeError::Io { dir: state_dir.to_path_buf(), source }),
+        }
+    }
 }
 
 /// Stops the service if it runs, then deletes it.
@@ -181,16 +237,18 @@ fn stop_and_wait(service: &windows_service::service::Service) -> Result<(), Serv
     }
 }
 
-/// `%ProgramData%\Tenon\logs`.
-pub fn log_dir() -> PathBuf {
-    program_data_dir().join("Tenon").join("logs")
+/// `<state dir>\logs` (`C:\ProgramData\Tenon\logs` as the MSI installs the service). Derived from
+/// the service's `--state-dir`, not from `%ProgramData%`: a service's environment need not name the
+/// same directory (under Wine it points at `C:\users\Public`).
+pub fn log_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("logs")
 }
 
-/// The service's log: `%ProgramData%\Tenon\logs\tenon-agent.log`, 5 MiB per file, 5 rotated files
-/// kept. The first time, `%ProgramData%\Tenon` is restricted to SYSTEM and Administrators (logs can
-/// name users and devices); failing that is logged by the caller's first event, not fatal.
-pub fn open_log() -> std::io::Result<RotatingLog> {
-    let dir = log_dir();
+/// The service's log: `<state dir>\logs\tenon-agent.log`, 5 MiB per file, 5 rotated files kept. The
+/// first time, the state directory is restricted to SYSTEM and Administrators (logs can name users
+/// and devices); failing that is logged by the caller's first event, not fatal.
+pub fn open_log(state_dir: &Path) -> std::io::Result<RotatingLog> {
+    let dir = log_dir(state_dir);
     let fresh = !dir.exists();
     std::fs::create_dir_all(&dir)?;
     if fresh {
@@ -288,6 +346,22 @@ fn run_service() -> Result<(), ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_deletes_only_a_tenon_directory() {
+        let base = std::env::temp_dir().join(format!("tenon-purge-{}", std::process::id()));
+        let other = base.join("NotTenon");
+        let state = base.join("Tenon");
+        std::fs::create_dir_all(other.join("logs")).unwrap();
+        std::fs::create_dir_all(state.join("logs")).unwrap();
+        std::fs::write(state.join("logs").join("tenon-agent.log"), "x").unwrap();
+        assert!(matches!(purge_state(&other), Err(PurgeError::NotAStateDir(_))));
+        assert!(other.exists());
+        purge_state(&state).unwrap();
+        assert!(!state.exists());
+        purge_state(&state).unwrap(); // already gone
+        let _ = std::fs::remove_dir_all(&base);
+    }
 
     #[test]
     fn command_line_puts_options_before_the_subcommand() {

@@ -23,6 +23,10 @@ pub struct Status {
     /// The server revoked this device; it must be re-enrolled.
     #[serde(default)]
     pub decommissioned: bool,
+    /// Why an installed agent is not enrolled yet (no server given, or the token did not work)
+    /// and what to do; null once enrolled. Never contains the token.
+    #[serde(default)]
+    pub enrollment_error: Option<String>,
     #[serde(default)]
     pub policies: Map<String, Value>,
 }

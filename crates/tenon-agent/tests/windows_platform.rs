@@ -307,7 +307,7 @@ fn service_install_and_uninstall_through_the_scm() {
         return;
     }
     let p = p();
-    let key = r"HKLM\SYSTEM\CurrentControlSet\Services\TenonAgent";
+    let key = r"HKLM\SYSTEM\CurrentControlSet\Services\tenon-agent";
     let exe = std::env::current_exe().unwrap();
     let state = std::path::Path::new(r"C:\ProgramData\Tenon");
     assert!(matches!(service::start(), Err(ServiceError::NotInstalled)), "start before install");
@@ -364,7 +364,7 @@ fn service_runs_the_loop_and_stops_gracefully() {
 #[test]
 fn service_log_goes_to_program_data() {
     use std::io::Write;
-    let log = tenon_agent::service::open_log().unwrap();
+    let log = tenon_agent::service::open_log(&program_data_dir().join("Tenon")).unwrap();
     let expected = program_data_dir().join("Tenon").join("logs").join("tenon-agent.log");
     assert_eq!(log.path(), expected.as_path());
     let line = format!("windows test line {}\n", std::process::id());
