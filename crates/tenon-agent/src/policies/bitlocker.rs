@@ -183,6 +183,15 @@ impl Policy for Bitlocker {
     }
 
     fn apply(&self, ctx: &mut PolicyContext<'_>) -> PolicyStatus {
+        // A value of the wrong type is reported, not guessed at ("yes" is not `true`, and a bad
+        // attempt count is not silently the default): nothing is done until it is fixed.
+        for key in [SETTING_ENABLED, SETTING_ENTRA_MAX_ATTEMPTS] {
+            if let Err(e) = tenon_core::schema::read(ctx.machine, key) {
+                return PolicyStatus::new(State::ActionRequired.name())
+                    .with_reason("invalid_setting")
+                    .with("error", format!("{e}; nothing changed"));
+            }
+        }
         if !setting_enabled(config_get(ctx.machine, SETTING_ENABLED)) {
             return PolicyStatus::new(State::NotApplicable.name());
         }

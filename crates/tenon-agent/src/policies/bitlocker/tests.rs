@@ -415,6 +415,20 @@ fn setting_off_is_not_applicable_and_touches_nothing() {
 }
 
 #[test]
+fn a_setting_of_the_wrong_type_is_reported_not_guessed() {
+    for bad in [json!({"BitlockerEnabled": "yes"}), json!({"BitlockerEnabled": true, "EntraEscrowMaxAttempts": "five"})]
+    {
+        let mut a = Agent::new(device_json(json!({})), machine_config(bad.clone()));
+        let before = a.device();
+        let st = a.run();
+        assert_eq!((st.state.as_str(), st.reason.as_deref()), ("action_required", Some("invalid_setting")), "{bad}");
+        assert!(st.details["error"].as_str().unwrap().contains("Policies.RequireSecurityFeatures."), "{st:?}");
+        assert_eq!(a.device(), before, "nothing is done on a setting it cannot read");
+        assert!(a.take_journal().is_empty());
+    }
+}
+
+#[test]
 fn skips_with_reasons_and_touches_nothing() {
     let check = |device: Value, reason: &str| {
         let mut a = Agent::new(device_json(device), machine_config(json!({})));
