@@ -8,6 +8,9 @@
 # Every address is on loopback. Prints the figures; nothing is asserted.
 # The enrollment phase enrolls every device from one address at once, so the server runs with the
 # enrollment rate limits off (SERVER_ARGS). SERVER_BIN/CTL_BIN (with SKIP_BUILD=1) measure other builds.
+# BACKUP=1 also times an online `tenon-server backup` of the enrolled fleet and prints its size.
+# SERVER_ARGS="--enroll-rate-per-address off --enroll-rate-per-token off --metrics-listen 127.0.0.1:0"
+# measures the check-in with metrics on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICES=${1:-10000}
@@ -125,3 +128,10 @@ echo "tenon-server unchanged check-ins/s: $t   (non-2xx/3xx answers: ${errs:-0})
 echo "nginx static file requests/s:       $n   (non-2xx/3xx answers: ${nerrs:-0})"
 python3 -c "print(f'ratio tenon/nginx: {float(\"$t\")/float(\"$n\"):.2f}')"
 echo "tenon-server resident memory with $DEVICES devices: $rss"
+if [ -n "${BACKUP:-}" ]; then
+  # An online backup of this fleet while the server serves (issue figures: time and size).
+  b0=$(date +%s.%N)
+  "$SERVER_BIN" backup --data-dir "$work/data" --to "$work/fleet.backup" >/dev/null
+  b1=$(date +%s.%N)
+  python3 -c "print(f'online backup of $DEVICES devices: {$b1 - $b0:.2f} s, {$(stat -c %s "$work/fleet.backup")} bytes')"
+fi

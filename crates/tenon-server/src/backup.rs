@@ -340,7 +340,7 @@ pub fn restore(from: &Path, data_dir: &Path, passphrase_file: Option<&Path>) -> 
     let parent = data_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let staging = tempfile::Builder::new().prefix(".tenon-restore-").tempdir_in(parent)?;
-    restrict(staging.path())?;
+    crate::datadir::restrict_dir(staging.path())?;
 
     let damaged =
         || format!("{} is not a complete Tenon backup (truncated or damaged); nothing was restored", from.display());
@@ -378,7 +378,7 @@ pub fn restore(from: &Path, data_dir: &Path, passphrase_file: Option<&Path>) -> 
         let path = staging.path().join(&name);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
-            restrict(dir)?;
+            crate::datadir::restrict_dir(dir)?;
         }
         let member = write_hashed(&path, &mut entry).with_context(damaged)?;
         found.insert(name.clone(), member);
@@ -449,7 +449,7 @@ pub fn restore(from: &Path, data_dir: &Path, passphrase_file: Option<&Path>) -> 
             let path = staging.path().join(&name);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
-                restrict(dir)?;
+                crate::datadir::restrict_dir(dir)?;
             }
             write_hashed(&path, &mut entry)?;
             written.push(name);
@@ -463,15 +463,4 @@ pub fn restore(from: &Path, data_dir: &Path, passphrase_file: Option<&Path>) -> 
     std::fs::rename(&staged, data_dir)
         .with_context(|| format!("cannot move the restored files to {}", data_dir.display()))?;
     Ok(written.len())
-}
-
-fn restrict(path: &Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict permissions of {}", path.display()))?;
-    }
-    let _ = path;
-    Ok(())
 }

@@ -195,7 +195,8 @@ pub fn write_secret_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn restrict_dir(path: &Path) -> anyhow::Result<()> {
+/// Makes a directory readable by its owner alone (0700).
+pub(crate) fn restrict_dir(path: &Path) -> anyhow::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
