@@ -90,33 +90,11 @@ fn recovery_passwords(agent: &SimAgent) -> Vec<(String, String)> {
         .collect()
 }
 
-fn ctl_with(server: &Server, token: &str, args: &[&str]) -> Output {
-    Command::new(bin("tenonctl")).args(["--server", &server.url, "--token", token]).args(args).output().unwrap()
-}
-
 fn audit(server: &Server, t: &mut Transcript) -> Vec<Value> {
     let out = server.ctl(&["audit", "list", "--json"]);
     t.add(&out);
     assert!(out.status.success());
     serde_json::from_slice::<Value>(&out.stdout).unwrap().as_array().unwrap().clone()
-}
-
-/// The log without terminal colour codes.
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn contains(hay: &[u8], needle: &str) -> bool {
@@ -171,7 +149,7 @@ fn full_escrow_run_role_checks_rotation_and_no_key_anywhere() {
     let officer = String::from_utf8(out.stdout).unwrap().trim().to_string();
 
     // Without the role: 403 problem+json, audited, no key in the answer or the audit log.
-    let denied = ctl_with(&server, &helpdesk, &["recovery-keys", "show", &id]);
+    let denied = server.ctl_as(&helpdesk, &["recovery-keys", "show", &id]);
     t.add(&denied);
     assert_eq!(denied.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&denied.stderr).contains("recovery-keys role"));
@@ -193,13 +171,13 @@ fn full_escrow_run_role_checks_rotation_and_no_key_anywhere() {
     assert!(denials[0]["actor"].as_str().unwrap().contains("helpdesk"));
     assert_eq!(denials[0]["target"], json!(id));
     // And the officer's token cannot administer (separation of duties).
-    let out = ctl_with(&server, &officer, &["settings", "set", "--tenant", "Policies.X", "1"]);
+    let out = server.ctl_as(&officer, &["settings", "set", "--tenant", "Policies.X", "1"]);
     t.add(&out);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"));
 
     // The officer reads the key: the same 48 digits the device holds.
-    let read = ctl_with(&server, &officer, &["recovery-keys", "show", &id, "--json"]);
+    let read = server.ctl_as(&officer, &["recovery-keys", "show", &id, "--json"]);
     assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stderr));
     let read: Value = serde_json::from_slice(&read.stdout).unwrap();
     assert_eq!(read.as_array().unwrap().len(), 1, "{read:#}");
@@ -207,7 +185,7 @@ fn full_escrow_run_role_checks_rotation_and_no_key_anywhere() {
     assert_eq!(read[0]["mount"], json!("C:"));
     assert_eq!(read[0]["recovery_password"], json!(password));
     assert!(read[0]["received_at"].is_string());
-    let table = ctl_with(&server, &officer, &["recovery-keys", "show", &id]);
+    let table = server.ctl_as(&officer, &["recovery-keys", "show", &id]);
     let table_text = String::from_utf8_lossy(&table.stdout).to_string();
     assert!(table_text.contains(&password) && table_text.contains(&protector), "{table_text}");
 
@@ -237,7 +215,7 @@ fn full_escrow_run_role_checks_rotation_and_no_key_anywhere() {
     assert_ne!(new_password, password);
     assert_eq!(volume(&agent)["encryption"], json!("encrypted"), "rotation never decrypts");
     // The archive holds both; the old one is marked superseded by the new one.
-    let archive = ctl_with(&server, &officer, &["recovery-keys", "show", &id, "--all", "--json"]);
+    let archive = server.ctl_as(&officer, &["recovery-keys", "show", &id, "--all", "--json"]);
     assert!(archive.status.success());
     let archive: Value = serde_json::from_slice(&archive.stdout).unwrap();
     let find = |p: &str| archive.as_array().unwrap().iter().find(|k| k["protector_id"] == json!(p)).cloned().unwrap();
@@ -539,7 +517,7 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
         std::thread::sleep(Duration::from_millis(50));
     };
     server.stop();
-    assert!(strip_ansi(&log).contains("total=2 current=0 older_key=0 failed=2"), "{log}");
+    assert!(common::strip_ansi(&log).contains("total=2 current=0 older_key=0 failed=2"), "{log}");
     assert!(!contains(log.as_bytes(), &new_keys[0].1));
     let out = Command::new(bin("tenon-server")).args(["rotate-escrow-key", "--data-dir"]).arg(&data).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -645,7 +623,7 @@ fn escrow_and_token_endpoints_refuse_bad_input() {
         .send_json(json!({"name": "x", "roles": []}));
     assert!(matches!(bad, Err(ureq::Error::Status(400, _))));
     let officer = server.ctl_ok(&["admin-tokens", "create", "officer", "--role", "recovery-keys"]).trim().to_string();
-    let out = ctl_with(&server, &officer, &["admin-tokens", "create", "y", "--role", "admin"]);
+    let out = server.ctl_as(&officer, &["admin-tokens", "create", "y", "--role", "admin"]);
     assert_eq!(out.status.code(), Some(1), "a recovery-keys-only token cannot mint tokens");
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"));
     let created = server.ctl_json(&["admin-tokens", "create", "both", "--role", "admin", "--role", "recovery-keys"]);
@@ -664,15 +642,15 @@ fn escrow_and_token_endpoints_refuse_bad_input() {
     assert!(!listed.to_string().contains(secret));
     let officer_id = officer.split('.').nth(1).unwrap();
     server.ctl_ok(&["admin-tokens", "revoke", officer_id]);
-    let out = ctl_with(&server, &officer, &["recovery-keys", "show", &id]);
+    let out = server.ctl_as(&officer, &["recovery-keys", "show", &id]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{out:?}");
     let both = created["token"].as_str().unwrap();
     let bootstrap_id = server.token.split('.').nth(1).unwrap().to_string();
-    assert!(ctl_with(&server, both, &["admin-tokens", "revoke", &bootstrap_id]).status.success());
+    assert!(server.ctl_as(both, &["admin-tokens", "revoke", &bootstrap_id]).status.success());
     let both_id = created["id"].as_str().unwrap();
-    let out = ctl_with(&server, both, &["admin-tokens", "revoke", both_id]);
+    let out = server.ctl_as(both, &["admin-tokens", "revoke", both_id]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("last one with the admin role"), "{out:?}");
-    let log = ctl_with(&server, both, &["audit", "list", "--json"]);
+    let log = server.ctl_as(both, &["audit", "list", "--json"]);
     let log: Value = serde_json::from_slice(&log.stdout).unwrap();
     assert!(log
         .as_array()

@@ -4,13 +4,8 @@
 
 mod common;
 
-use common::{bin, Server, SimAgent};
+use common::{Server, SimAgent};
 use serde_json::{json, Value};
-use std::process::{Command, Output};
-
-fn ctl_with(server: &Server, token: &str, args: &[&str]) -> Output {
-    Command::new(bin("tenonctl")).args(["--server", &server.url, "--token", token]).args(args).output().unwrap()
-}
 
 fn audit(server: &Server) -> Vec<Value> {
     server.ctl_json(&["audit", "list", "--limit", "1000"]).as_array().unwrap().clone()
@@ -56,7 +51,7 @@ fn a_token_grants_only_the_roles_it_holds() {
     for roles in [vec!["--role", "recovery-keys"], vec!["--role", "admin", "--role", "recovery-keys"]] {
         let mut args = vec!["admin-tokens", "create", "escalated"];
         args.extend(roles);
-        let out = ctl_with(&server, &helpdesk, &args);
+        let out = server.ctl_as(&helpdesk, &args);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"), "{out:?}");
     }
@@ -82,16 +77,14 @@ fn a_token_grants_only_the_roles_it_holds() {
         && e["details"]["missing_roles"] == json!(["recovery-keys"])));
 
     // What it holds it may grant; the bootstrap token holds both roles and grants both.
-    assert!(ctl_with(&server, &helpdesk, &["admin-tokens", "create", "deputy", "--role", "admin"]).status.success());
+    assert!(server.ctl_as(&helpdesk, &["admin-tokens", "create", "deputy", "--role", "admin"]).status.success());
     let officer = server.ctl_ok(&["admin-tokens", "create", "officer", "--role", "recovery-keys"]).trim().to_string();
     // A recovery-keys-only token cannot create tokens at all (that needs admin).
-    let out = ctl_with(&server, &officer, &["admin-tokens", "create", "x", "--role", "recovery-keys"]);
+    let out = server.ctl_as(&officer, &["admin-tokens", "create", "x", "--role", "recovery-keys"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 403"), "{out:?}");
     let both = server.ctl_json(&["admin-tokens", "create", "both", "--role", "admin", "--role", "recovery-keys"]);
     let both = both["token"].as_str().unwrap();
-    assert!(ctl_with(&server, both, &["admin-tokens", "create", "officer2", "--role", "recovery-keys"])
-        .status
-        .success());
+    assert!(server.ctl_as(both, &["admin-tokens", "create", "officer2", "--role", "recovery-keys"]).status.success());
     server.stop();
 }
 

@@ -270,24 +270,6 @@ fn the_report_history_stays_bounded() {
     assert_eq!(errors, ["report 39", "report 38", "report 37", "report 36", "report 35"]);
 }
 
-/// `s` without ANSI colour sequences.
-fn plain(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 #[test]
 fn failed_authentications_are_logged_in_aggregate_without_secrets() {
     let tmp = tempfile::tempdir().unwrap();
@@ -323,7 +305,7 @@ fn failed_authentications_are_logged_in_aggregate_without_secrets() {
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     let (log, lines) = loop {
-        let log = plain(&std::fs::read_to_string(&server.stderr_log).unwrap());
+        let log = common::strip_ansi(&std::fs::read_to_string(&server.stderr_log).unwrap());
         let lines: Vec<String> =
             log.lines().filter(|l| l.contains("failed authentications")).map(String::from).collect();
         let total: u64 = lines

@@ -99,6 +99,15 @@ impl Server {
             .expect("run tenonctl")
     }
 
+    /// Runs tenonctl against this server with another admin token.
+    pub fn ctl_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(bin("tenonctl"))
+            .args(["--server", &self.url, "--token", token])
+            .args(args)
+            .output()
+            .expect("run tenonctl")
+    }
+
     /// Runs tenonctl and parses its --json output; panics with stderr on failure.
     pub fn ctl_json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
@@ -204,4 +213,22 @@ impl SimAgent {
         let env: Value = serde_json::from_str(state.envelope.as_deref().expect("an envelope is held")).unwrap();
         env["signed"]["payload"].clone()
     }
+}
+
+/// A log without terminal colour codes (ESC ... letter).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
