@@ -3,11 +3,16 @@
 //!
 //! What a client may hold, and for how long:
 //! - a request head must arrive in full within `header_read_timeout` of the connection opening or
-//!   of the previous response; this also closes idle keep-alive connections (hyper's timer);
+//!   of the last byte of the previous response; this also closes idle keep-alive connections;
 //! - a request body must arrive in full within `body_read_timeout` of its head ([`TimedBody`]);
 //!   the request then fails with 408 and the connection closes;
 //! - a connection on which no byte moves for `idle_timeout` while no request is being handled
-//!   (a client that stopped reading its response) is closed by the sweeper;
+//!   (a client that stopped reading its response) is closed;
+//!
+//!   Both of these are enforced by one sweeper task on a coarse clock (a quarter of the shorter
+//!   timeout), not by a timer per request: arming and cancelling a timer for every request head
+//!   cost a third of the keep-alive check-in rate. A deadline is therefore met up to one sweeper
+//!   period late, never early;
 //! - at most `max_connections` are open. At the cap, a new connection closes the *oldest
 //!   connection with no request in progress* (a half-sent head, an idle keep-alive) and takes
 //!   its place; only when every open connection is inside a request is the new one refused (closed
@@ -23,7 +28,7 @@ use axum::extract::ConnectInfo;
 use axum::http::Request;
 use axum::Router;
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
@@ -88,14 +93,14 @@ pub async fn serve(
     );
     let registry = Arc::new(Registry::new());
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+    // No hyper timer: the sweeper enforces the header deadline (see the module doc).
+    http.header_read_timeout(None)
         .keep_alive(true)
         // Request heads are small; this bounds what one connection buffers before its head parses.
         .max_buf_size(64 * 1024);
     let http = Arc::new(http);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sweeper = tokio::spawn(sweep(registry.clone(), limits.idle_timeout));
+    let sweeper = tokio::spawn(sweep(registry.clone(), limits.header_read_timeout, limits.idle_timeout));
     tokio::pin!(shutdown);
     let mut next_id: u64 = 0;
     let mut refused: u64 = 0;
@@ -188,6 +193,9 @@ struct Connection {
     in_flight: AtomicU32,
     /// Milliseconds since the registry's epoch when a byte last moved.
     last_io_ms: AtomicU64,
+    /// Milliseconds since the epoch when the connection opened or last wrote a response byte:
+    /// the start of the wait for the next request head.
+    head_wait_ms: AtomicU64,
     closing: AtomicBool,
     close: Notify,
 }
@@ -227,9 +235,11 @@ impl Registry {
     }
 
     fn insert(&self, id: u64) -> Arc<Connection> {
+        let now = self.now_ms();
         let conn = Arc::new(Connection {
             in_flight: AtomicU32::new(0),
-            last_io_ms: AtomicU64::new(self.now_ms()),
+            last_io_ms: AtomicU64::new(now),
+            head_wait_ms: AtomicU64::new(now),
             closing: AtomicBool::new(false),
             close: Notify::new(),
         });
@@ -296,12 +306,15 @@ impl Registry {
     }
 }
 
-/// Closes connections on which nothing moved for `idle` while no request was being handled.
-async fn sweep(registry: Arc<Registry>, idle: Duration) {
-    let period = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+/// Closes connections with no request in progress whose next request head is later than
+/// `header` (counted from the open or the last response byte), or on which nothing moved for
+/// `idle`.
+async fn sweep(registry: Arc<Registry>, header: Duration, idle: Duration) {
+    let period = (header.min(idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
     // Stamps are up to one period old (the coarse clock): allow for it, so no connection is
-    // closed before `idle`.
-    let idle_ms = u64::try_from((idle + period).as_millis()).unwrap_or(u64::MAX);
+    // closed before its deadline.
+    let ms = |d: Duration| u64::try_from((d + period).as_millis()).unwrap_or(u64::MAX);
+    let (header_ms, idle_ms) = (ms(header), ms(idle));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -314,7 +327,8 @@ async fn sweep(registry: Arc<Registry>, idle: Duration) {
             .filter(|c| {
                 c.in_flight.load(Ordering::Relaxed) == 0
                     && !c.closing.load(Ordering::Relaxed)
-                    && now.saturating_sub(c.last_io_ms.load(Ordering::Relaxed)) >= idle_ms
+                    && (now.saturating_sub(c.head_wait_ms.load(Ordering::Relaxed)) >= header_ms
+                        || now.saturating_sub(c.last_io_ms.load(Ordering::Relaxed)) >= idle_ms)
             })
             .cloned()
             .collect();
@@ -322,7 +336,7 @@ async fn sweep(registry: Arc<Registry>, idle: Duration) {
             registry.close(c);
         }
         if !stalled.is_empty() {
-            tracing::debug!(closed = stalled.len(), "closed connections idle past the idle timeout");
+            tracing::debug!(closed = stalled.len(), "closed connections past the header or idle timeout");
         }
     }
 }
@@ -421,8 +435,15 @@ struct TrackedIo {
 }
 
 impl TrackedIo {
-    fn moved(&self) {
+    fn read(&self) {
         self.conn.last_io_ms.store(self.registry.coarse_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// A response byte went out: the wait for the next head starts no earlier than now.
+    fn wrote(&self) {
+        let now = self.registry.coarse_ms.load(Ordering::Relaxed);
+        self.conn.last_io_ms.store(now, Ordering::Relaxed);
+        self.conn.head_wait_ms.store(now, Ordering::Relaxed);
     }
 }
 
@@ -431,7 +452,7 @@ impl AsyncRead for TrackedIo {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.moved();
+            self.read();
         }
         r
     }
@@ -441,7 +462,7 @@ impl AsyncWrite for TrackedIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.stream).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
+            self.wrote();
         }
         r
     }
@@ -453,7 +474,7 @@ impl AsyncWrite for TrackedIo {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
+            self.wrote();
         }
         r
     }
