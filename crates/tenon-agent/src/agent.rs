@@ -10,6 +10,7 @@ use crate::platform::Platform;
 use crate::policies::{self, PolicyContext, StateStore};
 use crate::server_escrow::ServerEscrow;
 use crate::status::{rfc3339, Status};
+use crate::transport::Transport;
 use crate::vault::{Vault, VaultError, VaultState};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
@@ -46,7 +47,7 @@ pub enum AgentError {
     Client(#[from] ClientError),
     #[error("this device was decommissioned by an administrator; it must be re-enrolled (`tenon-agent enroll --server URL --token TOKEN`): {0}")]
     Decommissioned(String),
-    #[error("enrollment token is malformed: expected tenr.<id>.<secret>.<fingerprint> as printed by `tenonctl enroll-token create`")]
+    #[error("enrollment token is malformed: expected tenr.<id>.<secret>.<fingerprint>[.<tls>] as printed by `tenonctl enroll-token create`")]
     BadToken,
     #[error("the server's root key does not match the enrollment token: {0}. Check that --server points at the server that created the token")]
     Trust(#[from] TrustError),
@@ -56,6 +57,15 @@ pub enum AgentError {
     Platform(#[from] crate::platform::PlatformError),
     #[error("the configuration was refused: {0}; the agent keeps applying its last known good configuration")]
     Rejected(String),
+}
+
+/// How `enroll` treats an existing enrollment and plain HTTP.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EnrollOptions {
+    /// Discard an existing enrollment.
+    pub force: bool,
+    /// Accept plain HTTP to a non-loopback server (stored: later syncs accept it too).
+    pub allow_insecure_http: bool,
 }
 
 pub struct Agent<'p> {
@@ -87,7 +97,15 @@ impl<'p> Agent<'p> {
 
     /// Enrolls with a token from `tenonctl enroll-token create`; pins the root key it names.
     pub fn enroll(&self, server: &str, token: &str, force: bool) -> Result<String, AgentError> {
-        let fingerprint = token.trim().split('.').nth(3).filter(|f| f.len() == 64).ok_or(AgentError::BadToken)?;
+        self.enroll_with(server, token, EnrollOptions { force, allow_insecure_http: false })
+    }
+
+    /// [`Agent::enroll`] with every option.
+    pub fn enroll_with(&self, server: &str, token: &str, opts: EnrollOptions) -> Result<String, AgentError> {
+        let force = opts.force;
+        let trust = tenon_core::api::token_trust(token).ok_or(AgentError::BadToken)?;
+        let fingerprint = trust.root_fingerprint;
+        let transport = Transport { tls: trust.tls.clone(), allow_insecure_http: opts.allow_insecure_http };
         let vault = self.vault();
         let status = Status::load(&self.state_dir);
         if vault.exists() && !force && !status.decommissioned {
@@ -100,7 +118,7 @@ impl<'p> Agent<'p> {
         // administrator). A vault that cannot be read leaves nothing to carry.
         let carried =
             if vault.exists() { vault.load().map(|l| l.state.policy_state).unwrap_or_default() } else { Map::new() };
-        let client = ServerClient::new(server);
+        let client = ServerClient::new(server, &transport)?;
         // Check the server's root key against the token before the token leaves this machine: a
         // token for another server is refused here, without using up one of its enrollments.
         let before = client.public_trust()?;
@@ -123,6 +141,7 @@ impl<'p> Agent<'p> {
             envelope: None,
             latest_time_seen: self.now().max(resp.server_time),
             policy_state: carried,
+            transport,
         };
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| VaultError::KeyUnusable(e.to_string()))?;
@@ -194,7 +213,7 @@ impl<'p> Agent<'p> {
             }
         };
 
-        let client = ServerClient::new(&st.server_url);
+        let client = ServerClient::new(&st.server_url, &st.transport)?;
         let mut result = "unchanged";
         let mut rejected = false;
         let mut checked_in = false;

@@ -1,5 +1,6 @@
 //! The agent's HTTP client for the device API (blocking: the agent is a small sequential loop).
 
+use crate::transport::Transport;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
@@ -20,6 +21,11 @@ pub enum ClientError {
     Server { status: u16, detail: String },
     #[error("server sent an unexpected answer: {0}")]
     Protocol(String),
+    /// A URL the device's transport refuses (plain HTTP to another machine).
+    #[error("{0}")]
+    Insecure(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// What a check-in returned.
@@ -34,13 +40,17 @@ pub struct ServerClient {
 }
 
 impl ServerClient {
-    pub fn new(base: &str) -> Self {
-        let http = ureq::AgentBuilder::new()
+    /// A client for `base` that trusts what `transport` says (see [`crate::transport`]).
+    pub fn new(base: &str, transport: &Transport) -> Result<Self, ClientError> {
+        transport.check_url(base)?;
+        let mut http = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
-            .user_agent(concat!("tenon-agent/", env!("CARGO_PKG_VERSION")))
-            .build();
-        Self { base: base.trim_end_matches('/').to_string(), http }
+            .user_agent(concat!("tenon-agent/", env!("CARGO_PKG_VERSION")));
+        if base.trim().starts_with("https://") {
+            http = http.tls_config(transport.client_config()?);
+        }
+        Ok(Self { base: base.trim_end_matches('/').to_string(), http: http.build() })
     }
 
     fn url(&self, path: &str) -> String {
@@ -64,7 +74,9 @@ impl ServerClient {
                     _ => ClientError::Server { status, detail },
                 }
             }
-            ureq::Error::Transport(t) => ClientError::Unreachable { url: self.base.clone(), detail: t.to_string() },
+            ureq::Error::Transport(t) => {
+                ClientError::Unreachable { url: self.base.clone(), detail: transport_detail(&t) }
+            }
         }
     }
 
@@ -175,6 +187,21 @@ impl ServerClient {
 
 /// How long a 429 asks to wait: `Retry-After` in seconds (an HTTP date or a missing header means
 /// a minute), bounded to a day so a hostile answer cannot silence the agent for longer.
+/// The transport error with its causes (a refused certificate says why only in its source).
+fn transport_detail(t: &ureq::Transport) -> String {
+    let mut detail = t.to_string();
+    let mut source = std::error::Error::source(t);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = e.source();
+    }
+    detail
+}
+
 fn retry_after(header: Option<&str>) -> Duration {
     let secs = header.and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(60);
     Duration::from_secs(secs.clamp(1, 24 * 3600))

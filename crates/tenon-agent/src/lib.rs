@@ -12,4 +12,5 @@ pub mod server_escrow;
 #[cfg(windows)]
 pub mod service;
 pub mod status;
+pub mod transport;
 pub mod vault;

@@ -46,6 +46,10 @@ enum Command {
         /// Discard an existing enrollment.
         #[arg(long)]
         force: bool,
+        /// Accept plain http:// to a server that is not on this machine (the device credential
+        /// then crosses the network readable).
+        #[arg(long)]
+        allow_insecure_http: bool,
     },
     /// Check in, fetch the configuration if it changed, verify, store, apply and report.
     Sync {
@@ -176,7 +180,7 @@ fn main() -> ExitCode {
     };
     let agent = Agent::new(&state_dir, platform.as_ref(), clock);
     let result = match cli.command {
-        Command::Enroll { server, token, token_file, force } => {
+        Command::Enroll { server, token, token_file, force, allow_insecure_http } => {
             let s = server.trim();
             if !(s.starts_with("http://") || s.starts_with("https://")) {
                 eprintln!("error: --server {s:?} has no http:// or https:// in front; write it as http://{s} (or https://...)");
@@ -189,7 +193,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            agent.enroll(&server, &token, force).map(|id| {
+            let opts = tenon_agent::agent::EnrollOptions { force, allow_insecure_http };
+            agent.enroll_with(&server, &token, opts).map(|id| {
                 println!("{id}");
             })
         }

@@ -43,6 +43,9 @@ pub struct VaultState {
     /// Per-policy persisted state.
     #[serde(default)]
     pub policy_state: Map<String, Value>,
+    /// Which TLS certificates the server may present, from the enrollment token.
+    #[serde(default)]
+    pub transport: crate::transport::Transport,
 }
 
 #[derive(Debug, thiserror::Error)]

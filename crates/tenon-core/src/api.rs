@@ -206,6 +206,81 @@ impl DeviceReport {
 pub struct EnrollTokenRequest {
     pub uses: u32,
     pub ttl_seconds: u64,
+    /// With an organisation's certificate: pin the top CA of the served chain instead of trusting
+    /// the system roots.
+    #[serde(default)]
+    pub pin_ca: bool,
+}
+
+/// What an enrollment token `tenr.<id>.<secret>.<root>[.<tls>]` tells the agent to trust.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenTrust<'a> {
+    /// Hex SHA-256 of the server's root signing key.
+    pub root_fingerprint: &'a str,
+    /// How to trust the server's TLS certificate; `None`: the token came from a plain-HTTP server.
+    pub tls: Option<TlsTrust>,
+}
+
+/// How an agent trusts the server's TLS certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsTrust {
+    /// The operating system's root certificates.
+    SystemRoots,
+    /// Exactly the CA whose certificate has this SHA-256 (lowercase hex), and no other.
+    PinnedCa(String),
+}
+
+impl TlsTrust {
+    /// The token's last part: `sys`, or the CA fingerprint.
+    pub fn token_part(&self) -> &str {
+        match self {
+            TlsTrust::SystemRoots => "sys",
+            TlsTrust::PinnedCa(f) => f,
+        }
+    }
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Reads the trust parts of an enrollment token; `None` when they are malformed.
+pub fn token_trust(token: &str) -> Option<TokenTrust<'_>> {
+    let mut parts = token.trim().split('.');
+    if parts.next()? != "tenr" {
+        return None;
+    }
+    let (_id, _secret) = (parts.next()?, parts.next()?);
+    let root_fingerprint = parts.next().filter(|f| is_sha256_hex(f))?;
+    let tls = match parts.next() {
+        None => None,
+        Some("sys") => Some(TlsTrust::SystemRoots),
+        Some(f) if is_sha256_hex(f) => Some(TlsTrust::PinnedCa(f.to_string())),
+        Some(_) => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(TokenTrust { root_fingerprint, tls })
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn token_trust_parts() {
+        let root = "a".repeat(64);
+        let ca = "0123456789abcdef".repeat(4);
+        assert_eq!(token_trust(&format!("tenr.i.s.{root}")), Some(TokenTrust { root_fingerprint: &root, tls: None }));
+        assert_eq!(token_trust(&format!("tenr.i.s.{root}.sys")).unwrap().tls, Some(TlsTrust::SystemRoots));
+        assert_eq!(token_trust(&format!(" tenr.i.s.{root}.{ca}\n")).unwrap().tls, Some(TlsTrust::PinnedCa(ca.clone())));
+        assert_eq!(token_trust(&format!("tenr.i.s.{root}.nope")), None);
+        assert_eq!(token_trust(&format!("tenr.i.s.{root}.sys.x")), None);
+        assert_eq!(token_trust("tenr.i.s.short"), None);
+        assert_eq!(token_trust(&format!("tena.i.s.{root}")), None);
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

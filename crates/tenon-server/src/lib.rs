@@ -20,6 +20,7 @@ pub mod report_history;
 pub mod secrets;
 pub mod signatures;
 pub mod state;
+pub mod tls;
 
 use anyhow::{bail, Context};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -46,6 +47,10 @@ pub struct ServeOptions {
     pub auth_failure_log_interval: Duration,
     /// Where to serve `GET /metrics` (Prometheus text); `None`: no metrics at all.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the TLS certificate comes from; `None`: plain HTTP.
+    pub tls: Option<tls::TlsSource>,
+    /// Plain HTTP on a non-loopback address (`--insecure-http`).
+    pub insecure_http: bool,
 }
 
 impl ServeOptions {
@@ -61,7 +66,30 @@ impl ServeOptions {
             report_history: Default::default(),
             auth_failure_log_interval: Duration::from_secs(60),
             metrics_listen: None,
+            tls: None,
+            insecure_http: false,
         }
+    }
+
+    /// Plain HTTP is for loopback only: tokens and device credentials cross the network in it.
+    fn check_transport(&self) -> anyhow::Result<()> {
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
+            if !self.insecure_http {
+                bail!(
+                    "--listen {} is not a loopback address and TLS is off: enrollment tokens and device credentials \
+                     would cross the network readable. Pass --tls-cert FILE --tls-key FILE (your organisation's \
+                     certificate) or --tls-self-signed (a CA of the server's own), or --insecure-http to accept the risk",
+                    self.listen
+                );
+            }
+            let warning = format!(
+                "serving plain HTTP on {} (--insecure-http): enrollment tokens and device credentials cross the network readable",
+                self.listen
+            );
+            eprintln!("WARNING: {warning}");
+            tracing::warn!("{warning}");
+        }
+        Ok(())
     }
 }
 
@@ -125,6 +153,7 @@ fn restrict_database_files(db: &std::path::Path) -> anyhow::Result<()> {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    opts.check_transport()?;
     // Bind first: a taken port must fail before anything is written (a fresh data dir, keys, the
     // admin token).
     let listener = tokio::net::TcpListener::bind(opts.listen)
@@ -132,17 +161,41 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}; is another server using it? pass --listen ADDR", opts.listen))?;
     let data_dir = datadir::DataDir::open(&opts.data_dir)?;
     let clock = state::system_clock();
+    let tls = match opts.tls.clone() {
+        Some(source) => Some(Arc::new(tls::Tls::open(source, &data_dir.path, clock())?)),
+        None => None,
+    };
     let keys = data_dir.load_or_create_keys(clock())?;
     let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
     let client = client_policy::ClientPolicy::new(&opts.rates, opts.report_history);
-    let state = Arc::new(state::AppState::load(db, keys, clock, opts.envelope_ttl).await?.with_client_policy(client));
+    let state = Arc::new(
+        state::AppState::load(db, keys, clock.clone(), opts.envelope_ttl)
+            .await?
+            .with_client_policy(client)
+            .with_tls(tls.clone()),
+    );
     state.log_undeclared_settings().await;
     if let Some(token) = state.bootstrap_admin_token().await? {
         let path = data_dir.write_admin_token(&token)?;
         println!("bootstrap admin token written to {} (readable by this user only)", path.display());
     }
     let local = listener.local_addr()?;
-    println!("tenon-server listening on http://{local} (data dir {})", data_dir.path.display());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("tenon-server listening on {scheme}://{local} (data dir {})", data_dir.path.display());
+    let tls_config = match &tls {
+        Some(t) => {
+            if let (Some(ca), Some(fpr)) = (t.ca_file(), t.ca_fingerprint()) {
+                println!(
+                    "TLS: the server's own CA is {} (sha256 {fpr}); `tenonctl --ca-file {}` trusts it",
+                    ca.display(),
+                    ca.display()
+                );
+            }
+            tokio::spawn(t.clone().maintain(clock.clone()));
+            Some(t.server_config()?)
+        }
+        None => None,
+    };
     tracing::info!(%local, devices = state.index.len(), "listening");
 
     let bg = state.clone();
@@ -197,7 +250,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let http = Arc::new(metrics::HttpMetrics::default());
         app = app.layer(axum::middleware::from_fn_with_state(http, metrics::track));
     }
-    listener::serve(listener, app, opts.connections.clone(), shutdown_signal()).await?;
+    listener::serve(listener, app, opts.connections.clone(), tls_config, shutdown_signal()).await?;
     background.abort();
     state.client.auth_failures.log(opts.auth_failure_log_interval);
     state.flush_last_seen().await?;

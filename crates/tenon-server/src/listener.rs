@@ -21,7 +21,11 @@
 //!
 //! Graceful shutdown: when `shutdown` resolves the loop stops accepting, asks every connection to
 //! finish its current request and close (hyper's graceful shutdown), and waits for them at most
-//! [`SHUTDOWN_GRACE`]. A later TLS layer wraps the accepted `TcpStream` in `serve_connection`.
+//! [`SHUTDOWN_GRACE`].
+//!
+//! TLS: with a rustls configuration the handshake runs in the connection's task, under the same
+//! header deadline and eviction as a request head (a client that opens a connection and never
+//! finishes its handshake is a half-sent head). The byte tracking sits under TLS, on the socket.
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -81,8 +85,10 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let cap = effective_cap(limits.max_connections);
     tracing::info!(
         max_connections = cap,
@@ -131,15 +137,31 @@ pub async fn serve(
         }
         next_id += 1;
         let conn = registry.insert(next_id);
-        tokio::spawn(serve_connection(
-            stream,
-            remote,
-            app.clone(),
-            http.clone(),
-            limits.body_read_timeout,
-            ConnectionSlot { id: next_id, conn, registry: registry.clone() },
-            stop_rx.clone(),
-        ));
+        let _ = stream.set_nodelay(true);
+        let slot = ConnectionSlot { id: next_id, conn, registry: registry.clone() };
+        let io = TrackedIo { stream, conn: slot.conn.clone(), registry: registry.clone() };
+        let (app, http, stop, body_timeout) = (app.clone(), http.clone(), stop_rx.clone(), limits.body_read_timeout);
+        match &tls {
+            None => {
+                tokio::spawn(serve_connection(io, remote, app, http, body_timeout, slot, stop));
+            }
+            Some(acceptor) => {
+                let handshake = acceptor.accept(io);
+                tokio::spawn(async move {
+                    let io = tokio::select! {
+                        done = handshake => match done {
+                            Ok(io) => io,
+                            Err(e) => {
+                                tracing::debug!(error = %e, %remote, "TLS handshake failed");
+                                return;
+                            }
+                        },
+                        _ = slot.conn.close.notified() => return,
+                    };
+                    serve_connection(io, remote, app, http, body_timeout, slot, stop).await
+                });
+            }
+        }
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -355,17 +377,18 @@ impl Drop for ConnectionSlot {
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    io: S,
     remote: SocketAddr,
     app: Router,
     http: Arc<hyper::server::conn::http1::Builder>,
     body_read_timeout: Duration,
     slot: ConnectionSlot,
     mut stop: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(TrackedIo { stream, conn: slot.conn.clone(), registry: slot.registry.clone() });
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let conn = slot.conn.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let in_flight = InFlight::enter(conn.clone());

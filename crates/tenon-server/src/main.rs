@@ -47,6 +47,8 @@ enum Command {
         #[arg(long, env = "TENON_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
         limits: Box<ClientLimitArgs>,
     },
     /// Generate a new escrow key and re-seal every stored recovery key to it (offline: stop the
@@ -203,6 +205,45 @@ fn expand_config(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
     Ok(out)
 }
 
+/// HTTPS (README, "HTTPS"). Without TLS only loopback addresses may be served.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// The organisation's certificate: a PEM chain, server certificate first (re-read on SIGHUP
+    /// and when the file changes).
+    #[arg(long, value_name = "FILE", requires = "tls_key", conflicts_with = "tls_self_signed")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Run a CA of the server's own in DATA_DIR/tls (its certificate: DATA_DIR/tls/ca.pem) and
+    /// serve a certificate it issues, renewed before expiry. Enrollment tokens pin this CA.
+    #[arg(long)]
+    tls_self_signed: bool,
+    /// Names of the self-signed server certificate (default: localhost, 127.0.0.1, the host name).
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',', requires = "tls_self_signed")]
+    tls_names: Vec<String>,
+    /// Serve plain HTTP on a non-loopback address (tokens and credentials cross the network readable).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_self_signed"])]
+    insecure_http: bool,
+}
+
+impl TlsArgs {
+    fn source(&self) -> Option<tenon_server::tls::TlsSource> {
+        use tenon_server::tls::TlsSource;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsSource::Files { cert: cert.clone(), key: key.clone() }),
+            _ if self.tls_self_signed => Some(TlsSource::SelfSigned {
+                names: if self.tls_names.is_empty() {
+                    tenon_server::tls::default_names()
+                } else {
+                    self.tls_names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect()
+                },
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Bounds on what clients may hold and send (README, "Limits on clients").
 #[derive(clap::Args)]
 struct ClientLimitArgs {
@@ -299,6 +340,7 @@ fn main() -> ExitCode {
             metrics_listen,
             log_format: _,
             config: _,
+            tls,
         } => {
             let opts = tenon_server::ServeOptions {
                 database,
@@ -321,6 +363,8 @@ fn main() -> ExitCode {
                 },
                 auth_failure_log_interval: limits.auth_failure_log_interval,
                 metrics_listen,
+                tls: tls.source(),
+                insecure_http: tls.insecure_http,
                 ..tenon_server::ServeOptions::new(listen, data_dir)
             };
             runtime.block_on(tenon_server::serve(opts))

@@ -88,6 +88,8 @@ pub struct AppState {
     pub rotations_open: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Rate limits, failed-authentication tally, report history (`with_client_policy`).
     pub client: crate::client_policy::ClientPolicy,
+    /// The TLS certificate being served (`with_tls`): enrollment tokens carry its trust.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 /// Roles an admin token may hold.
@@ -219,6 +221,7 @@ impl AppState {
             envelope_ttl,
             rotations_open: std::sync::Mutex::new(open.into_iter().collect()),
             client: Default::default(),
+            tls: None,
         };
         // Converge: anything changed since the envelopes were signed (or a crash between a write
         // and its re-sign) is re-issued now.
@@ -233,6 +236,11 @@ impl AppState {
     /// Replaces the default rate limits and report history with the serve options'.
     pub fn with_client_policy(mut self, client: crate::client_policy::ClientPolicy) -> Self {
         self.client = client;
+        self
+    }
+
+    pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -485,13 +493,29 @@ impl AppState {
 
     // ---- enrollment --------------------------------------------------------------------------
 
-    pub async fn create_enroll_token(&self, actor: &Actor, uses: u32, ttl_seconds: u64) -> ApiResult<(String, i64)> {
+    pub async fn create_enroll_token(
+        &self,
+        actor: &Actor,
+        uses: u32,
+        ttl_seconds: u64,
+        pin_ca: bool,
+    ) -> ApiResult<(String, i64)> {
         if uses == 0 || uses > 100_000 {
             return Err(ApiError::BadRequest("uses must be between 1 and 100000".into()));
         }
         if ttl_seconds == 0 || ttl_seconds > 366 * 24 * 3600 {
             return Err(ApiError::BadRequest("ttl must be between 1 second and 366 days".into()));
         }
+        // The token tells the agent how to trust this server's TLS certificate.
+        let tls_part =
+            match &self.tls {
+                Some(tls) => Some(tls.token_trust(pin_ca).map_err(ApiError::BadRequest)?),
+                None if pin_ca => return Err(ApiError::BadRequest(
+                    "--pin-ca needs a server that serves TLS; start it with --tls-cert/--tls-key or --tls-self-signed"
+                        .into(),
+                )),
+                None => None,
+            };
         let id = secrets::short_id();
         let cred = secrets::new_credential(secrets::ENROLL_PREFIX, &id);
         let now = self.now();
@@ -520,8 +544,13 @@ impl AppState {
         )
         .await?;
         tx.commit().await?;
-        // The token carries the root key's fingerprint so the agent can pin it.
-        Ok((format!("{}.{}", cred.token, self.keys.root_fingerprint()), expires_at))
+        // The token carries the root key's fingerprint so the agent can pin it, and the TLS trust.
+        let mut token = format!("{}.{}", cred.token, self.keys.root_fingerprint());
+        if let Some(part) = tls_part {
+            token.push('.');
+            token.push_str(&part);
+        }
+        Ok((token, expires_at))
     }
 
     /// Enrolls a device; returns its id and credential.
@@ -569,7 +598,8 @@ impl AppState {
         // token, or one edited to point elsewhere) would enroll a device that then refuses this
         // server: refuse it before an enrollment is used up (after the secret check, so a guessed
         // token is still a counted authentication failure).
-        if fingerprint != Some(self.keys.root_fingerprint().as_str()) {
+        let root_part = fingerprint.map(|rest| rest.split('.').next().unwrap_or(rest));
+        if root_part != Some(self.keys.root_fingerprint().as_str()) {
             return Err(ApiError::BadRequest(
                 "the enrollment token names another server's root key (its last part is not this server's fingerprint); \
                  check --server, or create a token on this server with `tenonctl enroll-token create`"

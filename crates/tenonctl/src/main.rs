@@ -34,6 +34,14 @@ struct Cli {
     /// --token and TENON_TOKEN.
     #[arg(long, env = "TENON_TOKEN_FILE", global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// Trust the server's certificate if this CA issued it (PEM), such as DATA_DIR/tls/ca.pem of a
+    /// server started with --tls-self-signed. Without it: the system roots.
+    #[arg(long, env = "TENON_CA_FILE", global = true, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// On the server machine: the server's data dir, for its CA (DATA_DIR/tls/ca.pem) and, when no
+    /// token is given, the bootstrap admin token (DATA_DIR/admin.token).
+    #[arg(long, env = "TENON_DATA_DIR", global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -119,6 +127,10 @@ enum EnrollTokenCmd {
         /// How long it is valid, such as 24h or 7d.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
+        /// With an organisation's certificate: agents trust only the top CA of the server's chain
+        /// file instead of their system roots. (With --tls-self-signed the server's CA is always pinned.)
+        #[arg(long)]
+        pin_ca: bool,
     },
     /// List enrollment tokens: id, state (active, expired, used_up, revoked), uses left, expiry.
     /// Never the secrets.
@@ -306,7 +318,12 @@ struct Client {
 }
 
 impl Client {
-    fn new(server: &str, token: Option<String>, token_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+    fn new(
+        server: &str,
+        token: Option<String>,
+        token_file: Option<&std::path::Path>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
         check_server_url(server)?;
         let token = match token_file {
             Some(f) => Some(std::fs::read_to_string(f).map_err(|e| {
@@ -320,10 +337,12 @@ impl Client {
         let token = token
             .filter(|t| !t.trim().is_empty())
             .ok_or_else(|| usage("no admin token: pass --token-file FILE (the bootstrap token is DATA_DIR/admin.token) or set TENON_TOKEN".into()))?;
-        let http = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(10))
-            .timeout(Duration::from_secs(300))
-            .build();
+        let mut http =
+            ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).timeout(Duration::from_secs(300));
+        if server.trim().starts_with("https://") {
+            http = http.tls_config(tls_config(ca_file)?);
+        }
+        let http = http.build();
         Ok(Self { base: server.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
     }
 
@@ -348,7 +367,16 @@ impl Client {
                 }
             }
             Err(ureq::Error::Transport(t)) => {
-                bail!("cannot reach the server at {}: {t}; check --server (or TENON_SERVER) and that tenon-server is running", self.base)
+                let detail = transport_detail(&t);
+                if detail.contains("certificate") || detail.contains("UnknownIssuer") {
+                    bail!(
+                        "cannot reach the server at {}: {detail}; the server's certificate is not trusted: pass \
+                         --ca-file FILE (TENON_CA_FILE) with the CA that issued it (DATA_DIR/tls/ca.pem for \
+                         --tls-self-signed, or --data-dir DIR on the server machine)",
+                        self.base
+                    )
+                }
+                bail!("cannot reach the server at {}: {detail}; check --server (or TENON_SERVER) and that tenon-server is running", self.base)
             }
         }
     }
@@ -379,6 +407,78 @@ fn main() -> ExitCode {
 }
 
 /// `--server` must be an http:// or https:// URL; `127.0.0.1:8440` alone is a common slip.
+/// The CA file and token file, filled in from `--data-dir` where not given.
+fn server_files(cli: &Cli) -> anyhow::Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let mut ca = cli.ca_file.clone();
+    let mut token_file = cli.token_file.clone();
+    if let Some(dir) = &cli.data_dir {
+        if !dir.is_dir() {
+            return Err(usage(format!(
+                "--data-dir {} is not a directory; give the server's data dir (its --data-dir)",
+                dir.display()
+            )));
+        }
+        let own_ca = dir.join("tls").join("ca.pem");
+        if ca.is_none() && own_ca.exists() {
+            ca = Some(own_ca);
+        }
+        let admin = dir.join("admin.token");
+        if token_file.is_none() && cli.token.is_none() && admin.exists() {
+            token_file = Some(admin);
+        }
+    }
+    Ok((ca, token_file))
+}
+
+/// rustls (ring) trusting the CA in `ca_file`, or else the system roots.
+fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(f) => {
+            use rustls_pki_types::pem::PemObject;
+            let pem = std::fs::read(f).map_err(|e| {
+                usage(format!("cannot read the CA file {}: {e}; check --ca-file (or TENON_CA_FILE)", f.display()))
+            })?;
+            let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<_, _>>()
+                .map_err(|_| usage(format!("--ca-file {} is not a PEM certificate file", f.display())))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(usage(format!(
+                    "--ca-file {} holds no CA certificate (expected -----BEGIN CERTIFICATE----- blocks)",
+                    f.display()
+                )));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .context("the TLS provider has no protocol versions")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(std::sync::Arc::new(config))
+}
+
+/// A transport error with its causes (a refused certificate says why only in its source).
+fn transport_detail(t: &ureq::Transport) -> String {
+    let mut detail = t.to_string();
+    let mut source = std::error::Error::source(t);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = e.source();
+    }
+    detail
+}
+
 fn check_server_url(server: &str) -> anyhow::Result<()> {
     let s = server.trim();
     if s.starts_with("http://") || s.starts_with("https://") {
@@ -473,7 +573,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let c = Client::new(&cli.server, cli.token, cli.token_file.as_deref())?;
+    let (ca_file, token_file) = server_files(&cli)?;
+    let c = Client::new(&cli.server, cli.token, token_file.as_deref(), ca_file.as_deref())?;
     match cli.command {
         Command::Settings(SettingsCmd::Keys { .. }) => unreachable!("answered above"),
         Command::EnrollToken(EnrollTokenCmd::List) => {
@@ -513,8 +614,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::EnrollToken(EnrollTokenCmd::Create { uses, ttl }) => {
-            let v = c.call("POST", "/enroll-tokens", Some(&json!({"uses": uses, "ttl_seconds": ttl.as_secs()})))?;
+        Command::EnrollToken(EnrollTokenCmd::Create { uses, ttl, pin_ca }) => {
+            let v = c.call(
+                "POST",
+                "/enroll-tokens",
+                Some(&json!({"uses": uses, "ttl_seconds": ttl.as_secs(), "pin_ca": pin_ca})),
+            )?;
             if json_out {
                 print_json(&v);
             } else {

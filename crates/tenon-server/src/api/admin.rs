@@ -47,7 +47,7 @@ pub async fn create_enroll_token(
     Admin(actor): Admin,
     ApiJson(req): ApiJson<EnrollTokenRequest>,
 ) -> ApiResult<Response> {
-    let (token, expires_at) = state.create_enroll_token(&actor, req.uses, req.ttl_seconds).await?;
+    let (token, expires_at) = state.create_enroll_token(&actor, req.uses, req.ttl_seconds, req.pin_ca).await?;
     let body = EnrollTokenResponse { token, uses: req.uses, expires_at: rfc3339(expires_at) };
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }

@@ -26,6 +26,25 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub token: String,
     pub stderr_log: PathBuf,
+    /// For an https server: the CA that tenonctl and the test's HTTP client trust
+    /// (DATA_DIR/tls/ca.pem by default).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A ureq agent trusting exactly the CA certificates in `ca_pem`.
+pub fn https_agent(ca_pem: &Path) -> ureq::Agent {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    ureq::AgentBuilder::new().tls_config(std::sync::Arc::new(config)).timeout(Duration::from_secs(10)).build()
 }
 
 impl Server {
@@ -36,6 +55,11 @@ impl Server {
 
     /// Starts the server with extra `serve` options (short timeouts, other limits).
     pub fn start_with(data_dir: &Path, listen: &str, extra: &[&str]) -> Server {
+        Self::start_trusting(data_dir, listen, extra, None)
+    }
+
+    /// Starts an https server whose certificate `ca_file` issued (an organisation's certificate).
+    pub fn start_trusting(data_dir: &Path, listen: &str, extra: &[&str], ca_file: Option<&Path>) -> Server {
         let stderr_log = data_dir.with_extension("server.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&stderr_log).unwrap();
         let mut child = Command::new(bin("tenon-server"))
@@ -59,16 +83,38 @@ impl Server {
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap().trim().to_string();
-        let addr = url.trim_start_matches("http://").to_string();
-        let s = Server { child, url, addr, data_dir: data_dir.to_path_buf(), token, stderr_log };
+        let addr = url.trim_start_matches("http://").trim_start_matches("https://").to_string();
+        let own_ca = data_dir.join("tls").join("ca.pem");
+        let ca_file =
+            ca_file.map(Path::to_path_buf).or((url.starts_with("https://") && own_ca.exists()).then_some(own_ca));
+        let s = Server { child, url, addr, data_dir: data_dir.to_path_buf(), token, stderr_log, ca_file };
         s.wait_healthy();
         s
     }
 
+    /// A plain ureq agent, or for https one that trusts `ca_file`.
+    pub fn http(&self) -> ureq::Agent {
+        match &self.ca_file {
+            Some(ca) => https_agent(ca),
+            None => ureq::AgentBuilder::new().build(),
+        }
+    }
+
+    /// tenonctl with this server's URL and CA.
+    fn ctl_command(&self) -> Command {
+        let mut cmd = Command::new(bin("tenonctl"));
+        cmd.args(["--server", &self.url]);
+        if let Some(ca) = &self.ca_file {
+            cmd.arg("--ca-file").arg(ca);
+        }
+        cmd
+    }
+
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let http = self.http();
         while Instant::now() < deadline {
-            if ureq::get(&format!("{}/healthz", self.url)).call().is_ok() {
+            if http.get(&format!("{}/healthz", self.url)).call().is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -92,20 +138,12 @@ impl Server {
 
     /// Runs tenonctl against this server.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("tenonctl"))
-            .args(["--server", &self.url, "--token", &self.token])
-            .args(args)
-            .output()
-            .expect("run tenonctl")
+        self.ctl_command().args(["--token", &self.token]).args(args).output().expect("run tenonctl")
     }
 
     /// Runs tenonctl against this server with another admin token.
     pub fn ctl_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(bin("tenonctl"))
-            .args(["--server", &self.url, "--token", token])
-            .args(args)
-            .output()
-            .expect("run tenonctl")
+        self.ctl_command().args(["--token", token]).args(args).output().expect("run tenonctl")
     }
 
     /// Runs tenonctl and parses its --json output; panics with stderr on failure.
