@@ -11,6 +11,9 @@
 # BACKUP=1 also times an online `tenon-server backup` of the enrolled fleet and prints its size.
 # SERVER_ARGS="--enroll-rate-per-address off --enroll-rate-per-token off --metrics-listen 127.0.0.1:0"
 # measures the check-in with metrics on.
+# TLS=1 serves HTTPS (--tls-self-signed) and nginx over TLS with the same certificate and key
+# (ECDSA P-256), and also measures new connections per second (a full TLS handshake per request,
+# `Connection: close`) on both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICES=${1:-10000}
@@ -43,17 +46,26 @@ cleanup() {
 trap cleanup EXIT
 
 port=$((20000 + RANDOM % 20000))
+scheme=http
+tls_args=""
+if [ -n "${TLS:-}" ]; then scheme=https; tls_args="--tls-self-signed --tls-names localhost,127.0.0.1"; fi
 # shellcheck disable=SC2086 # SERVER_ARGS is a list of options
-"$SERVER_BIN" serve --listen 127.0.0.1:$port --data-dir "$work/data" $SERVER_ARGS >"$work/server.out" 2>"$work/server.err" &
+"$SERVER_BIN" serve --listen 127.0.0.1:$port --data-dir "$work/data" $SERVER_ARGS $tls_args >"$work/server.out" 2>"$work/server.err" &
 server_pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-export TENON_SERVER=http://127.0.0.1:$port TENON_TOKEN=$(cat "$work/data/admin.token")
+CURL=(curl -s)
+[ -n "${TLS:-}" ] && CURL+=(--cacert "$work/data/tls/ca.pem")
+for _ in $(seq 100); do "${CURL[@]}" -f "$scheme://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+export TENON_SERVER=$scheme://127.0.0.1:$port TENON_TOKEN=$(cat "$work/data/admin.token")
+[ -n "${TLS:-}" ] && export TENON_CA_FILE="$work/data/tls/ca.pem" SSL_CERT_FILE="$work/data/tls/ca.pem" 
 token=$("$CTL_BIN" enroll-token create --uses "$DEVICES" --ttl 2h)
 
 echo "enrolling $DEVICES devices..."
 python3 - "$TENON_SERVER" "$token" "$DEVICES" "$work/creds.txt" <<'PY'
-import json, sys, urllib.request, concurrent.futures, time
+import json, os, ssl, sys, urllib.request, concurrent.futures, time
 base, token, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+if os.environ.get("SSL_CERT_FILE"):
+    urllib.request.install_opener(urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"]))))
 def one(i):
     req = urllib.request.Request(base + "/api/v1/enroll", method="POST",
         data=json.dumps({"token": token, "hostname": f"BENCH-{i:05d}", "agent_version": "bench"}).encode(),
@@ -91,7 +103,7 @@ LUA
 
 # Sanity: one check-in of the first device is a 304.
 read -r cred etag < "$work/creds.txt"
-code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $cred" -H "If-None-Match: $etag" "$TENON_SERVER/api/v1/device/config")
+code=$("${CURL[@]}" -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $cred" -H "If-None-Match: $etag" "$TENON_SERVER/api/v1/device/config")
 [ "$code" = 304 ] || { echo "expected 304 from an unchanged check-in, got $code"; exit 1; }
 
 # nginx workers run unprivileged: the document root must be world-readable.
@@ -105,18 +117,28 @@ error_log $work/nginx.err;
 events { worker_connections 4096; }
 http {
   access_log off;
-  server { listen 127.0.0.1:$nport; root $work/www; location / { etag on; } }
+  server {
+    listen 127.0.0.1:$nport $( [ -n "${TLS:-}" ] && echo ssl );
+    $( [ -n "${TLS:-}" ] && echo "ssl_certificate $work/data/tls/server.pem; ssl_certificate_key $work/data/tls/server.key; ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;" )
+    root $work/www; location / { etag on; }
+  }
 }
 NGX
 "$NGINX" -c "$work/nginx.conf"
 sleep 0.5
-code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$nport/checkin")
+code=$("${CURL[@]}" -o /dev/null -w '%{http_code}' "$scheme://127.0.0.1:$nport/checkin")
 [ "$code" = 200 ] || { echo "nginx answered $code for the static file; see $work/nginx.err"; exit 1; }
 
 echo "== tenon-server: unchanged check-ins ($DEVICES devices, wrk -t$THREADS -c$CONNECTIONS -d$DURATION)"
 CREDS="$work/creds.txt" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$work/checkin.lua" "$TENON_SERVER" | tee "$work/tenon.txt"
 echo "== nginx: static empty file (same wrk settings)"
-wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" "http://127.0.0.1:$nport/checkin" | tee "$work/nginx.txt"
+wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" "$scheme://127.0.0.1:$nport/checkin" | tee "$work/nginx.txt"
+if [ -n "${TLS:-}" ]; then
+  # A new connection, and so a full handshake, for every request (no session resumption on either).
+  echo "== new TLS connections: tenon-server /healthz and nginx, Connection: close"
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -H "Connection: close" "$TENON_SERVER/healthz" | tee "$work/tenon-hs.txt"
+  wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -H "Connection: close" "$scheme://127.0.0.1:$nport/checkin" | tee "$work/nginx-hs.txt"
+fi
 
 t=$(awk '/Requests\/sec/ {print $2}' "$work/tenon.txt")
 n=$(awk '/Requests\/sec/ {print $2}' "$work/nginx.txt")
@@ -128,6 +150,11 @@ echo "tenon-server unchanged check-ins/s: $t   (non-2xx/3xx answers: ${errs:-0})
 echo "nginx static file requests/s:       $n   (non-2xx/3xx answers: ${nerrs:-0})"
 python3 -c "print(f'ratio tenon/nginx: {float(\"$t\")/float(\"$n\"):.2f}')"
 echo "tenon-server resident memory with $DEVICES devices: $rss"
+if [ -n "${TLS:-}" ]; then
+  th=$(awk '/Requests\/sec/ {print $2}' "$work/tenon-hs.txt")
+  nh=$(awk '/Requests\/sec/ {print $2}' "$work/nginx-hs.txt")
+  echo "new TLS connections/s (handshake + one request): tenon-server $th, nginx $nh"
+fi
 if [ -n "${BACKUP:-}" ]; then
   # An online backup of this fleet while the server serves (issue figures: time and size).
   b0=$(date +%s.%N)

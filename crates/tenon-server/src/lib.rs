@@ -194,7 +194,18 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             tokio::spawn(t.clone().maintain(clock.clone()));
             Some(t.server_config()?)
         }
-        None => None,
+        None => {
+            // `systemctl reload` sends SIGHUP; without TLS there is nothing to reload, and it must
+            // not end the process.
+            tokio::spawn(async {
+                let mut hangup = tls::Hangups::new();
+                loop {
+                    hangup.next().await;
+                    tracing::info!("SIGHUP: nothing to reload (no TLS certificate files)");
+                }
+            });
+            None
+        }
     };
     tracing::info!(%local, devices = state.index.len(), "listening");
 

@@ -122,26 +122,14 @@ impl Tls {
     /// Keeps the served certificate current: reloads the files on SIGHUP or change, renews the
     /// self-signed certificate before it expires. Runs until the process stops.
     pub async fn maintain(self: Arc<Self>, clock: crate::state::Clock) {
+        let mut hangup = Hangups::new();
         match self.source.clone() {
             TlsSource::Files { cert, key } => {
                 let mut stamp = file_stamps(&cert, &key);
                 let mut poll = tokio::time::interval(RELOAD_POLL);
-                #[cfg(unix)]
-                let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
                 loop {
-                    #[cfg(unix)]
-                    let hangup = async {
-                        match hup.as_mut() {
-                            Some(s) => {
-                                s.recv().await;
-                            }
-                            None => std::future::pending::<()>().await,
-                        }
-                    };
-                    #[cfg(not(unix))]
-                    let hangup = std::future::pending::<()>();
                     let why = tokio::select! {
-                        _ = hangup => "SIGHUP",
+                        _ = hangup.next() => "SIGHUP",
                         _ = poll.tick() => {
                             let now_stamp = file_stamps(&cert, &key);
                             if now_stamp == stamp { continue; }
@@ -166,7 +154,10 @@ impl Tls {
                 let mut check = tokio::time::interval(Duration::from_secs(12 * 3600));
                 check.tick().await;
                 loop {
-                    check.tick().await;
+                    tokio::select! {
+                        _ = hangup.next() => {}
+                        _ = check.tick() => {}
+                    }
                     let renewed = SelfSignedCa::load_or_create(&self.tls_dir, clock())
                         .and_then(|ca| ca.server_certificate(&names, clock()));
                     match renewed {
@@ -176,6 +167,38 @@ impl Tls {
                 }
             }
         }
+    }
+}
+
+/// SIGHUP, which `systemctl reload` sends. Listening for it also keeps it from ending the process.
+pub struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    pub fn new() -> Self {
+        #[cfg(unix)]
+        {
+            Self { signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok() }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = self.signal.as_mut() {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+impl Default for Hangups {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -464,4 +487,37 @@ fn check_owner_only(path: &Path) -> anyhow::Result<()> {
     }
     let _ = path;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf_of(served: &Served) -> Vec<u8> {
+        served.key.cert[0].as_ref().to_vec()
+    }
+
+    #[test]
+    fn the_server_certificate_is_renewed_before_expiry_and_the_ca_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("tls");
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let t0 = 1_800_000_000;
+        let ca = SelfSignedCa::load_or_create(&dir, t0).unwrap();
+        let first = ca.server_certificate(&names, t0).unwrap();
+        // Far from expiry: kept.
+        let day = 86_400;
+        let kept = SelfSignedCa::load_or_create(&dir, t0 + day).unwrap().server_certificate(&names, t0 + day).unwrap();
+        assert_eq!(leaf_of(&kept), leaf_of(&first));
+        // Fewer than RENEW_DAYS left: re-issued by the same CA.
+        let late = t0 + (LEAF_DAYS - RENEW_DAYS + 1) * day;
+        let again = SelfSignedCa::load_or_create(&dir, late).unwrap();
+        assert_eq!(again.fingerprint, ca.fingerprint, "the CA never changes");
+        let renewed = again.server_certificate(&names, late).unwrap();
+        assert_ne!(leaf_of(&renewed), leaf_of(&first));
+        assert_eq!(renewed.key.cert[1], ca.cert_der, "the chain ends in the same CA");
+        let der = leaf_of(&renewed);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(leaf.validity().not_after.timestamp() >= late + (LEAF_DAYS - 1) * day);
+    }
 }
