@@ -65,6 +65,9 @@ pub struct DeviceMeta {
     /// The last configuration version a report claimed above what the server issued (ignored and
     /// audited once per distinct claim, so a device repeating it does not flood the audit log).
     pub ignored_claim: Option<u64>,
+    /// SHA-256 of the last report stored for this device since start: an identical report
+    /// updates the device row but adds no history row.
+    pub last_report_sha: Option<[u8; 32]>,
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -196,6 +199,7 @@ impl AppState {
                     has_reported: row.get::<Option<i64>, _>(9).is_some(),
                     signed_by,
                     ignored_claim: None,
+                    last_report_sha: None,
                 },
             );
         }
@@ -673,6 +677,7 @@ impl AppState {
                 has_reported: false,
                 signed_by: self.keys.signing_key_id(),
                 ignored_claim: None,
+                last_report_sha: None,
             },
         );
         Ok((device_id, cred.token))
@@ -709,14 +714,19 @@ impl AppState {
             _ => None,
         };
         let report_json = serde_json::to_string(report).map_err(|e| ApiError::Internal(e.into()))?;
+        let report_sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(report_json.as_bytes()).into();
         let mut tx = crate::state::begin_write(&self.db).await?;
-        sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, ?)")
-            .bind(device_id)
-            .bind(now)
-            .bind(&report_json)
-            .execute(&mut *tx)
-            .await?;
-        self.client.history.prune(&mut tx, device_id, now).await?;
+        // The history keeps what changed; a repeat of the last report (the agent's daily full
+        // report, a retry) only refreshes the device row below.
+        if meta.last_report_sha != Some(report_sha) {
+            sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, ?)")
+                .bind(device_id)
+                .bind(now)
+                .bind(&report_json)
+                .execute(&mut *tx)
+                .await?;
+            self.client.history.prune(&mut tx, device_id, now).await?;
+        }
         sqlx::query(
             "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
                     last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?
@@ -794,6 +804,7 @@ impl AppState {
         }
         let meta = world.devices.get_mut(device_id).ok_or_else(|| ApiError::NotFound("device not found".into()))?;
         meta.has_reported = true;
+        meta.last_report_sha = Some(report_sha);
         let before = meta.users.len();
         meta.users.extend(signed_in);
         let users_changed = meta.users.len() != before;

@@ -271,6 +271,49 @@ fn the_report_history_stays_bounded() {
 }
 
 #[test]
+fn a_report_that_repeats_the_last_one_adds_no_history_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = start(&tmp, &["--report-rate-per-device", "off"]);
+    let (id, credential) = enroll(&server, &server.enroll_token(1));
+    let post = |body: &Value| {
+        let r = ureq::post(&format!("{}/api/v1/device/report", server.url))
+            .set("Authorization", &format!("Bearer {credential}"))
+            .send_json(body.clone())
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    };
+    let history = || -> Vec<String> {
+        let reports: Value = ureq::get(&format!("{}/api/v1/admin/devices/{id}/reports?limit=1000", server.url))
+            .set("Authorization", &format!("Bearer {}", server.token))
+            .call()
+            .unwrap()
+            .into_json()
+            .unwrap();
+        reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["report"]["last_error"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let mut body = report_body();
+    body["last_error"] = json!("first");
+    for _ in 0..5 {
+        post(&body);
+    }
+    assert_eq!(history(), ["first"], "five identical reports are one history row");
+    body["last_error"] = json!("second");
+    post(&body);
+    post(&body);
+    body["last_error"] = json!("first");
+    post(&body);
+    assert_eq!(history(), ["first", "second", "first"], "each change is kept, newest first");
+    // The device row still follows every report.
+    let shown = server.ctl_json(&["devices", "show", &id]);
+    assert_eq!(shown["last_error"], json!("first"), "{shown}");
+}
+
+#[test]
 fn failed_authentications_are_logged_in_aggregate_without_secrets() {
     let tmp = tempfile::tempdir().unwrap();
     let server = start(&tmp, &["--auth-failure-log-interval", "1s"]);
