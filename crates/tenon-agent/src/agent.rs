@@ -452,6 +452,10 @@ impl<'p> Agent<'p> {
                     tracing::warn!(retry_in = ?retry_after, "server is rate limiting this device: {detail}");
                     retry_after.max(jitter(backoff, 0.3))
                 }
+                Err(AgentError::Client(ClientError::Unavailable { retry_after, detail })) => {
+                    tracing::info!(retry_in = ?retry_after, "{detail}");
+                    retry_after.max(jitter(Duration::from_secs(1), 0.5))
+                }
                 Err(e @ AgentError::Client(ClientError::Unreachable { .. })) => {
                     tracing::warn!(error = %e, retry_in = ?backoff, "server unreachable");
                     let w = jitter(backoff, 0.3);

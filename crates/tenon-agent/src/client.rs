@@ -17,6 +17,9 @@ pub enum ClientError {
     /// 429: the server asks the device to wait; the agent does not retry before `retry_after`.
     #[error("the server is rate limiting this device (retry after {}s): {detail}", retry_after.as_secs())]
     RateLimited { retry_after: Duration, detail: String },
+    /// 503 with `Retry-After` (the server is starting): retried after that, not counted as a failure.
+    #[error("the server is not ready yet (retry after {}s): {detail}", retry_after.as_secs())]
+    Unavailable { retry_after: Duration, detail: String },
     #[error("server answered {status}: {detail}")]
     Server { status: u16, detail: String },
     #[error("server sent an unexpected answer: {0}")]
@@ -60,6 +63,7 @@ impl ServerClient {
     fn map_err(&self, e: ureq::Error) -> ClientError {
         match e {
             ureq::Error::Status(status, resp) => {
+                let resp_had_retry_after = resp.header("Retry-After").is_some();
                 let retry_after = retry_after(resp.header("Retry-After"));
                 let body = resp.into_string().unwrap_or_default();
                 let detail = serde_json::from_str::<Problem>(&body).map(|p| p.detail).unwrap_or_else(|_| {
@@ -71,6 +75,7 @@ impl ServerClient {
                     410 => ClientError::Decommissioned(detail),
                     401 | 403 => ClientError::Unauthorized(detail),
                     429 => ClientError::RateLimited { retry_after, detail },
+                    503 if resp_had_retry_after => ClientError::Unavailable { retry_after, detail },
                     _ => ClientError::Server { status, detail },
                 }
             }

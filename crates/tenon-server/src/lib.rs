@@ -165,6 +165,16 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         Some(source) => Some(Arc::new(tls::Tls::open(source, &data_dir.path, clock())?)),
         None => None,
     };
+    let tls_config = match &tls {
+        Some(t) => Some(t.server_config()?),
+        None => None,
+    };
+    // The port answers from here on: 503 "starting" until the fleet is loaded, so a restart never
+    // refuses connections (agents retry after the Retry-After second).
+    let local = listener.local_addr()?;
+    let app = listener::App::starting(api::starting_router());
+    let serving =
+        tokio::spawn(listener::serve(listener, app.clone(), opts.connections.clone(), tls_config, shutdown_signal()));
     let keys = data_dir.load_or_create_keys(clock())?;
     let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
     let client = client_policy::ClientPolicy::new(&opts.rates, opts.report_history);
@@ -179,10 +189,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let path = data_dir.write_admin_token(&token)?;
         println!("bootstrap admin token written to {} (readable by this user only)", path.display());
     }
-    let local = listener.local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    println!("tenon-server listening on {scheme}://{local} (data dir {})", data_dir.path.display());
-    let tls_config = match &tls {
+    match &tls {
         Some(t) => {
             if let (Some(ca), Some(fpr)) = (t.ca_file(), t.ca_fingerprint()) {
                 println!(
@@ -192,7 +199,6 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 );
             }
             tokio::spawn(t.clone().maintain(clock.clone()));
-            Some(t.server_config()?)
         }
         None => {
             // `systemctl reload` sends SIGHUP; without TLS there is nothing to reload, and it must
@@ -204,10 +210,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     tracing::info!("SIGHUP: nothing to reload (no TLS certificate files)");
                 }
             });
-            None
         }
-    };
-    tracing::info!(%local, devices = state.index.len(), "listening");
+    }
 
     let bg = state.clone();
     let auth_interval = opts.auth_failure_log_interval;
@@ -242,7 +246,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     });
 
-    let mut app = api::router(state.clone());
+    let mut router = api::router(state.clone());
     if let Some(addr) = opts.metrics_listen {
         let handle = metrics::install()?;
         let metrics_listener = tokio::net::TcpListener::bind(addr)
@@ -259,9 +263,14 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         });
         // Only with metrics on does every request pass through the timing middleware.
         let http = Arc::new(metrics::HttpMetrics::default());
-        app = app.layer(axum::middleware::from_fn_with_state(http, metrics::track));
+        router = router.layer(axum::middleware::from_fn_with_state(http, metrics::track));
     }
-    listener::serve(listener, app, opts.connections.clone(), tls_config, shutdown_signal()).await?;
+    app.ready(router);
+    // Printed once requests are served: scripts wait for this line, then use the server.
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("tenon-server listening on {scheme}://{local} (data dir {})", data_dir.path.display());
+    tracing::info!(%local, devices = state.index.len(), "listening");
+    serving.await.context("the listener task failed")??;
     background.abort();
     state.client.auth_failures.log(opts.auth_failure_log_interval);
     state.flush_last_seen().await?;

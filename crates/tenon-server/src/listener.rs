@@ -80,10 +80,34 @@ impl Default for ConnectionLimits {
 #[error("the request body did not arrive within the body-read timeout")]
 pub struct BodyReadTimedOut;
 
+/// What the listener serves: `starting` until [`App::ready`] is given the real router. So the
+/// port opens at once at start, and requests get an answer (503, "starting") instead of a refused
+/// connection while the fleet loads.
+pub struct App {
+    ready: std::sync::OnceLock<Router>,
+    starting: Router,
+}
+
+impl App {
+    /// Serves `starting` until [`App::ready`].
+    pub fn starting(starting: Router) -> Arc<Self> {
+        Arc::new(Self { ready: std::sync::OnceLock::new(), starting })
+    }
+
+    /// Serves `app` from now on (a second call is ignored).
+    pub fn ready(&self, app: Router) {
+        let _ = self.ready.set(app);
+    }
+
+    fn current(&self) -> &Router {
+        self.ready.get().unwrap_or(&self.starting)
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves; see the module doc.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: Arc<App>,
     limits: ConnectionLimits,
     tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
@@ -380,7 +404,7 @@ impl Drop for ConnectionSlot {
 async fn serve_connection<S>(
     io: S,
     remote: SocketAddr,
-    app: Router,
+    app: Arc<App>,
     http: Arc<hyper::server::conn::http1::Builder>,
     body_read_timeout: Duration,
     slot: ConnectionSlot,
@@ -400,7 +424,7 @@ async fn serve_connection<S>(
                 Body::new(TimedBody { inner: body, deadline: Instant::now() + body_read_timeout, sleep: None })
             }
         });
-        let response = app.clone().call(req);
+        let response = app.current().clone().call(req);
         async move {
             let response = response.await;
             drop(in_flight);

@@ -37,6 +37,17 @@ async fn run_to_completion(req: axum::extract::Request, next: axum::middleware::
     }
 }
 
+/// What the port answers while the server loads its fleet: 503 with `Retry-After: 1` for every
+/// request; `/healthz` says `starting` (and is 200 only once the server serves).
+pub fn starting_router() -> Router {
+    Router::new().fallback(|| async {
+        crate::error::ApiError::Unavailable {
+            detail: "starting: the server is loading its fleet; retry in a second".into(),
+            retry_after_secs: 1,
+        }
+    })
+}
+
 pub fn router(state: Arc<AppState>) -> Router {
     let admin = Router::new()
         .route("/enroll-tokens", post(admin::create_enroll_token).get(admin::list_enroll_tokens))
@@ -90,4 +101,24 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower_service::Service;
+
+    #[tokio::test]
+    async fn while_starting_every_request_gets_503_with_retry_after() {
+        for path in ["/healthz", "/api/v1/device/config", "/api/v1/admin/devices"] {
+            let req = axum::http::Request::get(path).body(axum::body::Body::empty()).unwrap();
+            let resp = starting_router().call(req).await.unwrap();
+            assert_eq!(resp.status(), 503, "{path}");
+            assert_eq!(resp.headers()["retry-after"], "1");
+            let body = axum::body::to_bytes(resp.into_body(), 4096).await.unwrap();
+            let problem: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(problem["code"], "starting");
+            assert!(problem["detail"].as_str().unwrap().contains("starting"));
+        }
+    }
 }
