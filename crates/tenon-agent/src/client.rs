@@ -80,7 +80,7 @@ impl ServerClient {
                 }
             }
             ureq::Error::Transport(t) => {
-                ClientError::Unreachable { url: self.base.clone(), detail: transport_detail(&t) }
+                ClientError::Unreachable { url: self.base.clone(), detail: tenon_core::api::error_chain(&t) }
             }
         }
     }
@@ -192,21 +192,6 @@ impl ServerClient {
 
 /// How long a 429 asks to wait: `Retry-After` in seconds (an HTTP date or a missing header means
 /// a minute), bounded to a day so a hostile answer cannot silence the agent for longer.
-/// The transport error with its causes (a refused certificate says why only in its source).
-fn transport_detail(t: &ureq::Transport) -> String {
-    let mut detail = t.to_string();
-    let mut source = std::error::Error::source(t);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !detail.contains(&text) {
-            detail.push_str(": ");
-            detail.push_str(&text);
-        }
-        source = e.source();
-    }
-    detail
-}
-
 fn retry_after(header: Option<&str>) -> Duration {
     let secs = header.and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(60);
     Duration::from_secs(secs.clamp(1, 24 * 3600))

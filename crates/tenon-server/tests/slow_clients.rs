@@ -258,16 +258,20 @@ fn the_report_history_stays_bounded() {
             .unwrap();
         assert_eq!(r.status(), 202);
     }
+    let errors = history_errors(&server, &id);
+    // All 40 arrived today: the last five are kept (today's latest is among them).
+    assert_eq!(errors, ["report 39", "report 38", "report 37", "report 36", "report 35"]);
+}
+
+/// The `last_error` of each stored report of `id`, newest first.
+fn history_errors(server: &Server, id: &str) -> Vec<String> {
     let reports: Value = ureq::get(&format!("{}/api/v1/admin/devices/{id}/reports?limit=1000", server.url))
         .set("Authorization", &format!("Bearer {}", server.token))
         .call()
         .unwrap()
         .into_json()
         .unwrap();
-    let errors: Vec<&str> =
-        reports.as_array().unwrap().iter().map(|r| r["report"]["last_error"].as_str().unwrap()).collect();
-    // All 40 arrived today: the last five are kept (today's latest is among them).
-    assert_eq!(errors, ["report 39", "report 38", "report 37", "report 36", "report 35"]);
+    reports.as_array().unwrap().iter().map(|r| r["report"]["last_error"].as_str().unwrap_or("").to_string()).collect()
 }
 
 #[test]
@@ -282,20 +286,7 @@ fn a_report_that_repeats_the_last_one_adds_no_history_row() {
             .unwrap();
         assert_eq!(r.status(), 202);
     };
-    let history = || -> Vec<String> {
-        let reports: Value = ureq::get(&format!("{}/api/v1/admin/devices/{id}/reports?limit=1000", server.url))
-            .set("Authorization", &format!("Bearer {}", server.token))
-            .call()
-            .unwrap()
-            .into_json()
-            .unwrap();
-        reports
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["report"]["last_error"].as_str().unwrap_or("").to_string())
-            .collect()
-    };
+    let history = || history_errors(&server, &id);
     let mut body = report_body();
     body["last_error"] = json!("first");
     for _ in 0..5 {

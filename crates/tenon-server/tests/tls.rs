@@ -33,19 +33,8 @@ fn pem_fingerprint(pem: &Path) -> String {
 
 /// The certificate a fresh handshake with `addr` gets: the SHA-256 of the leaf.
 fn served_leaf(addr: &str, ca: &Path) -> String {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut conn = rustls::ClientConnection::new(common::client_config(ca), name).unwrap();
     let mut sock = std::net::TcpStream::connect(addr).unwrap();
     while conn.is_handshaking() {
         conn.complete_io(&mut sock).unwrap();

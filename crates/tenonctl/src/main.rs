@@ -367,7 +367,7 @@ impl Client {
                 }
             }
             Err(ureq::Error::Transport(t)) => {
-                let detail = transport_detail(&t);
+                let detail = tenon_core::api::error_chain(&t);
                 if detail.contains("certificate") || detail.contains("UnknownIssuer") {
                     bail!(
                         "cannot reach the server at {}: {detail}; the server's certificate is not trusted: pass \
@@ -462,21 +462,6 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<std::sync::Ar
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(std::sync::Arc::new(config))
-}
-
-/// A transport error with its causes (a refused certificate says why only in its source).
-fn transport_detail(t: &ureq::Transport) -> String {
-    let mut detail = t.to_string();
-    let mut source = std::error::Error::source(t);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !detail.contains(&text) {
-            detail.push_str(": ");
-            detail.push_str(&text);
-        }
-        source = e.source();
-    }
-    detail
 }
 
 fn check_server_url(server: &str) -> anyhow::Result<()> {

@@ -33,6 +33,11 @@ pub struct Server {
 
 /// A ureq agent trusting exactly the CA certificates in `ca_pem`.
 pub fn https_agent(ca_pem: &Path) -> ureq::Agent {
+    ureq::AgentBuilder::new().tls_config(client_config(ca_pem)).timeout(Duration::from_secs(10)).build()
+}
+
+/// A rustls client configuration trusting exactly the CA certificates in `ca_pem`.
+pub fn client_config(ca_pem: &Path) -> std::sync::Arc<rustls::ClientConfig> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
@@ -44,7 +49,7 @@ pub fn https_agent(ca_pem: &Path) -> ureq::Agent {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-    ureq::AgentBuilder::new().tls_config(std::sync::Arc::new(config)).timeout(Duration::from_secs(10)).build()
+    std::sync::Arc::new(config)
 }
 
 impl Server {
