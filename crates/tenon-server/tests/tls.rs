@@ -228,6 +228,17 @@ fn an_organisations_certificate_is_served_trusted_through_system_roots_or_a_pin_
     http.get(&format!("{}/healthz", server.url)).call().expect("the open connection survives the reload");
     b.ok(&["sync", "--once"]);
 
+    // Without a signal: the changed files are noticed within the poll interval (5 s).
+    let second = served_leaf(&server.addr, &org.ca_file());
+    let (cert3, key3) = org.issue("server3", -1, 365);
+    std::fs::copy(&cert3, &cert).unwrap();
+    std::fs::copy(&key3, &key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while served_leaf(&server.addr, &org.ca_file()) == second {
+        assert!(Instant::now() < deadline, "the changed files were not picked up\n{}", server.log_tail());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
     // A broken file on reload keeps the certificate being served.
     let serving = served_leaf(&server.addr, &org.ca_file());
     std::fs::File::create(&cert).unwrap().write_all(b"not a certificate").unwrap();
