@@ -151,6 +151,20 @@ fn restrict_database_files(db: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Returns freed heap pages to the operating system after a large operation (a directory import
+/// frees as much as it allocated). glibc keeps freed memory in its per-thread arenas, so without
+/// this the resident size grew with every re-import of the same users (issue figures: 100,000
+/// users imported four times: 314 -> 576 -> 576 -> 697 MB). Runs off the async threads.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only walks and trims glibc's own arenas; no memory of ours is touched.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    });
+}
+
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     opts.check_transport()?;

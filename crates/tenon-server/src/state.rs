@@ -1019,10 +1019,14 @@ impl AppState {
     }
 
     /// Imports Graph-shaped users; each needs `userPrincipalName`, may carry `groups: [names]`.
-    pub async fn import_users(&self, actor: &Actor, users: &[Value]) -> ApiResult<(usize, usize, usize)> {
+    /// Takes the request's users by value: each record moves into the directory instead of being
+    /// copied, so an import of N users holds one copy of them, not two.
+    pub async fn import_users(&self, actor: &Actor, users: Vec<Value>) -> ApiResult<(usize, usize, usize)> {
         let mut parsed = Vec::with_capacity(users.len());
-        for (i, u) in users.iter().enumerate() {
-            let obj = u.as_object().ok_or_else(|| ApiError::BadRequest(format!("user #{i} is not a JSON object")))?;
+        for (i, u) in users.into_iter().enumerate() {
+            let Value::Object(mut obj) = u else {
+                return Err(ApiError::BadRequest(format!("user #{i} is not a JSON object")));
+            };
             let upn_raw = obj.get("userPrincipalName").and_then(Value::as_str).ok_or_else(|| {
                 ApiError::BadRequest(format!("user #{i} has no \"userPrincipalName\" string; every user needs one"))
             })?;
@@ -1048,9 +1052,8 @@ impl AppState {
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(_) => return Err(ApiError::BadRequest(format!("user {upn}: id must be a string"))),
             };
-            let mut record = obj.clone();
-            record.remove("groups");
-            parsed.push((upn, id, Value::Object(record), groups));
+            obj.remove("groups");
+            parsed.push((upn, id, Value::Object(obj), groups));
         }
         let mut world = self.world.lock().await;
         let now = self.now();

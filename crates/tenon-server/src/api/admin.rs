@@ -87,7 +87,9 @@ pub async fn import_users(
     Admin(actor): Admin,
     ApiJson(users): ApiJson<Vec<Value>>,
 ) -> ApiResult<Json<Value>> {
-    let (created, updated, resigned) = state.import_users(&actor, &users).await?;
+    let (created, updated, resigned) = state.import_users(&actor, users).await?;
+    // The request and the directory entries it replaced were freed; give the pages back.
+    crate::release_free_memory();
     Ok(Json(json!({"created": created, "updated": updated, "devices_updated": resigned})))
 }
 
