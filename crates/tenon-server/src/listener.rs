@@ -9,10 +9,10 @@
 //! - a connection on which no byte moves for `idle_timeout` while no request is being handled
 //!   (a client that stopped reading its response) is closed;
 //!
-//!   Both of these are enforced by one sweeper task on a coarse clock (a quarter of the shorter
-//!   timeout), not by a timer per request: arming and cancelling a timer for every request head
-//!   cost a third of the keep-alive check-in rate. A deadline is therefore met up to one sweeper
-//!   period late, never early;
+//!   Both of these are enforced by one sweeper task on a coarse clock (a tenth of the shorter
+//!   timeout, at most 1 s), not by a timer per request, so the keep-alive check-in arms and
+//!   cancels no timer and reads no clock. A deadline is therefore met up to two sweeper periods
+//!   late, never early;
 //! - at most `max_connections` are open. At the cap, a new connection closes the *oldest
 //!   connection with no request in progress* (a half-sent head, an idle keep-alive) and takes
 //!   its place; only when every open connection is inside a request is the new one refused (closed
@@ -356,7 +356,8 @@ impl Registry {
 /// `header` (counted from the open or the last response byte), or on which nothing moved for
 /// `idle`.
 async fn sweep(registry: Arc<Registry>, header: Duration, idle: Duration) {
-    let period = (header.min(idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    // A tenth of the shorter timeout, at most a second: a deadline is met at most two periods late.
+    let period = (header.min(idle) / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
     // Stamps are up to one period old (the coarse clock): allow for it, so no connection is
     // closed before its deadline.
     let ms = |d: Duration| u64::try_from((d + period).as_millis()).unwrap_or(u64::MAX);
