@@ -185,7 +185,7 @@ n0=$(cpu_ticks $(nginx_pids))
 CREDS="$work/creds.txt" NGINX_INM="$NGINX_INM" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$work/checkin.lua" "$NURL" | tee "$work/nginx.txt"
 n1=$(cpu_ticks $(nginx_pids))
 if [ -n "${TLS:-}" ]; then
-  # A new connection, and so a full handshake, for every request (no session resumption on either).
+  # A new connection, and so a handshake, for every request (session cache alike on both, no tickets).
   echo "== new TLS connections: tenon-server /healthz and nginx, Connection: close"
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -H "Connection: close" "$TENON_SERVER/healthz" | tee "$work/tenon-hs.txt"
   wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -H "Connection: close" "$NURL/api/v1/device/config" | tee "$work/nginx-hs.txt"
