@@ -78,19 +78,27 @@ fn decode_pin(pin: &str) -> Result<[u8; 32], ClientError> {
 }
 
 /// The operating system's roots (on Windows the machine's certificate store, where Group Policy
-/// puts an organisation's CA; elsewhere the system bundle or `SSL_CERT_FILE`).
+/// puts an organisation's CA; elsewhere the system bundle or `SSL_CERT_FILE`). Read once per
+/// process: the service syncs every minute and the store rarely changes (a restart picks it up).
 fn system_roots() -> Result<RootCertStore, ClientError> {
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
-        return Err(ClientError::Tls(format!(
-            "no system root certificates could be loaded{why}; install the organisation's CA in the machine's \
-             certificate store, or enroll with a token that pins the CA (`tenonctl enroll-token create --pin-ca`)"
-        )));
-    }
-    Ok(roots)
+    static ROOTS: std::sync::OnceLock<Result<RootCertStore, String>> = std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+                return Err(format!(
+                    "no system root certificates could be loaded{why}; install the organisation's CA in the \
+                     machine's certificate store, or enroll with a token that pins the CA \
+                     (`tenonctl enroll-token create --pin-ca`)"
+                ));
+            }
+            Ok(roots)
+        })
+        .clone()
+        .map_err(ClientError::Tls)
 }
 
 fn host_of(after_scheme: &str) -> &str {

@@ -550,9 +550,9 @@ impl AppState {
         tx.commit().await?;
         // The token carries the root key's fingerprint so the agent can pin it, and the TLS trust.
         let mut token = format!("{}.{}", cred.token, self.keys.root_fingerprint());
-        if let Some(part) = tls_part {
+        if let Some(trust) = tls_part {
             token.push('.');
-            token.push_str(&part);
+            token.push_str(trust.token_part());
         }
         Ok((token, expires_at))
     }

@@ -11,9 +11,10 @@
 //!   and re-issued when fewer than [`RENEW_DAYS`] days are left (checked at start and twice a day)
 //!   or the names changed.
 //!
-//! Enrollment tokens carry the trust an agent needs ([`Tls::token_trust`]): the self-signed CA's
-//! SHA-256 fingerprint, or `sys` (system roots) for an organisation's certificate, or the
-//! fingerprint of the top certificate of its chain when the administrator asks for pinning.
+//! Enrollment tokens carry the trust an agent needs ([`Tls::token_trust`], a
+//! `tenon_core::api::TlsTrust`): the self-signed CA's SHA-256 fingerprint, or system roots for an
+//! organisation's certificate, or the fingerprint of the top certificate of its chain when the
+//! administrator asks for pinning.
 
 use anyhow::{anyhow, bail, Context};
 use rustls::crypto::CryptoProvider;
@@ -25,6 +26,7 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
+use tenon_core::api::TlsTrust;
 
 /// How long a self-signed server certificate is valid.
 pub const LEAF_DAYS: i64 = 90;
@@ -41,38 +43,26 @@ pub enum TlsSource {
     SelfSigned { names: Vec<String> },
 }
 
-/// What an enrollment token tells the agent to trust, as its last part.
-pub fn token_part_system() -> &'static str {
-    "sys"
-}
-
 /// The TLS state of a serving server.
 pub struct Tls {
     source: TlsSource,
     resolver: Arc<Resolver>,
-    /// The self-signed CA's fingerprint (hex SHA-256 of its DER).
-    ca_fingerprint: Option<String>,
-    tls_dir: PathBuf,
+    /// The server's own CA, loaded once at start (`--tls-self-signed`); renewals issue from it and
+    /// never create another.
+    ca: Option<SelfSignedCa>,
 }
 
 impl Tls {
     /// Loads or creates the certificate; every failure is one line that says what to do.
     pub fn open(source: TlsSource, data_dir: &Path, now: i64) -> anyhow::Result<Self> {
-        let tls_dir = data_dir.join("tls");
-        let (served, ca_fingerprint) = match &source {
+        let (served, ca) = match &source {
             TlsSource::Files { cert, key } => (load_files(cert, key, now)?, None),
             TlsSource::SelfSigned { names } => {
-                let ca = SelfSignedCa::load_or_create(&tls_dir, now)?;
-                let served = ca.server_certificate(names, now)?;
-                (served, Some(ca.fingerprint))
+                let ca = SelfSignedCa::load_or_create(&data_dir.join("tls"), now)?;
+                (ca.server_certificate(names, now)?, Some(ca))
             }
         };
-        Ok(Self {
-            source,
-            resolver: Arc::new(Resolver { current: RwLock::new(Arc::new(served.key)) }),
-            ca_fingerprint,
-            tls_dir,
-        })
+        Ok(Self { source, resolver: Arc::new(Resolver { current: RwLock::new(Arc::new(served.key)) }), ca })
     }
 
     /// The rustls configuration for the listener (HTTP/1.1 only, TLS 1.2 and 1.3).
@@ -86,37 +76,31 @@ impl Tls {
         Ok(Arc::new(config))
     }
 
-    pub fn source(&self) -> &TlsSource {
-        &self.source
-    }
-
     /// `DATA_DIR/tls/ca.pem` when the server runs its own CA.
     pub fn ca_file(&self) -> Option<PathBuf> {
-        self.ca_fingerprint.as_ref().map(|_| self.tls_dir.join("ca.pem"))
+        self.ca.as_ref().map(|ca| ca.dir.join("ca.pem"))
     }
 
     pub fn ca_fingerprint(&self) -> Option<&str> {
-        self.ca_fingerprint.as_deref()
+        self.ca.as_ref().map(|ca| ca.fingerprint.as_str())
     }
 
-    /// The trust part of an enrollment token: the own CA's fingerprint; for an organisation's
-    /// certificate `sys`, or with `pin_ca` the fingerprint of the top certificate of the served
-    /// chain (the issuing CA the administrator put in the chain file).
-    pub fn token_trust(&self, pin_ca: bool) -> Result<String, String> {
-        if let Some(f) = &self.ca_fingerprint {
-            return Ok(f.clone());
+    /// What an enrollment token tells agents to trust: the own CA; for an organisation's
+    /// certificate the system roots, or with `pin_ca` the top certificate of the served chain (the
+    /// issuing CA the administrator put in the chain file).
+    pub fn token_trust(&self, pin_ca: bool) -> Result<TlsTrust, String> {
+        if let Some(ca) = &self.ca {
+            return Ok(TlsTrust::PinnedCa(ca.fingerprint.clone()));
         }
         if !pin_ca {
-            return Ok(token_part_system().to_string());
+            return Ok(TlsTrust::SystemRoots);
         }
-        let current = self.resolver.current();
-        if current.cert.len() < 2 {
-            return Err("the certificate file holds no CA certificate to pin (only the server's own); \
-                        append the issuing CA's certificate to --tls-cert, or create the token without --pin-ca"
-                .into());
+        match self.resolver.current().cert.as_slice() {
+            [_, .., top] => Ok(TlsTrust::PinnedCa(fingerprint(top))),
+            _ => Err("the certificate file holds no CA certificate to pin (only the server's own); \
+                      append the issuing CA's certificate to --tls-cert, or create the token without --pin-ca"
+                .into()),
         }
-        let top = current.cert.last().expect("checked above");
-        Ok(fingerprint(top))
     }
 
     /// Keeps the served certificate current: reloads the files on SIGHUP or change, renews the
@@ -158,9 +142,8 @@ impl Tls {
                         _ = hangup.next() => {}
                         _ = check.tick() => {}
                     }
-                    let renewed = SelfSignedCa::load_or_create(&self.tls_dir, clock())
-                        .and_then(|ca| ca.server_certificate(&names, clock()));
-                    match renewed {
+                    let Some(ca) = &self.ca else { return };
+                    match ca.server_certificate(&names, clock()) {
                         Ok(served) => self.resolver.set(served.key),
                         Err(e) => tracing::error!(error = format!("{e:#}"), "cannot renew the TLS certificate"),
                     }
@@ -365,7 +348,7 @@ impl SelfSignedCa {
         params.not_before = at(now - 3600);
         params.not_after = at(now + CA_YEARS * 365 * 86_400);
         let cert = params.self_signed(&key).context("cannot create the CA certificate")?;
-        write_private(&key_file, key.serialize_pem().as_bytes())?;
+        crate::datadir::write_secret_file(&key_file, key.serialize_pem().as_bytes())?;
         crate::datadir::write_secret_file(&cert_file, cert.pem().as_bytes())?;
         let cert_der = cert.der().clone();
         let fingerprint = fingerprint(&cert_der);
@@ -394,7 +377,7 @@ impl SelfSignedCa {
         let issuer = rcgen::Issuer::from_ca_cert_der(&self.cert_der, &self.key)
             .map_err(|e| anyhow!("the CA certificate in {} cannot issue ({e})", self.dir.display()))?;
         let cert = params.signed_by(&key, &issuer).context("cannot issue the server certificate")?;
-        write_private(&key_file, key.serialize_pem().as_bytes())?;
+        crate::datadir::write_secret_file(&key_file, key.serialize_pem().as_bytes())?;
         crate::datadir::write_secret_file(&cert_file, format!("{}{}", cert.pem(), self.cert_pem).as_bytes())?;
         tracing::info!(names = %names.join(","), days = LEAF_DAYS, "issued the TLS server certificate");
         self.existing(&cert_file, &key_file, names, now)
@@ -461,10 +444,6 @@ fn host_name() -> String {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .map(|h| h.trim().to_ascii_lowercase())
         .unwrap_or_default()
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    crate::datadir::write_secret_file(path, bytes)
 }
 
 /// A CA key that others may read is refused: anyone who reads it can impersonate this server to

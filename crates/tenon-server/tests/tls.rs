@@ -148,7 +148,6 @@ fn the_servers_own_ca_is_pinned_by_enrollment_tokens_and_another_ca_is_refused()
     assert!(last_error.contains(&pem_fingerprint(&ca)), "names the pinned CA: {last_error}");
     assert_eq!(after["config_version"], before["config_version"], "the last known good configuration is kept");
     assert_eq!(after["config_sha256"], before["config_sha256"]);
-    // The imposter's enrollment token does not help either: the agent is enrolled to the first CA.
     drop(imposter);
 }
 

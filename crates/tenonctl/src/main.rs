@@ -406,7 +406,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--server` must be an http:// or https:// URL; `127.0.0.1:8440` alone is a common slip.
 /// The CA file and token file, filled in from `--data-dir` where not given.
 fn server_files(cli: &Cli) -> anyhow::Result<(Option<PathBuf>, Option<PathBuf>)> {
     let mut ca = cli.ca_file.clone();
@@ -464,6 +463,7 @@ fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<std::sync::Ar
     Ok(std::sync::Arc::new(config))
 }
 
+/// `--server` must be an http:// or https:// URL; `127.0.0.1:8440` alone is a common slip.
 fn check_server_url(server: &str) -> anyhow::Result<()> {
     let s = server.trim();
     if s.starts_with("http://") || s.starts_with("https://") {
