@@ -37,6 +37,9 @@ pub enum ApiError {
     /// 503 with `Retry-After: retry_after_secs` (the server is starting).
     #[error("{detail}")]
     Unavailable { detail: String, retry_after_secs: u64 },
+    /// 503 with `Retry-After`: the write queue is full or a batch did not commit.
+    #[error("{detail}")]
+    Busy { detail: String, retry_after_secs: u64 },
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -56,7 +59,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +80,7 @@ impl ApiError {
             Self::RequestTimeout(_) => "request_timeout",
             Self::TooManyRequests { .. } => "rate_limited",
             Self::Unavailable { .. } => "starting",
+            Self::Busy { .. } => "busy",
             Self::Internal(_) => "internal",
         }
     }
@@ -92,9 +96,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let retry_after = match &self {
-            Self::TooManyRequests { retry_after_secs, .. } | Self::Unavailable { retry_after_secs, .. } => {
-                Some(HeaderValue::from(*retry_after_secs))
-            }
+            Self::TooManyRequests { retry_after_secs, .. }
+            | Self::Unavailable { retry_after_secs, .. }
+            | Self::Busy { retry_after_secs, .. } => Some(HeaderValue::from(*retry_after_secs)),
             _ => None,
         };
         let detail = match &self {

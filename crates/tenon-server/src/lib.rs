@@ -17,10 +17,12 @@ pub mod listener;
 pub mod metrics;
 pub mod ratelimit;
 pub mod report_history;
+pub mod resign;
 pub mod secrets;
 pub mod signatures;
 pub mod state;
 pub mod tls;
+pub mod writer;
 
 use anyhow::{bail, Context};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -198,6 +200,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .with_client_policy(client)
             .with_tls(tls.clone()),
     );
+    tokio::spawn(state.clone().run_resigner());
+    tokio::spawn(state.clone().run_writer());
     state.log_undeclared_settings().await;
     if let Some(token) = state.bootstrap_admin_token().await? {
         let path = data_dir.write_admin_token(&token)?;
@@ -251,10 +255,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 _ = flush.tick() => if let Err(e) = bg.flush_last_seen().await {
                     tracing::warn!(error = format!("{e:#}"), "cannot record last-seen times; will retry");
                 },
-                _ = refresh.tick() => match bg.refresh_expiring().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(devices = n, "re-issued envelopes nearing expiry"),
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot re-issue expiring envelopes; will retry"),
+                _ = refresh.tick() => {
+                    let due = bg.refresh_expiring().await;
+                    if due.devices > 0 {
+                        tracing::info!(devices = due.devices, "re-issuing envelopes nearing expiry");
+                    }
                 },
             }
         }
@@ -280,6 +285,9 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         router = router.layer(axum::middleware::from_fn_with_state(http, metrics::track));
     }
     app.ready(router);
+    // Anything changed since the stored envelopes were signed (or a crash between a write and its
+    // re-sign) is re-issued in the background; until then the stored envelopes are served.
+    state.converge().await;
     // Printed once requests are served: scripts wait for this line, then use the server.
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("tenon-server listening on {scheme}://{local} (data dir {})", data_dir.path.display());

@@ -16,7 +16,8 @@ use tenon_core::ids::{GroupName, Upn};
 pub struct UserRemoval {
     /// Devices whose primary user this was (now without one).
     pub cleared_primary: Vec<String>,
-    pub devices_updated: usize,
+    /// The devices to re-sign (in the background).
+    pub resign: crate::resign::Ticket,
 }
 
 impl AppState {
@@ -89,7 +90,7 @@ impl AppState {
     /// sync they keep the configuration they hold.
     pub async fn remove_user(&self, actor: &Actor, upn: &str, force: bool) -> ApiResult<UserRemoval> {
         let upn = Upn::parse(upn).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         if !world.directory.users.contains_key(&upn) {
             return Err(ApiError::NotFound(format!("no user {upn}; `tenonctl users list` shows the directory")));
         }
@@ -132,21 +133,21 @@ impl AppState {
         )
         .await?;
         tx.commit().await?;
-        world.directory.users.remove(&upn);
+        world.directory_mut().users.remove(&upn);
         for meta in world.devices.values_mut() {
             if meta.primary.as_ref() == Some(&upn) {
                 meta.primary = None;
             }
             meta.users.remove(&upn);
         }
-        let devices_updated = self.recompile(&mut world, affected).await?;
-        Ok(UserRemoval { cleared_primary, devices_updated })
+        let resign = self.schedule_resign(affected);
+        Ok(UserRemoval { cleared_primary, resign })
     }
 
     /// Stored settings the schema does not declare (written before the schema existed, or by a
     /// newer version): still delivered as stored, so the server says so at startup.
     pub async fn log_undeclared_settings(&self) {
-        let world = self.world.lock().await;
+        let world = self.world.read().await;
         let scopes = std::iter::once(("tenant".to_string(), &world.directory.tenant))
             .chain(world.directory.groups.iter().map(|(g, grp)| (format!("group {g}"), &grp.settings)))
             .chain(world.directory.users.iter().map(|(u, user)| (format!("user {u}"), &user.settings)));
@@ -171,7 +172,7 @@ impl AppState {
         if g.is_all_users() {
             return None;
         }
-        let world = self.world.lock().await;
+        let world = self.world.read().await;
         let members = world.directory.users.values().filter(|u| u.groups.contains(&g)).count();
         (members == 0).then(|| {
             format!(

@@ -49,7 +49,9 @@ pub struct SignatureChange {
     pub created: bool,
     /// Directory users the template reaches now (0 after a removal).
     pub users: usize,
-    pub devices_updated: usize,
+    /// The devices to re-sign (in the background).
+    #[serde(skip)]
+    pub resign: crate::resign::Ticket,
 }
 
 fn template_bytes(t: &SignatureTemplate) -> usize {
@@ -106,7 +108,7 @@ impl AppState {
                 MAX_TEMPLATE_BYTES / 1024
             )));
         }
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let existing = world.directory.signatures.iter().position(|s| s.name.eq_ignore_ascii_case(&t.name));
         if let Some(i) = existing {
             let other = &world.directory.signatures[i].name;
@@ -164,13 +166,13 @@ impl AppState {
         let users = users_reached(&world, &t);
         let name = t.name.clone();
         install(&mut world, t);
-        let devices_updated = self.recompile(&mut world, ids.into_iter().collect()).await?;
-        Ok(SignatureChange { name, created: new, users, devices_updated })
+        let resign = self.schedule_resign(ids.into_iter().collect());
+        Ok(SignatureChange { name, created: new, users, resign })
     }
 
     /// Removes a template; the agents delete the files Tenon wrote for it at their next sync.
     pub async fn remove_signature(&self, actor: &Actor, name: &str) -> ApiResult<SignatureChange> {
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let Some(i) = world.directory.signatures.iter().position(|s| s.name.eq_ignore_ascii_case(name.trim())) else {
             return Err(ApiError::NotFound(format!(
                 "no signature {name:?}; `tenonctl signatures list` shows the stored ones"
@@ -183,9 +185,9 @@ impl AppState {
         audit(&mut tx, now, &actor.label(), "signatures.remove", Some(&t.name), json!({"groups": t.groups})).await?;
         tx.commit().await?;
         let ids = devices_for_groups(&world, &t.groups);
-        world.directory.signatures.remove(i);
-        let devices_updated = self.recompile(&mut world, ids.into_iter().collect()).await?;
-        Ok(SignatureChange { name: t.name, created: false, users: 0, devices_updated })
+        world.directory_mut().signatures.remove(i);
+        let resign = self.schedule_resign(ids.into_iter().collect());
+        Ok(SignatureChange { name: t.name, created: false, users: 0, resign })
     }
 
     /// The stored templates, by name; `full` adds HTML and text.
@@ -196,7 +198,7 @@ impl AppState {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect();
-        let world = self.world.lock().await;
+        let world = self.world.read().await;
         Ok(world
             .directory
             .signatures
@@ -226,7 +228,7 @@ fn default_text(d: DefaultUse) -> &'static str {
 
 /// Puts `t` into the directory (kept sorted by name); returns the template it replaced.
 fn install(world: &mut World, t: SignatureTemplate) -> Option<SignatureTemplate> {
-    let list = &mut world.directory.signatures;
+    let list = &mut world.directory_mut().signatures;
     match list.binary_search_by(|s| s.name.cmp(&t.name)) {
         Ok(i) => Some(std::mem::replace(&mut list[i], t)),
         Err(i) => {
@@ -238,7 +240,7 @@ fn install(world: &mut World, t: SignatureTemplate) -> Option<SignatureTemplate>
 
 /// Undoes [`install`]; true when there was no template of that name before.
 fn restore(world: &mut World, name: &str, old: Option<SignatureTemplate>) -> bool {
-    let list = &mut world.directory.signatures;
+    let list = &mut world.directory_mut().signatures;
     let Ok(i) = list.binary_search_by(|s| s.name.as_str().cmp(name)) else { return old.is_none() };
     match old {
         Some(o) => {

@@ -8,6 +8,7 @@
 use crate::datadir::ServerKeys;
 use crate::error::{ApiError, ApiResult};
 use crate::index::{CheckinIndex, CurrentEnvelope};
+use crate::resign::Ticket;
 use crate::secrets;
 use anyhow::Context;
 use axum::http::HeaderValue;
@@ -15,10 +16,10 @@ use serde_json::{json, Value};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use tenon_core::api::{envelope_etag, valid_agent_version, CheckedReport, DeviceReport, ReportError, SettingScope};
+use tenon_core::api::{envelope_etag, SettingScope};
 use tenon_core::directory::{Directory, Group, User};
 use tenon_core::envelope::{issue, next_version, payload_digest, EnvelopeFields};
-use tenon_core::ids::{DeviceId, GroupName, Hostname, SettingKey, Upn};
+use tenon_core::ids::{GroupName, SettingKey, Upn};
 use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::{ScopeSettings, SettingValue};
 
@@ -54,6 +55,8 @@ impl Actor {
 pub struct DeviceMeta {
     pub primary: Option<Upn>,
     pub users: BTreeSet<Upn>,
+    /// Who the last report said is signed in (a user not in it who appears next starts a session).
+    pub signed_in: BTreeSet<Upn>,
     pub version: u64,
     pub sha256: String,
     pub expires_at: i64,
@@ -68,12 +71,18 @@ pub struct DeviceMeta {
     /// SHA-256 of the last report stored for this device since start: an identical report
     /// updates the device row but adds no history row.
     pub last_report_sha: Option<[u8; 32]>,
+    /// The directory generation ([`World::dir_gen`]) the current envelope was compiled from:
+    /// the re-signer never replaces it with one compiled from an older snapshot.
+    pub dir_gen: u64,
 }
 
 /// The in-memory world: directory, settings and device metadata.
 #[derive(Default)]
 pub struct World {
-    pub directory: Directory,
+    /// Shared with the re-signer's snapshot; written through [`World::directory_mut`].
+    pub directory: Arc<Directory>,
+    /// Bumped by every directory write.
+    pub dir_gen: u64,
     pub devices: HashMap<String, DeviceMeta>,
 }
 
@@ -81,7 +90,13 @@ pub struct AppState {
     pub db: SqlitePool,
     pub keys: ServerKeys,
     pub index: CheckinIndex,
-    pub world: tokio::sync::Mutex<World>,
+    /// Writers (every change, a batch of reports, a re-signing chunk's commit) take it
+    /// exclusively; the re-signer copies device metadata under a short read.
+    pub world: tokio::sync::RwLock<World>,
+    /// Re-signing of many devices in the background (`resign.rs`).
+    pub resign: crate::resign::Resigner,
+    /// Reports and enrollments, group-committed (`writer.rs`).
+    pub writes: crate::writer::WriteQueue,
     pub clock: Clock,
     /// How long an envelope is valid.
     pub envelope_ttl: i64,
@@ -107,6 +122,7 @@ impl AppState {
     /// Loads the world from the database and fills the check-in index.
     pub async fn load(db: SqlitePool, keys: ServerKeys, clock: Clock, envelope_ttl: i64) -> anyhow::Result<Self> {
         let mut world = World::default();
+        let mut directory = Directory::default();
         for row in sqlx::query("SELECT scope_kind, scope_name, key, value FROM settings").fetch_all(&db).await? {
             let (kind, name, key, value): (String, String, String, String) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
@@ -118,32 +134,32 @@ impl AppState {
             };
             match kind.as_str() {
                 "tenant" => {
-                    world.directory.tenant.insert(key, value);
+                    directory.tenant.insert(key, value);
                 }
                 "group" => {
                     let g = GroupName::parse(&name)?;
-                    world.directory.groups.entry(g).or_default().settings.insert(key, value);
+                    directory.groups.entry(g).or_default().settings.insert(key, value);
                 }
                 _ => {
                     let u = Upn::parse(&name)?;
-                    world.directory.users.entry(u).or_default().settings.insert(key, value);
+                    directory.users.entry(u).or_default().settings.insert(key, value);
                 }
             }
         }
         for row in sqlx::query("SELECT name, priority FROM groups").fetch_all(&db).await? {
             let g = GroupName::parse(row.get::<&str, _>(0))?;
-            world.directory.groups.entry(g).or_default().priority = row.get(1);
+            directory.groups.entry(g).or_default().priority = row.get(1);
         }
         for row in sqlx::query("SELECT upn, id, record FROM users").fetch_all(&db).await? {
             let u = Upn::parse(row.get::<&str, _>(0))?;
-            let entry = world.directory.users.entry(u).or_default();
+            let entry = directory.users.entry(u).or_default();
             entry.id = row.get(1);
             entry.record = serde_json::from_str(row.get::<&str, _>(2)).context("stored user record")?;
         }
         for row in sqlx::query("SELECT upn, group_name FROM user_groups").fetch_all(&db).await? {
             let u = Upn::parse(row.get::<&str, _>(0))?;
             let g = GroupName::parse(row.get::<&str, _>(1))?;
-            world.directory.users.entry(u).or_default().groups.insert(g);
+            directory.users.entry(u).or_default().groups.insert(g);
         }
         for row in sqlx::query("SELECT name, html, txt, default_use, groups, images FROM signatures ORDER BY name")
             .fetch_all(&db)
@@ -156,7 +172,7 @@ impl AppState {
                 .transpose()
                 .map_err(anyhow::Error::msg)
                 .with_context(|| format!("stored default use of signature {name:?}"))?;
-            world.directory.signatures.push(SignatureTemplate {
+            directory.signatures.push(SignatureTemplate {
                 html: row.get(1),
                 txt: row.get(2),
                 default,
@@ -167,10 +183,11 @@ impl AppState {
                 name,
             });
         }
+        world.directory = Arc::new(directory);
         let index = CheckinIndex::default();
         for row in sqlx::query(
             "SELECT id, credential_sha256, status, primary_user, config_version, config_sha256, envelope,
-                    envelope_expires_at, enrolled_at, last_report_at FROM devices",
+                    envelope_expires_at, enrolled_at, last_report_at, signed_in_users FROM devices",
         )
         .fetch_all(&db)
         .await?
@@ -185,12 +202,20 @@ impl AppState {
             let sha: String = row.get(5);
             let envelope: String = row.get(6);
             let signed_by = envelope_signer(&envelope);
+            let signed_in: BTreeSet<Upn> = row
+                .get::<Option<&str>, _>(10)
+                .and_then(|s| serde_json::from_str::<Vec<String>>(s).ok())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|u| Upn::parse(u).ok())
+                .collect();
             index.insert(&id, cred, current_envelope(version, &sha, envelope), !active);
             world.devices.insert(
                 id,
                 DeviceMeta {
                     primary: row.get::<Option<&str>, _>(3).map(Upn::parse).transpose()?,
                     users: BTreeSet::new(),
+                    signed_in,
                     version,
                     sha256: sha,
                     expires_at: row.get(7),
@@ -200,6 +225,7 @@ impl AppState {
                     signed_by,
                     ignored_claim: None,
                     last_report_sha: None,
+                    dir_gen: 0,
                 },
             );
         }
@@ -220,20 +246,15 @@ impl AppState {
             db,
             keys,
             index,
-            world: tokio::sync::Mutex::new(world),
+            world: tokio::sync::RwLock::new(world),
+            resign: Default::default(),
+            writes: Default::default(),
             clock,
             envelope_ttl,
             rotations_open: std::sync::Mutex::new(open.into_iter().collect()),
             client: Default::default(),
             tls: None,
         };
-        // Converge: anything changed since the envelopes were signed (or a crash between a write
-        // and its re-sign) is re-issued now.
-        {
-            let mut world = state.world.lock().await;
-            let all: Vec<String> = world.devices.keys().cloned().collect();
-            state.recompile(&mut world, all).await?;
-        }
         Ok(state)
     }
 
@@ -248,17 +269,41 @@ impl AppState {
         self
     }
 
-    /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near.
+    /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near, at once and
+    /// under the caller's write lock: for one device (a report, a primary user set). Changes that
+    /// reach many devices go through [`AppState::schedule_resign`] instead.
     pub async fn recompile(&self, world: &mut World, ids: Vec<String>) -> anyhow::Result<usize> {
         let now = self.now();
+        let prepared = self.prepare(
+            &world.directory,
+            ids.iter().filter_map(|id| world.devices.get(id).map(|m| (id.as_str(), m))),
+            now,
+        )?;
+        let dir_gen = world.dir_gen;
+        self.store_prepared(world, prepared, dir_gen).await
+    }
+
+    /// Queues `ids` for the background re-signer; returns at once with the ticket an admin can
+    /// wait on.
+    pub fn schedule_resign(&self, ids: Vec<String>) -> crate::resign::Ticket {
+        self.resign.enqueue(ids)
+    }
+
+    /// Compiles each device's payload and signs a new envelope for those whose payload changed,
+    /// whose expiry is near or whose signing key was rotated. Pure computation: no lock, no I/O.
+    pub(crate) fn prepare<'m>(
+        &self,
+        directory: &Directory,
+        devices: impl Iterator<Item = (&'m str, &'m DeviceMeta)>,
+        now: i64,
+    ) -> anyhow::Result<Vec<crate::resign::Prepared>> {
         let signer = self.keys.signing_key_id();
         let mut changed = Vec::new();
-        for id in ids {
-            let Some(meta) = world.devices.get(&id) else { continue };
+        for (id, meta) in devices {
             if !meta.active {
                 continue;
             }
-            let compiled = world.directory.device_payload(meta.primary.as_ref(), &meta.users);
+            let compiled = directory.device_payload(meta.primary.as_ref(), &meta.users);
             let sha = payload_digest(&compiled.payload).context("payload is not canonicalizable")?;
             let refresh_due = meta.expires_at - now < self.envelope_ttl / 2;
             if sha == meta.sha256 && !refresh_due && meta.signed_by == signer {
@@ -274,7 +319,7 @@ impl AppState {
             };
             let issued = issue(
                 &EnvelopeFields {
-                    device_id: &id,
+                    device_id: id,
                     user_id: compiled.user_id.as_deref(),
                     version,
                     issued_at: now,
@@ -284,13 +329,36 @@ impl AppState {
                 &self.keys.signing,
             )
             .context("cannot sign envelope")?;
-            changed.push((id, issued));
+            changed.push(crate::resign::Prepared { id: id.to_string(), base_version: meta.version, issued });
         }
-        if changed.is_empty() {
+        Ok(changed)
+    }
+
+    /// Commits prepared envelopes in one transaction and swaps them into the check-in index.
+    /// One whose device moved on since it was compiled (another version issued, compiled from a
+    /// newer directory than `dir_gen`, or decommissioned) is dropped: the device holds newer.
+    pub(crate) async fn store_prepared(
+        &self,
+        world: &mut World,
+        prepared: Vec<crate::resign::Prepared>,
+        dir_gen: u64,
+    ) -> anyhow::Result<usize> {
+        let signer = self.keys.signing_key_id();
+        let current: Vec<_> = prepared
+            .into_iter()
+            .filter(|p| {
+                world
+                    .devices
+                    .get(&p.id)
+                    .is_some_and(|m| m.active && m.version == p.base_version && m.dir_gen <= dir_gen)
+            })
+            .collect();
+        if current.is_empty() {
             return Ok(0);
         }
         let mut tx = crate::state::begin_write(&self.db).await?;
-        for (id, e) in &changed {
+        for p in &current {
+            let e = &p.issued;
             sqlx::query(
                 "UPDATE devices SET config_version = ?, config_sha256 = ?, envelope = ?, envelope_expires_at = ? WHERE id = ?",
             )
@@ -298,20 +366,24 @@ impl AppState {
             .bind(&e.payload_sha256)
             .bind(&e.bytes)
             .bind(e.expires_at)
-            .bind(id)
+            .bind(&p.id)
             .execute(&mut *tx)
             .await?;
         }
+        let started = std::time::Instant::now();
         tx.commit().await?;
-        let n = changed.len();
-        for (id, e) in changed {
-            if let Some(meta) = world.devices.get_mut(&id) {
+        crate::metrics::commit_took("resign", started);
+        let n = current.len();
+        for p in current {
+            let e = p.issued;
+            if let Some(meta) = world.devices.get_mut(&p.id) {
                 meta.version = e.version;
                 meta.sha256 = e.payload_sha256.clone();
                 meta.expires_at = e.expires_at;
                 meta.signed_by = signer.clone();
+                meta.dir_gen = dir_gen;
             }
-            if let Some(slot) = self.index.get(&id) {
+            if let Some(slot) = self.index.get(&p.id) {
                 slot.set_current(current_envelope(e.version, &e.payload_sha256, e.bytes));
             }
         }
@@ -557,271 +629,6 @@ impl AppState {
         Ok((token, expires_at))
     }
 
-    /// Enrolls a device; returns its id and credential.
-    pub async fn enroll(&self, token: &str, hostname: &str, agent_version: &str) -> ApiResult<(DeviceId, String)> {
-        let bad = || {
-            ApiError::Unauthorized(
-                "enrollment token is not valid; create one with `tenonctl enroll-token create`".into(),
-            )
-        };
-        let (token_id, secret, fingerprint) = secrets::split_token(token, secrets::ENROLL_PREFIX).ok_or_else(bad)?;
-        let hostname = Hostname::parse(hostname).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let hostname = hostname.as_str();
-        if !valid_agent_version(agent_version) {
-            return Err(ApiError::BadRequest(ReportError::AgentVersion.to_string()));
-        }
-        let mut world = self.world.lock().await;
-        let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        let row =
-            sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = ?")
-                .bind(token_id)
-                .fetch_optional(&mut *tx)
-                .await?
-                .ok_or_else(bad)?;
-        if !secrets::secret_matches(secret, row.get::<&str, _>(0)) {
-            return Err(bad());
-        }
-        if row.get::<Option<i64>, _>(3).is_some() {
-            return Err(ApiError::Unauthorized(
-                "enrollment token was revoked; create a new one with `tenonctl enroll-token create`".into(),
-            ));
-        }
-        if row.get::<i64, _>(2) <= now {
-            return Err(ApiError::Unauthorized(
-                "enrollment token has expired; create a new one with `tenonctl enroll-token create`".into(),
-            ));
-        }
-        if row.get::<i64, _>(1) <= 0 {
-            return Err(ApiError::Unauthorized(
-                "enrollment token has no uses left; create a new one with `tenonctl enroll-token create --uses N`"
-                    .into(),
-            ));
-        }
-        // The token names the root key the agent will pin. One that names another key (a damaged
-        // token, or one edited to point elsewhere) would enroll a device that then refuses this
-        // server: refuse it before an enrollment is used up (after the secret check, so a guessed
-        // token is still a counted authentication failure).
-        let root_part = fingerprint.map(|rest| rest.split('.').next().unwrap_or(rest));
-        if root_part != Some(self.keys.root_fingerprint().as_str()) {
-            return Err(ApiError::BadRequest(
-                "the enrollment token names another server's root key (its last part is not this server's fingerprint); \
-                 check --server, or create a token on this server with `tenonctl enroll-token create`"
-                    .into(),
-            ));
-        }
-        sqlx::query("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?")
-            .bind(token_id)
-            .execute(&mut *tx)
-            .await?;
-        let device_id = DeviceId::from_random(secrets::random_bytes::<16>());
-        let cred = secrets::new_credential(secrets::DEVICE_PREFIX, device_id.as_str());
-        let compiled = world.directory.device_payload(None, &BTreeSet::new());
-        let issued = issue(
-            &EnvelopeFields {
-                device_id: device_id.as_str(),
-                user_id: None,
-                version: 1,
-                issued_at: now,
-                expires_at: now + self.envelope_ttl,
-            },
-            compiled.payload,
-            &self.keys.signing,
-        )
-        .map_err(|e| ApiError::Internal(e.into()))?;
-        sqlx::query(
-            "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, enroll_token_id, agent_version,
-                                  config_version, config_sha256, envelope, envelope_expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(device_id.as_str())
-        .bind(hostname)
-        .bind(&cred.secret_sha256)
-        .bind(now)
-        .bind(token_id)
-        .bind(agent_version)
-        .bind(issued.version as i64)
-        .bind(&issued.payload_sha256)
-        .bind(&issued.bytes)
-        .bind(issued.expires_at)
-        .execute(&mut *tx)
-        .await?;
-        audit(
-            &mut tx,
-            now,
-            &format!("device {device_id}"),
-            "device.enroll",
-            Some(device_id.as_str()),
-            json!({"hostname": hostname, "enroll_token": token_id}),
-        )
-        .await?;
-        tx.commit().await?;
-        let cred_digest: [u8; 32] =
-            hex::decode(&cred.secret_sha256).ok().and_then(|b| b.try_into().ok()).context("hash")?;
-        self.index.insert(
-            device_id.as_str(),
-            cred_digest,
-            current_envelope(issued.version, &issued.payload_sha256, issued.bytes),
-            false,
-        );
-        world.devices.insert(
-            device_id.to_string(),
-            DeviceMeta {
-                primary: None,
-                users: BTreeSet::new(),
-                version: issued.version,
-                sha256: issued.payload_sha256,
-                expires_at: issued.expires_at,
-                active: true,
-                enrolled_at: now,
-                has_reported: false,
-                signed_by: self.keys.signing_key_id(),
-                ignored_claim: None,
-                last_report_sha: None,
-            },
-        );
-        Ok((device_id, cred.token))
-    }
-
-    // ---- reports -----------------------------------------------------------------------------
-
-    /// Stores a device report; detects the primary user at first contact; re-signs the device's
-    /// envelope when its set of users changed. Returns the ETag the device should hold.
-    pub async fn record_report(
-        &self,
-        device_id: &str,
-        report: &DeviceReport,
-        checked: CheckedReport,
-    ) -> ApiResult<String> {
-        let CheckedReport { hostname, signed_in_users: signed_in } = checked;
-        let now = self.now();
-        let mut world = self.world.lock().await;
-        let detection_window = world
-            .directory
-            .effective_for(None)
-            .get("Devices.PrimaryUserDetectionWindowHours")
-            .and_then(Value::as_i64)
-            .unwrap_or(0)
-            .max(0);
-        let meta = world.devices.get(device_id).ok_or_else(|| ApiError::NotFound("device not found".into()))?.clone();
-        let first_contact = !meta.has_reported;
-        // A window of 0 (the default) means the first contact only; without the `> 0` a report in the
-        // same second as the enrollment would still count as inside the window.
-        let in_window =
-            first_contact || (detection_window > 0 && now - meta.enrolled_at <= detection_window.saturating_mul(3600));
-        let new_primary = match (&meta.primary, signed_in.iter().next()) {
-            (None, Some(first)) if in_window => Some(first.clone()),
-            _ => None,
-        };
-        let report_json = serde_json::to_string(report).map_err(|e| ApiError::Internal(e.into()))?;
-        let report_sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(report_json.as_bytes()).into();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        // The history keeps what changed; a repeat of the last report (the agent's daily full
-        // report, a retry) only refreshes the device row below.
-        if meta.last_report_sha != Some(report_sha) {
-            sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, ?)")
-                .bind(device_id)
-                .bind(now)
-                .bind(&report_json)
-                .execute(&mut *tx)
-                .await?;
-            self.client.history.prune(&mut tx, device_id, now).await?;
-        }
-        sqlx::query(
-            "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
-                    last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?
-             WHERE id = ?",
-        )
-        .bind(hostname.as_str())
-        .bind(&report.agent_version)
-        // Only a version the server issued is recorded as held; a claim above it is ignored below.
-        .bind(report.config_version.filter(|v| *v <= meta.version).map(|v| v as i64))
-        .bind(&report.config_sha256)
-        .bind(&report.last_error)
-        .bind(now)
-        .bind(now)
-        .bind(serde_json::to_string(&signed_in).unwrap_or_default())
-        .bind(serde_json::to_string(&report.policies).unwrap_or_default())
-        .bind(device_id)
-        .execute(&mut *tx)
-        .await?;
-        for upn in &signed_in {
-            sqlx::query(
-                "INSERT INTO device_users (device_id, upn, first_seen, last_seen, sightings) VALUES (?, ?, ?, ?, 1)
-                 ON CONFLICT (device_id, upn) DO UPDATE SET last_seen = excluded.last_seen, sightings = sightings + 1",
-            )
-            .bind(device_id)
-            .bind(upn.as_str())
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        // The server never believes a version it did not issue: a report claiming more (a forged
-        // or broken report) would otherwise make the server re-issue above it and could push the
-        // device out of the safe integer range. A device that really holds a newer envelope (the
-        // database was restored from a backup) proves it with the envelope itself
-        // (`prove_held_envelope`). The claim is audited once per distinct value.
-        let ignored_claim = report.config_version.filter(|v| *v > meta.version);
-        let audit_claim = ignored_claim.is_some() && ignored_claim != meta.ignored_claim;
-        if let (Some(claimed), true) = (ignored_claim, audit_claim) {
-            tracing::warn!(
-                device = device_id,
-                claimed,
-                issued = meta.version,
-                "a report claims a configuration version the server never issued; ignored"
-            );
-            audit(
-                &mut tx,
-                now,
-                &format!("device {device_id}"),
-                "device.suspicious_report",
-                Some(device_id),
-                json!({"reason": "config_version above the highest version issued to this device; ignored",
-                       "claimed_version": claimed, "issued_version": meta.version}),
-            )
-            .await?;
-        }
-        if let Some(p) = &new_primary {
-            sqlx::query("UPDATE devices SET primary_user = ? WHERE id = ?")
-                .bind(p.as_str())
-                .bind(device_id)
-                .execute(&mut *tx)
-                .await?;
-            audit(
-                &mut tx,
-                now,
-                &format!("device {device_id}"),
-                "device.primary_detected",
-                Some(device_id),
-                json!({"primary_user": p}),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        if let Some(slot) = self.index.get(device_id) {
-            slot.touch(now);
-        }
-        let meta = world.devices.get_mut(device_id).ok_or_else(|| ApiError::NotFound("device not found".into()))?;
-        meta.has_reported = true;
-        meta.last_report_sha = Some(report_sha);
-        let before = meta.users.len();
-        meta.users.extend(signed_in);
-        let users_changed = meta.users.len() != before;
-        let primary_changed = new_primary.is_some();
-        if primary_changed {
-            meta.primary = new_primary;
-        }
-        if audit_claim {
-            meta.ignored_claim = ignored_claim;
-        }
-        if users_changed || primary_changed {
-            self.recompile(&mut world, vec![device_id.to_string()]).await?;
-        }
-        let meta = &world.devices[device_id];
-        Ok(envelope_etag(meta.version, &meta.sha256))
-    }
-
     /// A device shows the envelope it holds because the server's looked older (a rollback or a
     /// reused version: the database was restored from a backup). The envelope counts only if this
     /// server signed it for this device (any of its signing keys, past or present); then numbering
@@ -833,7 +640,7 @@ impl AppState {
                 "the envelope was not accepted as proof of the version this device holds: {why}"
             ))
         })?;
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
         if body.version > meta.version {
             let now = self.now();
@@ -873,11 +680,11 @@ impl AppState {
         scope: &SettingScope,
         key: &str,
         value: SettingValue,
-    ) -> ApiResult<usize> {
+    ) -> ApiResult<Ticket> {
         self.write_setting(actor, scope, key, Some(value)).await
     }
 
-    pub async fn unset_setting(&self, actor: &Actor, scope: &SettingScope, key: &str) -> ApiResult<usize> {
+    pub async fn unset_setting(&self, actor: &Actor, scope: &SettingScope, key: &str) -> ApiResult<Ticket> {
         self.write_setting(actor, scope, key, None).await
     }
 
@@ -889,7 +696,7 @@ impl AppState {
         scope: &SettingScope,
         key: &str,
         value: Option<SettingValue>,
-    ) -> ApiResult<usize> {
+    ) -> ApiResult<Ticket> {
         let key = SettingKey::parse(key).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         // Removing needs no schema check: a key an older version stored must stay removable.
         if let Some(v) = &value {
@@ -900,7 +707,7 @@ impl AppState {
             };
             tenon_core::schema::validate_at(&key, v, tenant_wide)?;
         }
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let (kind, name) = self.check_scope(&world, scope)?;
         let now = self.now();
         let mut tx = crate::state::begin_write(&self.db).await?;
@@ -944,13 +751,13 @@ impl AppState {
             }
         }
         tx.commit().await?;
-        let settings = scope_settings_mut(&mut world.directory, scope)?;
+        let settings = scope_settings_mut(world.directory_mut(), scope)?;
         match value {
             Some(v) => settings.insert(key, v),
             None => settings.remove(&key),
         };
         let ids = Self::devices_for_scope(&world, scope);
-        Ok(self.recompile(&mut world, ids).await?)
+        Ok(self.schedule_resign(ids))
     }
 
     fn check_scope(&self, world: &World, scope: &SettingScope) -> ApiResult<(&'static str, String)> {
@@ -972,7 +779,7 @@ impl AppState {
     }
 
     pub async fn list_settings(&self, scope: Option<&SettingScope>) -> ApiResult<Vec<Value>> {
-        let world = self.world.lock().await;
+        let world = self.world.read().await;
         let mut out = Vec::new();
         let mut push = |scope: SettingScope, settings: &ScopeSettings| {
             for (k, v) in settings {
@@ -1000,9 +807,9 @@ impl AppState {
         Ok(out)
     }
 
-    pub async fn set_group_priority(&self, actor: &Actor, group: &str, priority: i64) -> ApiResult<usize> {
+    pub async fn set_group_priority(&self, actor: &Actor, group: &str, priority: i64) -> ApiResult<Ticket> {
         let g = GroupName::parse(group).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let now = self.now();
         let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query("INSERT INTO groups (name, priority) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET priority = excluded.priority")
@@ -1013,15 +820,15 @@ impl AppState {
         audit(&mut tx, now, &actor.label(), "groups.set_priority", Some(g.as_str()), json!({"priority": priority}))
             .await?;
         tx.commit().await?;
-        world.directory.groups.entry(g.clone()).or_default().priority = priority;
+        world.directory_mut().groups.entry(g.clone()).or_default().priority = priority;
         let ids = Self::devices_for_scope(&world, &SettingScope::Group(g.to_string()));
-        Ok(self.recompile(&mut world, ids).await?)
+        Ok(self.schedule_resign(ids))
     }
 
     /// Imports Graph-shaped users; each needs `userPrincipalName`, may carry `groups: [names]`.
     /// Takes the request's users by value: each record moves into the directory instead of being
     /// copied, so an import of N users holds one copy of them, not two.
-    pub async fn import_users(&self, actor: &Actor, users: Vec<Value>) -> ApiResult<(usize, usize, usize)> {
+    pub async fn import_users(&self, actor: &Actor, users: Vec<Value>) -> ApiResult<(usize, usize, Ticket)> {
         let mut parsed = Vec::with_capacity(users.len());
         for (i, u) in users.into_iter().enumerate() {
             let Value::Object(mut obj) = u else {
@@ -1055,7 +862,7 @@ impl AppState {
             obj.remove("groups");
             parsed.push((upn, id, Value::Object(obj), groups));
         }
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let now = self.now();
         let mut tx = crate::state::begin_write(&self.db).await?;
         let (mut created, mut updated) = (0, 0);
@@ -1093,25 +900,25 @@ impl AppState {
         audit(&mut tx, now, &actor.label(), "users.import", None, json!({"created": created, "updated": updated}))
             .await?;
         tx.commit().await?;
+        let directory = world.directory_mut();
         for (upn, id, record, groups) in parsed {
             for g in &groups {
-                world.directory.groups.entry(g.clone()).or_insert_with(Group::default);
+                directory.groups.entry(g.clone()).or_insert_with(Group::default);
             }
-            let entry = world.directory.users.entry(upn).or_insert_with(User::default);
+            let entry = directory.users.entry(upn).or_insert_with(User::default);
             entry.id = id;
             entry.record = record;
             entry.groups = groups;
         }
         let ids = Self::devices_of_users(&world, &touched);
-        let resigned = self.recompile(&mut world, ids).await?;
-        Ok((created, updated, resigned))
+        Ok((created, updated, self.schedule_resign(ids)))
     }
 
     // ---- devices -------------------------------------------------------------------------------
 
     pub async fn set_primary(&self, actor: &Actor, device_id: &str, upn: Option<&str>) -> ApiResult<()> {
         let upn = upn.map(Upn::parse).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
         if !meta.active {
             return Err(ApiError::Conflict("device is decommissioned; re-enroll it to assign a user".into()));
@@ -1148,7 +955,7 @@ impl AppState {
     }
 
     pub async fn decommission(&self, actor: &Actor, device_id: &str) -> ApiResult<()> {
-        let mut world = self.world.lock().await;
+        let mut world = self.world.write().await;
         let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
         if !meta.active {
             return Err(ApiError::Conflict("device is already decommissioned".into()));
@@ -1182,37 +989,42 @@ impl AppState {
         Ok(())
     }
 
-    /// Writes the last-seen times the index collected.
+    /// Writes the last-seen times the index collected, in transactions of a few thousand, each
+    /// under the world's write lock like every other write (so it never meets another writer in
+    /// SQLite's lock). A batch that fails is marked dirty again: the next flush retries it.
     pub async fn flush_last_seen(&self) -> anyhow::Result<usize> {
+        const PER_TRANSACTION: usize = 5_000;
         let dirty = self.index.take_dirty_last_seen();
-        if dirty.is_empty() {
-            return Ok(0);
-        }
-        let write = async {
-            let mut tx = crate::state::begin_write(&self.db).await?;
-            for (id, t) in &dirty {
-                sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
-                    .bind(t)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
+        let mut written = 0;
+        for (i, batch) in dirty.chunks(PER_TRANSACTION).enumerate() {
+            let _world = self.world.write().await;
+            let write = async {
+                let mut tx = crate::state::begin_write(&self.db).await?;
+                for (id, t) in batch {
+                    sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
+                        .bind(t)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let started = std::time::Instant::now();
+                tx.commit().await?;
+                crate::metrics::commit_took("last_seen", started);
+                Ok::<_, sqlx::Error>(())
+            };
+            if let Err(e) = write.await {
+                // Nothing of this batch or the ones after it is stored: mark them dirty again.
+                self.index.mark_last_seen_dirty(&dirty[i * PER_TRANSACTION..]);
+                return Err(e.into());
             }
-            let started = std::time::Instant::now();
-            tx.commit().await?;
-            crate::metrics::commit_took("last_seen", started);
-            Ok::<_, sqlx::Error>(())
-        };
-        if let Err(e) = write.await {
-            // Nothing of this batch is stored: mark it dirty again so the next flush retries it.
-            self.index.mark_last_seen_dirty(&dirty);
-            return Err(e.into());
+            written += batch.len();
         }
-        Ok(dirty.len())
+        Ok(written)
     }
 
-    /// Re-issues envelopes that expire within half their lifetime.
-    pub async fn refresh_expiring(&self) -> anyhow::Result<usize> {
-        let mut world = self.world.lock().await;
+    /// Queues the envelopes that expire within half their lifetime for re-issue.
+    pub async fn refresh_expiring(&self) -> Ticket {
+        let world = self.world.read().await;
         let now = self.now();
         let due: Vec<String> = world
             .devices
@@ -1220,7 +1032,16 @@ impl AppState {
             .filter(|(_, m)| m.active && m.expires_at - now < self.envelope_ttl / 2)
             .map(|(id, _)| id.clone())
             .collect();
-        self.recompile(&mut world, due).await
+        drop(world);
+        self.schedule_resign(due)
+    }
+
+    /// Queues every device: at start, anything changed since the envelopes were signed (or a
+    /// crash between a write and its re-sign) is re-issued in the background while the stored
+    /// envelopes are served.
+    pub async fn converge(&self) -> Ticket {
+        let all: Vec<String> = self.world.read().await.devices.keys().cloned().collect();
+        self.schedule_resign(all)
     }
 }
 

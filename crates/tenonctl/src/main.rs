@@ -45,6 +45,11 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// After a change, wait until every device it reaches is re-signed (progress on stderr).
+    /// Without it a change that reaches many devices answers at once and re-signs in the
+    /// background (`tenonctl resign status`).
+    #[arg(long, global = true)]
+    wait: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -76,6 +81,9 @@ enum Command {
     /// audited and makes the device rotate the keys it returned).
     #[command(name = "recovery-keys", subcommand)]
     RecoveryKeys(RecoveryKeysCmd),
+    /// Background re-signing of the devices a change reached.
+    #[command(subcommand)]
+    Resign(ResignCmd),
     /// Admin tokens and their roles.
     #[command(name = "admin-tokens", subcommand)]
     AdminTokens(AdminTokensCmd),
@@ -307,6 +315,12 @@ enum SignaturesCmd {
     Remove { name: String },
 }
 
+#[derive(Subcommand)]
+enum ResignCmd {
+    /// How far re-signing is: devices queued, done of the run in hand, generations.
+    Status,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 24h or 7d"))
 }
@@ -344,6 +358,45 @@ impl Client {
         }
         let http = http.build();
         Ok(Self { base: server.trim_end_matches('/').to_string(), token: token.trim().to_string(), http })
+    }
+
+    /// After a change: with `wait`, follows the background re-signing until the change is on
+    /// every device's check-in, showing progress on stderr.
+    fn settle(&self, v: &mut Value, wait: bool) -> anyhow::Result<()> {
+        let Some(generation) = v["resign_generation"].as_u64() else { return Ok(()) };
+        if !wait || v["resign_complete"].as_bool().unwrap_or(true) {
+            return Ok(());
+        }
+        use std::io::IsTerminal;
+        let tty = std::io::stderr().is_terminal();
+        let started = std::time::Instant::now();
+        let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+        loop {
+            let s = self.call("GET", "/resign", None)?;
+            if s["completed_generation"].as_u64().unwrap_or(0) >= generation {
+                v["resign_complete"] = json!(true);
+                v["devices_updated"] = s["last_resigned"].clone();
+                if tty {
+                    eprint!("\r\x1b[K");
+                }
+                eprintln!("re-signed in {:.1} s", started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            let line = format!(
+                "re-signing: {} of {} devices in this run, {} queued ({:.0} s)",
+                s["done"],
+                s["total"],
+                s["queued"],
+                started.elapsed().as_secs_f64()
+            );
+            if tty {
+                eprint!("\r\x1b[K{line}");
+            } else if last_line.elapsed() >= Duration::from_secs(5) {
+                eprintln!("{line}");
+                last_line = std::time::Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
@@ -511,8 +564,21 @@ fn usage(msg: String) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg))
 }
 
+/// What a change's answer says about re-signing, for people.
+fn resigned_text(v: &Value) -> String {
+    if v["resign_complete"].as_bool().unwrap_or(true) {
+        format!("{} devices re-signed", v["devices_updated"])
+    } else {
+        format!(
+            "re-signing {} devices in the background (`tenonctl resign status` shows progress; --wait waits)",
+            v["devices_to_resign"]
+        )
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let json_out = cli.json;
+    let wait = cli.wait;
     // The schema is compiled in: listing it needs no server.
     if let Command::Settings(SettingsCmd::Keys { markdown }) = &cli.command {
         if *markdown {
@@ -586,16 +652,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Users(UsersCmd::Remove { upn, force }) => {
-            let v = c.call("DELETE", &format!("/users/{}?force={force}", urlencode(&upn)), None)?;
+            let mut v = c.call("DELETE", &format!("/users/{}?force={force}", urlencode(&upn)), None)?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
                 let cleared = v["cleared_primary"].as_array().map(Vec::len).unwrap_or(0);
                 println!(
-                    "user {} removed; {} devices re-signed (they keep their last configuration until their next sync){}",
+                    "user {} removed; {} (they keep their last configuration until their next sync){}",
                     cell(&v["upn"]),
-                    v["devices_updated"],
-                    if cleared > 0 { format!("; primary user cleared on {}", cell(&v["cleared_primary"])) } else { String::new() }
+                    resigned_text(&v),
+                    if cleared > 0 {
+                        format!("; primary user cleared on {}", cell(&v["cleared_primary"]))
+                    } else {
+                        String::new()
+                    }
                 );
             }
         }
@@ -619,14 +690,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !users.is_array() {
                 return Err(usage(format!("{} must hold a JSON array of user objects", file.display())));
             }
-            let v = c.call("POST", "/users/import", Some(&users))?;
+            let mut v = c.call("POST", "/users/import", Some(&users))?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
-                println!(
-                    "imported: {} new, {} updated; {} devices re-signed",
-                    v["created"], v["updated"], v["devices_updated"]
-                );
+                println!("imported: {} new, {} updated; {}", v["created"], v["updated"], resigned_text(&v));
             }
         }
         Command::Users(UsersCmd::List) => {
@@ -644,22 +713,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?;
                 json!({"scope": scope.scope(), "key": key, "value": parsed})
             };
-            let v = c.call("PUT", "/settings", Some(&body))?;
+            let mut v = c.call("PUT", "/settings", Some(&body))?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
-                println!("set {key}; {} devices re-signed", v["devices_updated"]);
+                println!("set {key}; {}", resigned_text(&v));
             }
             if let Some(w) = v["warning"].as_str() {
                 eprintln!("warning: {}", table::visible(w));
             }
         }
         Command::Settings(SettingsCmd::Unset { scope, key }) => {
-            let v = c.call("POST", "/settings/unset", Some(&json!({"scope": scope.scope(), "key": key})))?;
+            let mut v = c.call("POST", "/settings/unset", Some(&json!({"scope": scope.scope(), "key": key})))?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
-                println!("unset {key}; {} devices re-signed", v["devices_updated"]);
+                println!("unset {key}; {}", resigned_text(&v));
             }
         }
         Command::Settings(SettingsCmd::List { tenant, group, user }) => {
@@ -691,12 +762,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Groups(GroupsCmd::SetPriority { name, priority }) => {
-            let v =
+            let mut v =
                 c.call("PUT", &format!("/groups/{}/priority", urlencode(&name)), Some(&json!({"priority": priority})))?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
-                println!("group {name} priority {priority}; {} devices re-signed", v["devices_updated"]);
+                println!("group {name} priority {priority}; {}", resigned_text(&v));
             }
         }
         Command::Devices(DevicesCmd::List { without_primary, primary_mismatch, all, limit, after }) => {
@@ -827,7 +899,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &[("AT", "at"), ("ACTOR", "actor"), ("ACTION", "action"), ("TARGET", "target"), ("DETAILS", "details")],
             );
         }
-        Command::Signatures(cmd) => signatures(&c, json_out, cmd)?,
+        Command::Signatures(cmd) => signatures(&c, json_out, wait, cmd)?,
+        Command::Resign(ResignCmd::Status) => {
+            let v = c.call("GET", "/resign", None)?;
+            if json_out {
+                print_json(&v);
+            } else if v["completed_generation"] == v["requested_generation"] && v["queued"] == json!(0) {
+                println!(
+                    "nothing to re-sign: every change is on the devices' check-ins (change {}; its run re-signed {} devices)",
+                    v["completed_generation"], v["last_resigned"]
+                );
+            } else {
+                println!(
+                    "re-signing: {} of {} devices in this run, {} queued; changes up to {} done, {} requested",
+                    v["done"], v["total"], v["queued"], v["completed_generation"], v["requested_generation"]
+                );
+            }
+        }
         Command::Networks(NetworksCmd::List) => {
             let v = c.call("GET", "/networks", None)?;
             print_table(
@@ -944,7 +1032,7 @@ fn print_bitlocker(s: &Value) {
     }
 }
 
-fn signatures(c: &Client, json_out: bool, cmd: SignaturesCmd) -> anyhow::Result<()> {
+fn signatures(c: &Client, json_out: bool, wait: bool, cmd: SignaturesCmd) -> anyhow::Result<()> {
     match cmd {
         SignaturesCmd::Set { name, html, txt, default, groups } => {
             let default = match default.as_deref().map(|d| d.trim().to_ascii_lowercase()) {
@@ -968,18 +1056,19 @@ fn signatures(c: &Client, json_out: bool, cmd: SignaturesCmd) -> anyhow::Result<
             let default = default.or_else(|| existing.as_ref().map(|e| e["default"].clone())).unwrap_or(Value::Null);
             let body = json!({"html": template.html, "txt": template.txt, "default": default, "groups": groups,
                               "images": template.images});
-            let v = c.call("PUT", &format!("/signatures/{}", urlencode(&name)), Some(&body))?;
+            let mut v = c.call("PUT", &format!("/signatures/{}", urlencode(&name)), Some(&body))?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
                 let images = template.images.keys().cloned().collect::<Vec<_>>();
                 println!(
-                    "signature {name} {} for {} ({} users{}); {} devices re-signed",
+                    "signature {name} {} for {} ({} users{}); {}",
                     if v["created"] == json!(true) { "created" } else { "updated" },
                     cell(&groups),
                     v["users"],
                     if images.is_empty() { String::new() } else { format!(", images {}", images.join(", ")) },
-                    v["devices_updated"]
+                    resigned_text(&v)
                 );
             }
             if v["users"] == json!(0) {
@@ -1023,14 +1112,15 @@ fn signatures(c: &Client, json_out: bool, cmd: SignaturesCmd) -> anyhow::Result<
             }
         }
         SignaturesCmd::Remove { name } => {
-            let v = c.call("DELETE", &format!("/signatures/{}", urlencode(&name)), None)?;
+            let mut v = c.call("DELETE", &format!("/signatures/{}", urlencode(&name)), None)?;
+            c.settle(&mut v, wait)?;
             if json_out {
                 print_json(&v);
             } else {
                 println!(
-                    "signature {} removed; {} devices re-signed; they delete its files at their next sync",
+                    "signature {} removed; {}; they delete its files at their next sync",
                     cell(&v["name"]),
-                    v["devices_updated"]
+                    resigned_text(&v)
                 );
             }
         }

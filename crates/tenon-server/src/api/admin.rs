@@ -78,8 +78,8 @@ pub async fn remove_user(
     ApiQuery(q): ApiQuery<RemoveUserQuery>,
 ) -> ApiResult<Json<Value>> {
     let r = state.remove_user(&actor, &upn, q.force).await?;
-    Ok(Json(json!({"upn": upn.trim().to_lowercase(), "cleared_primary": r.cleared_primary,
-                   "devices_updated": r.devices_updated})))
+    Ok(resign_answer(&state, r.resign, json!({"upn": upn.trim().to_lowercase(), "cleared_primary": r.cleared_primary}))
+        .await)
 }
 
 pub async fn import_users(
@@ -90,11 +90,11 @@ pub async fn import_users(
     let (created, updated, resigned) = state.import_users(&actor, users).await?;
     // The request and the directory entries it replaced were freed; give the pages back.
     crate::release_free_memory();
-    Ok(Json(json!({"created": created, "updated": updated, "devices_updated": resigned})))
+    Ok(resign_answer(&state, resigned, json!({"created": created, "updated": updated})).await)
 }
 
 pub async fn list_users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
-    let world = state.world.lock().await;
+    let world = state.world.read().await;
     let mut users: Vec<Value> = world
         .directory
         .users
@@ -130,7 +130,7 @@ pub async fn set_setting(
     };
     let n = state.set_setting(&actor, &req.scope, &req.key, value).await?;
     let warning = state.empty_group_warning(&req.scope).await;
-    Ok(Json(json!({"devices_updated": n, "warning": warning})))
+    Ok(resign_answer(&state, n, json!({"warning": warning})).await)
 }
 
 pub async fn unset_setting(
@@ -139,7 +139,7 @@ pub async fn unset_setting(
     ApiJson(req): ApiJson<UnsetSettingRequest>,
 ) -> ApiResult<Json<Value>> {
     let n = state.unset_setting(&actor, &req.scope, &req.key).await?;
-    Ok(Json(json!({"devices_updated": n})))
+    Ok(resign_answer(&state, n, json!({})).await)
 }
 
 #[derive(Deserialize)]
@@ -176,7 +176,7 @@ pub async fn set_group_priority(
     ApiJson(req): ApiJson<PriorityRequest>,
 ) -> ApiResult<Json<Value>> {
     let n = state.set_group_priority(&actor, &name, req.priority).await?;
-    Ok(Json(json!({"devices_updated": n})))
+    Ok(resign_answer(&state, n, json!({})).await)
 }
 
 const DEVICE_COLUMNS: &str =
@@ -534,4 +534,36 @@ pub async fn revoke_admin_token(
 ) -> ApiResult<StatusCode> {
     state.revoke_admin_token(&actor, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// How long an admin write waits for the re-signing it caused before it answers. A change that
+/// reaches a few thousand devices is on their check-ins by then (`devices_updated` says how many
+/// were re-issued); a larger one answers with the count still to go (`resign_complete: false`,
+/// `devices_updated: null`) and `tenonctl ... --wait` follows `GET /api/v1/admin/resign`.
+const RESIGN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Adds the re-signing a change caused to its answer: `devices_to_resign` (the devices the
+/// change may affect), `resign_generation` (complete once `GET /resign` shows
+/// `completed_generation` at or above it), `resign_complete` and `devices_updated`.
+pub(crate) async fn resign_answer(state: &AppState, ticket: crate::resign::Ticket, mut body: Value) -> Json<Value> {
+    let done = state.resign.wait(ticket, RESIGN_WAIT).await;
+    body["devices_to_resign"] = ticket.devices.into();
+    body["resign_generation"] = ticket.generation.into();
+    body["resign_complete"] = done.is_some().into();
+    body["devices_updated"] = done.map(|c| c.resigned).into();
+    Json(body)
+}
+
+/// `GET /api/v1/admin/resign`: how far background re-signing is.
+pub async fn resign_status(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Json<Value> {
+    let (queued, done, total) = state.resign.progress();
+    let completed = state.resign.completed();
+    Json(json!({
+        "completed_generation": completed.generation,
+        "last_resigned": completed.resigned,
+        "requested_generation": state.resign.requested(),
+        "queued": queued,
+        "done": done,
+        "total": total,
+    }))
 }

@@ -123,7 +123,7 @@ pub async fn report(
     ApiJson(report): ApiJson<DeviceReport>,
 ) -> ApiResult<Response> {
     let checked = report.check().map_err(|e| ApiError::BadRequest(format!("report refused: {e}")))?;
-    let etag = state.record_report(&device.id, &report, checked).await?;
+    let etag = state.record_report(&device.id, report, checked).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "etag": etag }))).into_response())
 }
 

@@ -75,6 +75,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::max(SIGNATURE_LIMIT)),
         )
         .route("/audit", get(admin::audit_list))
+        .route("/resign", get(admin::resign_status))
         .route("/networks", get(admin::networks));
     let api = Router::new()
         .route("/enroll", post(device::enroll).layer(DefaultBodyLimit::max(ENROLL_LIMIT)))

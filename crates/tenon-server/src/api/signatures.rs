@@ -52,7 +52,7 @@ pub async fn put_signature(
     };
     let change: SignatureChange = state.put_signature(&actor, t).await?;
     let status = if change.created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, Json(change)).into_response())
+    Ok((status, answer(&state, change).await).into_response())
 }
 
 #[derive(Deserialize)]
@@ -73,6 +73,12 @@ pub async fn remove_signature(
     State(state): State<Arc<AppState>>,
     Admin(actor): Admin,
     Path(name): Path<String>,
-) -> ApiResult<Json<SignatureChange>> {
-    Ok(Json(state.remove_signature(&actor, &name).await?))
+) -> ApiResult<Json<serde_json::Value>> {
+    let change = state.remove_signature(&actor, &name).await?;
+    Ok(answer(&state, change).await)
+}
+
+async fn answer(state: &AppState, change: SignatureChange) -> Json<serde_json::Value> {
+    let body = serde_json::json!({"name": change.name, "created": change.created, "users": change.users});
+    super::admin::resign_answer(state, change.resign, body).await
 }
