@@ -78,25 +78,61 @@ pub struct EnvelopeFields<'a> {
 }
 
 pub fn issue(fields: &EnvelopeFields<'_>, payload: Value, key: &SigningKey) -> Result<IssuedEnvelope, IssueError> {
+    issue_canonical(fields, &CanonicalPayload::of(&payload)?, key)
+}
+
+/// A payload in canonical form with its hash: the server computes it once per device to compare
+/// with what the device holds, and signs from it only when it changed.
+pub struct CanonicalPayload {
+    bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+impl CanonicalPayload {
+    pub fn of(payload: &Value) -> Result<Self, NotCanonicalizable> {
+        let bytes = to_canonical(payload)?;
+        let sha256 = sha256_hex(&bytes);
+        Ok(Self { bytes, sha256 })
+    }
+}
+
+/// Issues an envelope from a payload already in canonical form. The signed body is the RFC 8785
+/// form of [`EnvelopeBody`] (keys in code-unit order: device_id, expires_at, issued_at, payload,
+/// payload_sha256, user_id, version), assembled around the payload's canonical bytes instead of
+/// canonicalizing the payload again; a test checks it equals the generic canonicalization.
+pub fn issue_canonical(
+    fields: &EnvelopeFields<'_>,
+    payload: &CanonicalPayload,
+    key: &SigningKey,
+) -> Result<IssuedEnvelope, IssueError> {
     if !version_in_range(fields.version) {
         return Err(IssueError::VersionOutOfRange(fields.version));
     }
-    let payload_sha256 = payload_digest(&payload)?;
-    let body = EnvelopeBody {
-        device_id: fields.device_id.to_string(),
-        user_id: fields.user_id.map(str::to_string),
-        version: fields.version,
-        issued_at: fields.issued_at,
-        expires_at: fields.expires_at,
-        payload_sha256: payload_sha256.clone(),
-        payload,
-    };
-    let signed = to_canonical(&serde_json::to_value(&body).expect("envelope body serialises"))?;
+    let string = |s: &str| to_canonical(&Value::String(s.to_string()));
+    let mut signed = Vec::with_capacity(payload.bytes.len() + 256);
+    signed.extend_from_slice(b"{\"device_id\":");
+    signed.extend_from_slice(&string(fields.device_id)?);
+    signed.extend_from_slice(b",\"expires_at\":");
+    signed.extend_from_slice(&to_canonical(&Value::from(fields.expires_at))?);
+    signed.extend_from_slice(b",\"issued_at\":");
+    signed.extend_from_slice(&to_canonical(&Value::from(fields.issued_at))?);
+    signed.extend_from_slice(b",\"payload\":");
+    signed.extend_from_slice(&payload.bytes);
+    signed.extend_from_slice(b",\"payload_sha256\":");
+    signed.extend_from_slice(&string(&payload.sha256)?);
+    signed.extend_from_slice(b",\"user_id\":");
+    match fields.user_id {
+        Some(u) => signed.extend_from_slice(&string(u)?),
+        None => signed.extend_from_slice(b"null"),
+    }
+    signed.extend_from_slice(b",\"version\":");
+    signed.extend_from_slice(&to_canonical(&Value::from(fields.version))?);
+    signed.push(b'}');
     let sig = SignatureEntry::sign(key, &signed);
     Ok(IssuedEnvelope {
         bytes: assemble(&signed, &[sig]),
         version: fields.version,
-        payload_sha256,
+        payload_sha256: payload.sha256.clone(),
         expires_at: fields.expires_at,
     })
 }
@@ -273,6 +309,33 @@ mod tests {
 
     fn ctx<'a>(trusted: &'a KeyList, stored: Option<(u64, &'a str)>) -> VerifyContext<'a> {
         VerifyContext { device_id: DEV, trusted, stored, now: 500 }
+    }
+
+    /// The assembled body is exactly the RFC 8785 form of the serialised `EnvelopeBody`.
+    #[test]
+    fn the_assembled_body_is_the_generic_canonical_form() {
+        let cases = [
+            (None, json!({"machine": {}, "users": {}})),
+            (Some("id-\u{e9}\"q\\"), json!({"machine": {"b": [1, 2.5, "x\n"], "a": null}, "users": {"z@x": {}}})),
+        ];
+        for (user_id, payload) in cases {
+            for (version, issued_at, expires_at) in [(1, 0, 1), (MAX_VERSION, -5, 1_800_000_000)] {
+                let fields = EnvelopeFields { device_id: DEV, user_id, version, issued_at, expires_at };
+                let e = issue(&fields, payload.clone(), &signer()).unwrap();
+                let body = EnvelopeBody {
+                    device_id: DEV.into(),
+                    user_id: user_id.map(str::to_string),
+                    version,
+                    issued_at,
+                    expires_at,
+                    payload_sha256: payload_digest(&payload).unwrap(),
+                    payload: payload.clone(),
+                };
+                let generic = to_canonical(&serde_json::to_value(&body).unwrap()).unwrap();
+                let sig = SignatureEntry::sign(&signer(), &generic);
+                assert_eq!(e.bytes, assemble(&generic, &[sig]), "{user_id:?} {version}");
+            }
+        }
     }
 
     #[test]

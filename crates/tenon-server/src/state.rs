@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use tenon_core::api::{envelope_etag, SettingScope};
 use tenon_core::directory::{Directory, Group, User};
-use tenon_core::envelope::{issue, next_version, payload_digest, EnvelopeFields};
+use tenon_core::envelope::{issue_canonical, next_version, CanonicalPayload, EnvelopeFields};
 use tenon_core::ids::{GroupName, SettingKey, Upn};
 use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::{ScopeSettings, SettingValue};
@@ -304,9 +304,10 @@ impl AppState {
                 continue;
             }
             let compiled = directory.device_payload(meta.primary.as_ref(), &meta.users);
-            let sha = payload_digest(&compiled.payload).context("payload is not canonicalizable")?;
+            // Canonicalized once: hashed to compare, and signed from if it changed.
+            let canonical = CanonicalPayload::of(&compiled.payload).context("payload is not canonicalizable")?;
             let refresh_due = meta.expires_at - now < self.envelope_ttl / 2;
-            if sha == meta.sha256 && !refresh_due && meta.signed_by == signer {
+            if canonical.sha256 == meta.sha256 && !refresh_due && meta.signed_by == signer {
                 continue;
             }
             let Some(version) = next_version(meta.version) else {
@@ -317,7 +318,7 @@ impl AppState {
                 );
                 continue;
             };
-            let issued = issue(
+            let issued = issue_canonical(
                 &EnvelopeFields {
                     device_id: id,
                     user_id: compiled.user_id.as_deref(),
@@ -325,7 +326,7 @@ impl AppState {
                     issued_at: now,
                     expires_at: now + self.envelope_ttl,
                 },
-                compiled.payload,
+                &canonical,
                 &self.keys.signing,
             )
             .context("cannot sign envelope")?;

@@ -574,3 +574,55 @@ impl AppState {
         Ok((device_id, cred.token, cred_digest, issued))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::response::IntoResponse;
+
+    fn enroll_job() -> (Job, oneshot::Receiver<ApiResult<(DeviceId, String)>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Enroll {
+            token: "t".into(),
+            hostname: Hostname::parse("PC-1").unwrap(),
+            agent_version: "1".into(),
+            reply,
+        };
+        (job, rx)
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_503_with_retry_after_at_once() {
+        let q = WriteQueue::default();
+        let mut waiting = Vec::new();
+        for _ in 0..QUEUE_CAPACITY {
+            let (job, rx) = enroll_job();
+            q.tx.try_send(job).ok().expect("room in the queue");
+            waiting.push(rx);
+        }
+        let answer = q.submit::<(DeviceId, String)>(|reply| Job::Enroll {
+            token: "t".into(),
+            hostname: Hostname::parse("PC-2").unwrap(),
+            agent_version: "1".into(),
+            reply,
+        });
+        let err = tokio::time::timeout(std::time::Duration::from_secs(1), answer)
+            .await
+            .expect("answered at once, not after the queue drains")
+            .expect_err("refused");
+        let resp = err.into_response();
+        assert_eq!(resp.status(), 503);
+        assert_eq!(resp.headers()["retry-after"], "1");
+    }
+
+    #[tokio::test]
+    async fn a_job_the_writer_drops_is_not_acknowledged() {
+        let q = WriteQueue::default();
+        let answer = q.submit::<(DeviceId, String)>(|reply| {
+            drop(reply);
+            enroll_job().0
+        });
+        let err = answer.await.expect_err("not acknowledged");
+        assert!(matches!(err, ApiError::Busy { .. }), "{err:?}");
+    }
+}
