@@ -597,7 +597,7 @@ mod tests {
         let mut waiting = Vec::new();
         for _ in 0..QUEUE_CAPACITY {
             let (job, rx) = enroll_job();
-            q.tx.try_send(job).ok().expect("room in the queue");
+            assert!(q.tx.try_send(job).is_ok(), "room in the queue");
             waiting.push(rx);
         }
         let answer = q.submit::<(DeviceId, String)>(|reply| Job::Enroll {
