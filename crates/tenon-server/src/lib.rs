@@ -154,12 +154,15 @@ fn restrict_database_files(db: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Returns freed heap pages to the operating system after a large operation (a directory import
-/// frees as much as it allocated). glibc keeps freed memory in its per-thread arenas, so without
-/// this the resident size grew with every re-import of the same users (issue figures: 100,000
-/// users imported four times: 314 -> 576 -> 576 -> 697 MB). Runs off the async threads.
+/// frees as much as it allocated). The server allocates with mimalloc (`main.rs`), which purges
+/// freed pages lazily, on later allocator activity: an idle server after an import kept them.
+/// `mi_collect(true)` purges them now; glibc's `malloc_trim` does the same for what SQLite
+/// allocated with the system allocator. Runs off the async threads.
 pub fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::task::spawn_blocking(|| {
+        // SAFETY: mi_collect only walks mimalloc's own heaps; no memory of ours is touched.
+        unsafe { libmimalloc_sys::mi_collect(true) };
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim only walks and trims glibc's own arenas; no memory of ours is touched.
         unsafe {
             libc::malloc_trim(0);
@@ -200,6 +203,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             .with_client_policy(client)
             .with_tls(tls.clone()),
     );
+    // Loading read every row at once; those buffers are free now.
+    release_free_memory();
     tokio::spawn(state.clone().run_resigner());
     tokio::spawn(state.clone().run_writer());
     state.log_undeclared_settings().await;

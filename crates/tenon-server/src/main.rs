@@ -304,6 +304,12 @@ fn parse_duration(s: &str) -> Result<u64, String> {
         .and_then(|s| if s >= 60 { Ok(s) } else { Err("must be at least 60s".into()) })
 }
 
+/// mimalloc instead of the system allocator: with glibc's, freed directory and request memory
+/// stayed in per-thread arenas and fragmented pages, so re-importing the same 100,000 users grew
+/// the resident size by 70-140 % (`bench/import.sh`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args = match expand_config(std::env::args_os().collect()) {
         Ok(a) => a,
