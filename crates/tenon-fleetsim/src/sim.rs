@@ -383,6 +383,8 @@ pub async fn lane(ctx: Arc<Ctx>, kind: Kind, mut source: Source, target: Arc<Tar
     let mut window = KindStats::default();
     let mut stop = ctx.stop.subscribe();
     conn.warm(ctx.timeout).await;
+    // Closed-loop lanes too begin at the start, not as soon as they are connected.
+    tokio::time::sleep_until(ctx.start.into()).await;
     loop {
         let now = Instant::now();
         if *stop.borrow() || now >= ctx.deadline {
