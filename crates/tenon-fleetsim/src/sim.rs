@@ -210,8 +210,13 @@ impl Ctx {
         }
     }
 
-    fn in_window(&self) -> bool {
-        self.phase.load(Ordering::Relaxed) == 1
+    /// Whether a request due at `due` belongs to the change window (asked once it is answered,
+    /// so a request due in the window counts there however late it was sent or answered).
+    fn in_window(&self, due: Instant) -> bool {
+        match self.window_start.get() {
+            Some(ws) if due >= *ws => self.window_end.get().is_none_or(|we| due < *we),
+            _ => false,
+        }
     }
 
     fn report_body(&self, d: &Device, st: &DeviceState) -> Bytes {
@@ -419,12 +424,11 @@ pub async fn lane(ctx: Arc<Ctx>, kind: Kind, mut source: Source, target: Arc<Tar
                 _ = stop.wait_for(|s| *s) => break,
             }
         }
-        let in_window = ctx.in_window();
         let out = execute(&ctx, &mut conn, kind, idx, due).await;
         if due >= ctx.measure_from {
             out.apply(&mut total);
         }
-        if in_window {
+        if ctx.in_window(due) {
             out.apply(&mut window);
         }
         if let Source::Checkins { due: heap, rng } = &mut source {
