@@ -69,9 +69,9 @@ pub struct RunArgs {
     /// Measure change propagation: at SIGUSR1 fleetsim notes the envelope (ETag) every device
     /// holds; afterwards it counts, per device, the time from that signal to the first 200 answer
     /// with another ETag, and prints when the first, 50 %, 90 %, 99 % and all of those devices had
-    /// one. Send SIGUSR1 just before making the change and SIGUSR2 when the admin write returned
-    /// (SIGUSR1..SIGUSR2 is also the change window, whose figures are printed apart, with or
-    /// without this flag). Devices with no envelope yet at SIGUSR1 are left out: send it only once
+    /// one. Send SIGUSR1 just before making the change and SIGUSR2 once it is applied (the admin
+    /// write, or its `--wait`, returned). SIGUSR1..SIGUSR2 is also the change window: the requests
+    /// due in it have their figures printed apart, with or without this flag. Devices with no envelope yet at SIGUSR1 are left out: send it only once
     /// every device has checked in (after one interval). Use a short interval (e.g. 1 s) to see the
     /// server's part rather than the interval's.
     #[arg(long)]
