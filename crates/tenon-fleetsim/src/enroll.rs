@@ -66,7 +66,7 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
         jitter: 0.0,
         token: args.token.clone(),
         hostname_prefix: args.common.hostname_prefix.clone(),
-        enroll_count: args.devices as u64,
+        enroll_count: Some(args.devices as u64),
         report_count: None,
         watch: None,
     }));

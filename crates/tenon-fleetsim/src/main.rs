@@ -44,8 +44,8 @@ enum Command {
     /// The server must run with `--enroll-rate-per-address off --enroll-rate-per-token off` for
     /// more than a few hundred devices from one address.
     Enroll(enroll::EnrollArgs),
-    /// Run the enrolled devices: check-ins at their interval, changed reports and user changes at
-    /// given rates. Prints per kind of request: count, achieved rate, latency p50/p90/p99/max,
+    /// Run the enrolled devices: check-ins at their interval, changed reports, user changes and
+    /// new enrollments at given rates. Prints per kind of request: count, achieved rate, latency p50/p90/p99/max,
     /// statuses and errors by kind. Reports beyond about 20 per device in 20 minutes need the
     /// server's `--report-rate-per-device off`; from one address `--report-rate-per-address off`.
     Run(Box<run::RunArgs>),

@@ -79,6 +79,16 @@ pub struct RunArgs {
     /// With --watch-change: end the run as soon as every device has a new envelope.
     #[arg(long, requires = "watch_change")]
     pub stop_when_changed: bool,
+    /// New devices enrolled during the run (host names PREFIX-NEW-00001, ...; they do not join
+    /// the simulated fleet): a rate, `max` or `off`. Needs --enroll-token.
+    #[arg(long, default_value = "off", value_parser = parse_load, value_name = "R/s|max|off")]
+    pub enroll_rate: Load,
+    /// The enrollment token for --enroll-rate; also TENON_FLEETSIM_TOKEN.
+    #[arg(long, env = "TENON_FLEETSIM_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// Connections for the enrollments.
+    #[arg(long, default_value_t = 2)]
+    pub enroll_connections: usize,
     /// Seed of the jitter.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -115,6 +125,9 @@ fn load_devices(args: &RunArgs) -> anyhow::Result<Vec<Device>> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     let targets = crate::client::targets(&args.common.server, args.common.ca_file.as_deref())?;
+    if args.enroll_rate != Load::Off && args.enroll_token.is_none() {
+        bail!("--enroll-rate needs --enroll-token (or TENON_FLEETSIM_TOKEN)");
+    }
     let devices = load_devices(&args)?;
     let n = devices.len();
     let (checkin_load, interval) = match args.checkin_rate {
@@ -137,9 +150,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         devices,
         interval,
         jitter: args.jitter,
-        token: String::new(),
-        hostname_prefix: args.common.hostname_prefix.clone(),
-        enroll_count: 0,
+        token: args.enroll_token.clone().unwrap_or_default(),
+        hostname_prefix: format!("{}-NEW", args.common.hostname_prefix),
+        enroll_count: None,
         report_count: args.report_count,
         watch: args.watch_change.then(|| Watch { stop_when_all: args.stop_when_changed, ..Default::default() }),
     }));
@@ -178,6 +191,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
     for (kind, load, conns) in [
         (Kind::Report, args.report_rate, args.report_connections),
         (Kind::UserChange, args.user_change_rate, args.user_change_connections),
+        (Kind::Enroll, args.enroll_rate, args.enroll_connections),
     ] {
         let c = conns.max(1);
         match load {
@@ -192,7 +206,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         Load::Rate(r) => format!("{r:.1}/s (open loop) over {conns} connections"),
     };
     let setup = format!(
-        "{n} devices; check-ins {}{}; reports {}; user changes {}",
+        "{n} devices; check-ins {}{}; reports {}; user changes {}; enrollments {}",
         describe(checkin_load, args.connections),
         if matches!(checkin_load, Load::Rate(_)) {
             format!(" (interval {:.2} s ±{:.0} %)", interval.as_secs_f64(), args.jitter * 100.0)
@@ -201,6 +215,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
         },
         describe(args.report_rate, args.report_connections),
         describe(args.user_change_rate, args.user_change_connections),
+        describe(args.enroll_rate, args.enroll_connections),
     );
     eprintln!(
         "fleetsim: running for at most {:.1} s after a warm-up of {:.1} s: {setup}",

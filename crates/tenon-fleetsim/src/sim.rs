@@ -119,7 +119,8 @@ pub struct CtxOptions {
     pub jitter: f64,
     pub token: String,
     pub hostname_prefix: String,
-    pub enroll_count: u64,
+    /// How many devices to enroll; `None`: no limit (enrollments during a run).
+    pub enroll_count: Option<u64>,
     pub report_count: Option<u64>,
     pub watch: Option<Watch>,
 }
@@ -127,7 +128,7 @@ pub struct CtxOptions {
 impl Ctx {
     pub fn new(o: CtxOptions) -> Self {
         let mut limit = [None; 4];
-        limit[Kind::Enroll as usize] = Some(o.enroll_count);
+        limit[Kind::Enroll as usize] = o.enroll_count;
         limit[Kind::Report as usize] = o.report_count;
         Self {
             timeout: o.timeout,
@@ -141,7 +142,7 @@ impl Ctx {
             jitter: o.jitter,
             token: o.token,
             hostname_prefix: o.hostname_prefix,
-            enrolled: Mutex::new(vec![None; o.enroll_count as usize]),
+            enrolled: Mutex::new(vec![None; o.enroll_count.unwrap_or(0) as usize]),
             enrolled_count: AtomicU64::new(0),
             phase: AtomicU8::new(0),
             window_start: OnceLock::new(),
@@ -281,7 +282,9 @@ impl Ctx {
                 let (Some(id), Some(cred)) = (v["device_id"].as_str(), v["credential"].as_str()) else {
                     return Err("bad_answer");
                 };
-                self.enrolled.lock().expect("enrolled")[idx] = Some((id.to_string(), cred.to_string()));
+                if let Some(slot) = self.enrolled.lock().expect("enrolled").get_mut(idx) {
+                    *slot = Some((id.to_string(), cred.to_string()));
+                }
                 self.enrolled_count.fetch_add(1, Ordering::Relaxed);
             }
             Kind::Checkin if a.status == 200 => {
