@@ -50,7 +50,7 @@ cleanup() {
   for p in ${sim_pid:-} ${admin_pid:-} ${poll_pid:-}; do kill "$p" 2>/dev/null || true; done
   [ -n "${server_pid:-}" ] && kill "$server_pid" 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$work"
+  [ -n "${KEEP_LOG:-}" ] && cp "$work/server.err" "$KEEP_LOG"; rm -rf "$work"
 }
 trap cleanup EXIT
 now() { date +%s.%N; }

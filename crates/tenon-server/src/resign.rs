@@ -118,7 +118,12 @@ impl Resigner {
 
     fn take(&self) -> (Vec<String>, u64) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        (std::mem::take(&mut p.ids).into_iter().collect(), p.requested)
+        let mut ids: Vec<String> = std::mem::take(&mut p.ids).into_iter().collect();
+        let requested = p.requested;
+        drop(p);
+        // In key order: each chunk's updates then touch neighbouring B-tree pages.
+        ids.sort_unstable();
+        (ids, requested)
     }
 
     /// Puts back what a failed run did not commit (its generation stays incomplete).
@@ -198,15 +203,25 @@ impl AppState {
             let state = self.clone();
             let dir = directory.clone();
             let now = self.now();
+            let t0 = std::time::Instant::now();
             let prepared = tokio::task::spawn_blocking(move || state.prepare_parallel(&dir, &metas, now))
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|r| r);
+            let t1 = std::time::Instant::now();
             let stored = match prepared {
                 Ok(p) if p.is_empty() => Ok(0),
                 Ok(p) => {
                     let mut world = self.world.write().await;
-                    self.store_prepared(&mut world, p, dir_gen).await
+                    let t2 = std::time::Instant::now();
+                    let r = self.store_prepared(&mut world, p, dir_gen).await;
+                    tracing::debug!(
+                        compute_ms = (t1 - t0).as_millis() as u64,
+                        lock_wait_ms = (t2 - t1).as_millis() as u64,
+                        store_ms = t2.elapsed().as_millis() as u64,
+                        "re-signed a chunk"
+                    );
+                    r
                 }
                 Err(e) => Err(e),
             };

@@ -186,8 +186,9 @@ impl AppState {
         world.directory = Arc::new(directory);
         let index = CheckinIndex::default();
         for row in sqlx::query(
-            "SELECT id, credential_sha256, status, primary_user, config_version, config_sha256, envelope,
-                    envelope_expires_at, enrolled_at, last_report_at, signed_in_users FROM devices",
+            "SELECT id, credential_sha256, status, primary_user, e.config_version, e.config_sha256, e.envelope,
+                    e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users
+             FROM devices JOIN device_envelopes e ON e.device_id = devices.id",
         )
         .fetch_all(&db)
         .await?
@@ -230,7 +231,7 @@ impl AppState {
             );
         }
         // Last-seen times, so that the index (and the metrics' last-seen buckets) know them at once.
-        for row in sqlx::query("SELECT id, last_seen FROM devices WHERE last_seen IS NOT NULL").fetch_all(&db).await? {
+        for row in sqlx::query("SELECT device_id, last_seen FROM device_last_seen").fetch_all(&db).await? {
             if let Some(slot) = index.get(row.get::<&str, _>(0)) {
                 slot.seed_last_seen(row.get(1));
             }
@@ -361,7 +362,8 @@ impl AppState {
         for p in &current {
             let e = &p.issued;
             sqlx::query(
-                "UPDATE devices SET config_version = ?, config_sha256 = ?, envelope = ?, envelope_expires_at = ? WHERE id = ?",
+                "UPDATE device_envelopes SET config_version = ?, config_sha256 = ?, envelope = ?, envelope_expires_at = ?
+                 WHERE device_id = ?",
             )
             .bind(e.version as i64)
             .bind(&e.payload_sha256)
@@ -1002,9 +1004,12 @@ impl AppState {
             let write = async {
                 let mut tx = crate::state::begin_write(&self.db).await?;
                 for (id, t) in batch {
-                    sqlx::query("UPDATE devices SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE id = ?")
-                        .bind(t)
-                        .bind(id)
+                    sqlx::query(
+                        "INSERT INTO device_last_seen (device_id, last_seen) VALUES (?, ?)
+                         ON CONFLICT (device_id) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+                    )
+                    .bind(id)
+                    .bind(t)
                         .execute(&mut *tx)
                         .await?;
                 }

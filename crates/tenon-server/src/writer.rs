@@ -122,6 +122,24 @@ enum Done {
     Enroll(EnrollDone),
 }
 
+/// Logs a batch's timing at debug level when it is dropped (whichever way the batch ends).
+struct BatchTiming {
+    t0: std::time::Instant,
+    lock_wait: std::time::Duration,
+    jobs: usize,
+}
+
+impl Drop for BatchTiming {
+    fn drop(&mut self) {
+        tracing::debug!(
+            jobs = self.jobs,
+            lock_wait_ms = self.lock_wait.as_millis() as u64,
+            total_ms = self.t0.elapsed().as_millis() as u64,
+            "committed a write batch"
+        );
+    }
+}
+
 impl AppState {
     /// Enrolls a device; returns its id and credential once it is committed.
     pub async fn enroll(&self, token: &str, hostname: &str, agent_version: &str) -> ApiResult<(DeviceId, String)> {
@@ -189,7 +207,11 @@ impl AppState {
     }
 
     async fn commit_batch(&self, batch: Vec<Job>) {
+        let t0 = std::time::Instant::now();
         let mut world = self.world.write().await;
+        let lock_wait = t0.elapsed();
+        let jobs = batch.len();
+        let _timing = BatchTiming { t0, lock_wait, jobs };
         let now = self.now();
         let mut tx = match crate::state::begin_write(&self.db).await {
             Ok(tx) => tx,
@@ -393,7 +415,7 @@ impl AppState {
         }
         sqlx::query(
             "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
-                    last_error = ?, last_report_at = ?, last_seen = ?, signed_in_users = ?, policies = ?
+                    last_error = ?, last_report_at = ?, signed_in_users = ?, policies = ?
              WHERE id = ?",
         )
         .bind(hostname.as_str())
@@ -402,7 +424,6 @@ impl AppState {
         .bind(report.config_version.filter(|v| *v <= meta.version).map(|v| v as i64))
         .bind(&report.config_sha256)
         .bind(&report.last_error)
-        .bind(now)
         .bind(now)
         .bind(serde_json::to_string(&signed_in).unwrap_or_default())
         .bind(serde_json::to_string(&report.policies).unwrap_or_default())
@@ -544,9 +565,8 @@ impl AppState {
         )
         .map_err(|e| ApiError::Internal(e.into()))?;
         sqlx::query(
-            "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, enroll_token_id, agent_version,
-                                  config_version, config_sha256, envelope, envelope_expires_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, enroll_token_id, agent_version)
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(device_id.as_str())
         .bind(hostname)
@@ -554,6 +574,13 @@ impl AppState {
         .bind(now)
         .bind(token_id)
         .bind(agent_version)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO device_envelopes (device_id, config_version, config_sha256, envelope, envelope_expires_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(device_id.as_str())
         .bind(issued.version as i64)
         .bind(&issued.payload_sha256)
         .bind(&issued.bytes)

@@ -180,8 +180,12 @@ pub async fn set_group_priority(
 }
 
 const DEVICE_COLUMNS: &str =
-    "id, hostname, primary_user, config_version, config_sha256, reported_version, reported_sha256,
-     last_seen, enrolled_at, status, agent_version, signed_in_users, last_error, policies";
+    "id, hostname, primary_user, e.config_version AS config_version, e.config_sha256 AS config_sha256,
+     reported_version, reported_sha256, s.last_seen AS last_seen, enrolled_at, status, agent_version,
+     signed_in_users, last_error, policies";
+/// The devices with their envelope facts and last-seen time (tables of their own since 0007).
+const DEVICE_TABLES: &str = "devices JOIN device_envelopes e ON e.device_id = devices.id
+     LEFT JOIN device_last_seen s ON s.device_id = devices.id";
 
 fn device_view(state: &AppState, row: &SqliteRow) -> DeviceView {
     let id: String = row.get("id");
@@ -247,7 +251,7 @@ pub async fn list_devices(
         Some(n) => return Err(ApiError::BadRequest(format!("limit={n}: give a number from 1 to 10000"))),
     };
     let rows = sqlx::query(&format!(
-        "SELECT {DEVICE_COLUMNS} FROM devices
+        "SELECT {DEVICE_COLUMNS} FROM {DEVICE_TABLES}
          WHERE (?1 IS NULL OR (hostname, id) > (?1, ?2)) AND (?3 IS NULL OR hostname = ?3 COLLATE NOCASE)
            AND (?4 OR status = 'active') AND (NOT ?5 OR primary_user IS NULL)
          ORDER BY hostname, id"
@@ -298,7 +302,7 @@ pub async fn show_device(
     Admin(_): Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let row = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?"))
+    let row = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM {DEVICE_TABLES} WHERE id = ?"))
         .bind(id.to_lowercase())
         .fetch_optional(&state.db)
         .await?
@@ -427,7 +431,10 @@ pub async fn audit_list(
 
 /// Delivery Optimization peer groups as devices report them: one row per group id.
 pub async fn networks(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
-    let rows = sqlx::query("SELECT id, hostname, policies, last_seen FROM devices WHERE status = 'active'")
+    let rows = sqlx::query(
+        "SELECT id, hostname, policies, s.last_seen FROM devices LEFT JOIN device_last_seen s ON s.device_id = devices.id
+         WHERE status = 'active'",
+    )
         .fetch_all(&state.db)
         .await?;
     let mut groups: BTreeMap<String, (Value, Value, Vec<String>, i64)> = BTreeMap::new();
@@ -546,7 +553,13 @@ const RESIGN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// change may affect), `resign_generation` (complete once `GET /resign` shows
 /// `completed_generation` at or above it), `resign_complete` and `devices_updated`.
 pub(crate) async fn resign_answer(state: &AppState, ticket: crate::resign::Ticket, mut body: Value) -> Json<Value> {
-    let done = state.resign.wait(ticket, RESIGN_WAIT).await;
+    // A change that reaches no device is complete as it commits: it does not wait behind a run
+    // that re-signs others.
+    let done = if ticket.devices == 0 {
+        Some(crate::resign::Completed { generation: ticket.generation, resigned: 0 })
+    } else {
+        state.resign.wait(ticket, RESIGN_WAIT).await
+    };
     body["devices_to_resign"] = ticket.devices.into();
     body["resign_generation"] = ticket.generation.into();
     body["resign_complete"] = done.is_some().into();
