@@ -3,7 +3,9 @@
 //! Path of a sync: [`Agent::sync_once`] -> vault load (and repair) -> re-verify the stored envelope
 //! -> check-in with `If-None-Match` -> on 200 verify (tenon-core `envelope::verify`, refreshing the
 //! key list once on an unknown key) -> persist the exact bytes -> apply every policy to the last known
-//! good payload -> report -> fetch once more if the report changed what the server wants us to hold.
+//! good payload -> report, if it changed since the last one the server acknowledged (or that one is
+//! [`FULL_REPORT_INTERVAL`] old) -> fetch once more if the report changed what the server wants us
+//! to hold. An unchanged sync is one check-in: the check-in is the device's sign of life.
 
 use crate::client::{ClientError, Fetch, ServerClient};
 use crate::platform::Platform;
@@ -11,7 +13,7 @@ use crate::policies::{self, PolicyContext, StateStore};
 use crate::server_escrow::ServerEscrow;
 use crate::status::{rfc3339, Status};
 use crate::transport::Transport;
-use crate::vault::{Vault, VaultError, VaultState};
+use crate::vault::{LastReport, Vault, VaultError, VaultState};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tenon_core::api::{envelope_etag, report_text, DeviceReport, EnrollRequest};
+use tenon_core::canonical::canonical_sha256;
 use tenon_core::envelope::{verify, VerifiedEnvelope, VerifyContext, VerifyError};
 use tenon_core::ids::Hostname;
 use tenon_core::trust::{advance_key_list, pin_root, verify_key_list, KeyList, TrustError};
@@ -29,6 +32,12 @@ pub const AGENT_VERSION: &str = match option_env!("TENON_AGENT_VERSION") {
     Some(v) => v,
     None => env!("CARGO_PKG_VERSION"),
 };
+
+/// How old the last acknowledged report may get before a sync sends the report again although
+/// nothing in it changed (24 hours). Between changes the check-in alone says the device is alive;
+/// this full report keeps the server's copy honest (a report it lost, a database restored from a
+/// backup) at the cost of one report per device and day.
+pub const FULL_REPORT_INTERVAL: i64 = 24 * 3600;
 
 /// Unix seconds; passed in so tests control time.
 pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
@@ -80,6 +89,15 @@ pub struct SyncSummary {
     pub result: &'static str,
     pub config_version: Option<u64>,
     pub problems: Vec<String>,
+    /// Whether a report was sent and acknowledged (false: nothing changed since the last one).
+    pub reported: bool,
+}
+
+/// How one sync runs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SyncOptions {
+    /// Send the report even if it did not change (`sync --once --report`: support, tests).
+    pub force_report: bool,
 }
 
 impl<'p> Agent<'p> {
@@ -142,6 +160,8 @@ impl<'p> Agent<'p> {
             latest_time_seen: self.now().max(resp.server_time),
             policy_state: carried,
             transport,
+            // A new identity has reported nothing: its first sync reports.
+            last_report: None,
         };
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| VaultError::KeyUnusable(e.to_string()))?;
@@ -157,14 +177,21 @@ impl<'p> Agent<'p> {
 
     /// One sync. Errors that stop the sync are also recorded in `status.json`.
     pub fn sync_once(&self) -> Result<SyncSummary, AgentError> {
+        self.sync_once_with(SyncOptions::default())
+    }
+
+    /// [`Agent::sync_once`] with options.
+    pub fn sync_once_with(&self, opts: SyncOptions) -> Result<SyncSummary, AgentError> {
         let mut status = Status::load(&self.state_dir);
         let now = self.now();
         status.last_attempt = Some(rfc3339(now));
-        let result = self.sync_inner(&mut status);
+        status.last_sync_reported = false;
+        let result = self.sync_inner(&mut status, opts);
         match &result {
             Ok(summary) => {
                 status.last_sync_result = Some(summary.result.to_string());
                 status.last_error = (!summary.problems.is_empty()).then(|| summary.problems.join("; "));
+                status.last_sync_reported = summary.reported;
             }
             Err(e) => {
                 status.last_sync_result = Some("failed".into());
@@ -183,7 +210,7 @@ impl<'p> Agent<'p> {
         }
     }
 
-    fn sync_inner(&self, status: &mut Status) -> Result<SyncSummary, AgentError> {
+    fn sync_inner(&self, status: &mut Status, opts: SyncOptions) -> Result<SyncSummary, AgentError> {
         let vault = self.vault();
         let loaded = vault.load()?;
         let mut st = loaded.state;
@@ -214,9 +241,23 @@ impl<'p> Agent<'p> {
         };
 
         let client = ServerClient::new(&st.server_url, &st.transport)?;
+        // Read once per sync: a problem pushed in each round would make the second round's report
+        // differ from the first one's.
+        let hostname = match self.platform.hostname() {
+            Ok(h) if Hostname::parse(&h).is_ok() => h,
+            Ok(h) => {
+                problems.push(report_text(&format!("the host name {h:?} is not a valid DNS or NetBIOS name")));
+                "unknown".to_string()
+            }
+            Err(e) => {
+                problems.push(format!("cannot read the host name: {e}"));
+                "unknown".to_string()
+            }
+        };
         let mut result = "unchanged";
         let mut rejected = false;
         let mut checked_in = false;
+        let mut reported = false;
         let mut fetch_error: Option<AgentError> = None;
         for round in 0..2 {
             let etag = lkg.as_ref().map(|e| envelope_etag(e.body.version, &e.body.payload_sha256));
@@ -242,14 +283,18 @@ impl<'p> Agent<'p> {
                                 (&reason, lkg.as_ref())
                             {
                                 if let Err(e) = client.prove_held(&st.credential, &held.bytes) {
-                                    problems.push(format!("could not show the server the configuration held: {e}"));
+                                    problems.push(format!(
+                                        "could not show the server the configuration held: {}",
+                                        e.stable_text()
+                                    ));
                                 }
                             }
                             let keep =
                                 lkg.as_ref().map(|l| l.body.version.to_string()).unwrap_or_else(|| "none".into());
                             problems.push(format!(
-                                "refused the configuration from the server ({}: {reason}); keeping version {keep}",
-                                reason.code()
+                                "refused the configuration from the server ({}: {}); keeping version {keep}",
+                                reason.code(),
+                                refusal_text(&reason)
                             ));
                         }
                     }
@@ -271,33 +316,47 @@ impl<'p> Agent<'p> {
                 break;
             }
             status.last_sync = Some(rfc3339(self.now()));
-            let hostname = match self.platform.hostname() {
-                Ok(h) if Hostname::parse(&h).is_ok() => h,
-                Ok(h) => {
-                    problems.push(report_text(&format!("the host name {h:?} is not a valid DNS or NetBIOS name")));
-                    "unknown".to_string()
-                }
-                Err(e) => {
-                    problems.push(format!("cannot read the host name: {e}"));
-                    "unknown".to_string()
-                }
-            };
+            let mut signed_in_users: Vec<String> = self
+                .platform
+                .signed_in_users()
+                .map(|u| u.into_iter().map(|u| u.upn.to_lowercase()).collect())
+                .unwrap_or_default();
+            // A set, as the server reads it: the same users listed in another order (or one user in
+            // two sessions) are no change.
+            signed_in_users.sort();
+            signed_in_users.dedup();
             let report = DeviceReport {
                 agent_version: AGENT_VERSION.to_string(),
-                hostname,
-                signed_in_users: self
-                    .platform
-                    .signed_in_users()
-                    .map(|u| u.into_iter().map(|u| u.upn.to_lowercase()).collect())
-                    .unwrap_or_default(),
+                hostname: hostname.clone(),
+                signed_in_users,
                 config_version: status.config_version,
                 config_sha256: status.config_sha256.clone(),
                 // Bounded and free of control characters, so the server never refuses the report.
+                // Nothing in it may change from sync to sync by itself (a clock reading, a wait
+                // time), or every sync would report.
                 last_error: (!problems.is_empty()).then(|| report_text(&problems.join("; "))),
                 policies: statuses,
             };
+            let sha256 = report_sha256(&report);
+            let now = self.now();
+            // Only the first round is forced: the second one reports only what changed since.
+            if !report_due(st.last_report.as_ref(), sha256.as_deref(), now, opts.force_report && round == 0) {
+                // The server has this report already; the check-in above said the device is alive.
+                break;
+            }
             let wanted = match client.report(&st.credential, &report) {
-                Ok(w) => w,
+                Ok(w) => {
+                    // Acknowledged: only now does it count as the last report. A failed delivery
+                    // leaves the stored one as it was (other content, or a day old), so the next
+                    // sync sends it again.
+                    reported = true;
+                    status.last_report_at = Some(rfc3339(now));
+                    if let Some(sha256) = sha256 {
+                        st.last_report = Some(LastReport { sha256, sent_at: now });
+                    }
+                    persist_if_changed(&vault, &mut st, &mut persisted)?;
+                    w
+                }
                 Err(ClientError::Decommissioned(d)) => return Err(AgentError::Decommissioned(d)),
                 Err(e) => {
                     problems.push(format!("report not delivered: {e}"));
@@ -321,6 +380,7 @@ impl<'p> Agent<'p> {
             result: if rejected { "rejected" } else { result },
             config_version: lkg.as_ref().map(|l| l.body.version),
             problems,
+            reported,
         })
     }
 
@@ -439,7 +499,7 @@ impl<'p> Agent<'p> {
             let wait = match self.sync_once() {
                 Ok(s) => {
                     let version = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
-                    tracing::info!(result = s.result, version = %version, "sync done");
+                    tracing::info!(result = s.result, version = %version, reported = s.reported, "sync done");
                     backoff = Duration::from_secs(5);
                     jitter(interval, 0.2)
                 }
@@ -515,6 +575,36 @@ fn persist_if_changed(vault: &Vault<'_>, st: &mut VaultState, persisted: &mut Va
     Ok(())
 }
 
+/// Lower-case hex SHA-256 of the report's canonical JSON; None if it cannot be canonicalised
+/// (then it is always sent).
+fn report_sha256(report: &DeviceReport) -> Option<String> {
+    let value = serde_json::to_value(report).ok()?;
+    canonical_sha256(&value).ok()
+}
+
+/// Whether a report whose hash is `sha256` is sent at `now`: when forced, when none was
+/// acknowledged yet (a new enrollment), when it differs from the last acknowledged one, when that
+/// one is [`FULL_REPORT_INTERVAL`] old, or when it lies in the future (the clock was set back, so
+/// its age says nothing).
+fn report_due(last: Option<&LastReport>, sha256: Option<&str>, now: i64, force: bool) -> bool {
+    let Some(last) = last else { return true };
+    force
+        || sha256 != Some(last.sha256.as_str())
+        || now < last.sent_at
+        || now.saturating_sub(last.sent_at) >= FULL_REPORT_INTERVAL
+}
+
+/// A refusal's reason as the report carries it: an expired envelope's message names the clock
+/// reading, which moves every sync and would make every sync report while the freeze lasts.
+fn refusal_text(reason: &VerifyError) -> String {
+    match reason {
+        VerifyError::Expired { expires_at, .. } => {
+            format!("envelope expired at {}; the server must re-issue it (freeze)", rfc3339(*expires_at))
+        }
+        other => other.to_string(),
+    }
+}
+
 fn decode_root(b64: &str) -> Result<ed25519_dalek::VerifyingKey, TrustError> {
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|_| TrustError::MalformedKey)?;
@@ -538,5 +628,54 @@ pub(crate) fn sleep_until(stop: &AtomicBool, wake: &AtomicBool, total: Duration)
             return;
         }
         std::thread::sleep(left.min(Duration::from_millis(250)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn when_a_report_is_due() {
+        const T: i64 = 1_800_000_000;
+        let last = LastReport { sha256: "aa".into(), sent_at: T };
+        let day = FULL_REPORT_INTERVAL;
+        type Case<'a> = (Option<&'a LastReport>, Option<&'a str>, i64, bool, bool);
+        // (last, hash, now, forced, due)
+        let cases: [Case; 9] = [
+            (None, Some("aa"), T, false, true),
+            (Some(&last), Some("aa"), T, false, false),
+            (Some(&last), Some("aa"), T + day - 1, false, false),
+            (Some(&last), Some("aa"), T + day, false, true),
+            (Some(&last), Some("bb"), T + 1, false, true),
+            (Some(&last), Some("aa"), T + 1, true, true),
+            (Some(&last), None, T + 1, false, true),
+            // The clock went back: the stored time says nothing about the age.
+            (Some(&last), Some("aa"), T - 1, false, true),
+            (Some(&last), Some("aa"), i64::MAX, false, true),
+        ];
+        for (i, (last, sha, now, force, due)) in cases.into_iter().enumerate() {
+            assert_eq!(report_due(last, sha, now, force), due, "case {i}");
+        }
+    }
+
+    #[test]
+    fn the_report_hash_is_of_its_content() {
+        let report = DeviceReport { agent_version: "1.0.0".into(), hostname: "PC".into(), ..Default::default() };
+        let same = report_sha256(&report).unwrap();
+        assert_eq!(same.len(), 64);
+        assert_eq!(report_sha256(&report.clone()), Some(same.clone()));
+        let users = DeviceReport { signed_in_users: vec!["anna@contoso.com".into()], ..report.clone() };
+        assert_ne!(report_sha256(&users), Some(same.clone()));
+        let error = DeviceReport { last_error: Some("x".into()), ..report };
+        assert_ne!(report_sha256(&error), Some(same));
+    }
+
+    #[test]
+    fn an_expired_envelope_is_reported_without_the_clock() {
+        let at = |now| refusal_text(&VerifyError::Expired { expires_at: 1_800_000_000, now });
+        assert_eq!(at(1_800_000_100), at(1_800_000_160));
+        assert!(at(1).contains("2027-01-15T08:00:00Z"), "{}", at(1));
+        assert_eq!(refusal_text(&VerifyError::BadSignature), VerifyError::BadSignature.to_string());
     }
 }

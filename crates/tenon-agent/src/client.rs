@@ -31,6 +31,19 @@ pub enum ClientError {
     Tls(String),
 }
 
+impl ClientError {
+    /// The message without what changes from one attempt to the next (the seconds to wait), for
+    /// text that goes into a report: the agent reports only when its report changed, so a wait
+    /// time in it would make every sync report.
+    pub fn stable_text(&self) -> String {
+        match self {
+            ClientError::RateLimited { detail, .. } => format!("the server is rate limiting this device: {detail}"),
+            ClientError::Unavailable { detail, .. } => format!("the server is not ready yet: {detail}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// What a check-in returned.
 pub enum Fetch {
     NotModified,
@@ -219,5 +232,17 @@ mod tests {
             assert_eq!(retry_after(header), Duration::from_secs(secs), "{header:?}");
         }
         assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn stable_text_leaves_out_the_wait() {
+        let e = |secs| ClientError::RateLimited { retry_after: Duration::from_secs(secs), detail: "slow down".into() };
+        assert!(e(30).to_string().contains("30s"), "the log keeps the wait");
+        assert_eq!(e(30).stable_text(), e(31).stable_text());
+        assert!(e(30).stable_text().contains("slow down"));
+        let u = |secs| ClientError::Unavailable { retry_after: Duration::from_secs(secs), detail: "starting".into() };
+        assert_eq!(u(1).stable_text(), u(2).stable_text());
+        let s = ClientError::Server { status: 500, detail: "x".into() };
+        assert_eq!(s.stable_text(), s.to_string());
     }
 }

@@ -51,11 +51,15 @@ enum Command {
         #[arg(long)]
         allow_insecure_http: bool,
     },
-    /// Check in, fetch the configuration if it changed, verify, store, apply and report.
+    /// Check in, fetch the configuration if it changed, verify, store, apply, and report if the
+    /// report changed since the last one the server acknowledged (or that one is a day old).
     Sync {
         /// Sync once and exit (the only mode; `run` is the loop).
         #[arg(long, required = true)]
         once: bool,
+        /// Send the report even if nothing in it changed.
+        #[arg(long)]
+        report: bool,
     },
     /// The service loop (enrolls first with what the installer left, if not enrolled yet).
     Run {
@@ -198,10 +202,12 @@ fn main() -> ExitCode {
                 println!("{id}");
             })
         }
-        Command::Sync { .. } => {
-            let r = agent.sync_once().map(|s| {
+        Command::Sync { report, .. } => {
+            let opts = tenon_agent::agent::SyncOptions { force_report: report };
+            let r = agent.sync_once_with(opts).map(|s| {
                 let v = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
-                println!("sync {}: configuration version {v}", s.result);
+                let sent = if s.reported { "report sent" } else { "no report (unchanged since the last one)" };
+                println!("sync {}: configuration version {v}; {sent}", s.result);
                 for p in &s.problems {
                     eprintln!("warning: {p}");
                 }
@@ -255,6 +261,11 @@ fn show_status(dir: &std::path::Path, json: bool) -> ExitCode {
     println!("config sha256:  {}", or(&status.config_sha256));
     println!("last sync:      {} ({})", or(&status.last_sync), or(&status.last_sync_result));
     println!("last error:     {}", or(&status.last_error));
+    println!(
+        "last report:    {}{}",
+        or(&status.last_report_at),
+        if status.last_sync_reported { " (by the last sync)" } else { "" }
+    );
     if let Some(e) = &status.enrollment_error {
         println!("enrollment:     {e}");
     }

@@ -93,7 +93,7 @@ impl EscrowSink for ServerEscrow<'_> {
     fn upload(&self, sealed: &SealedRecoveryKey, replaces: Option<&str>) -> Result<EscrowReceipt, String> {
         let upload = EscrowUpload { sealed: sealed.clone(), replaces: replaces.map(str::to_string) };
         // The body holds only the sealed form, so neither the request nor the error can carry the key.
-        self.client.escrow_upload(self.credential, &upload).map_err(|e| e.to_string())
+        self.client.escrow_upload(self.credential, &upload).map_err(|e| e.stable_text())
     }
 
     fn pending_rotations(&self) -> Vec<String> {
@@ -103,7 +103,7 @@ impl EscrowSink for ServerEscrow<'_> {
     fn report_retired(&self, protector_id: &str, replaced_by: Option<&str>) -> Result<(), String> {
         let body =
             EscrowRetired { protector_id: protector_id.to_string(), replaced_by: replaced_by.map(str::to_string) };
-        self.client.escrow_retired(self.credential, &body).map_err(|e| e.to_string())
+        self.client.escrow_retired(self.credential, &body).map_err(|e| e.stable_text())
     }
 
     fn escrow_conflicts(&self) -> Vec<String> {

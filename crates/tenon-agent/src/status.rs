@@ -20,6 +20,13 @@ pub struct Status {
     pub last_attempt: Option<String>,
     /// Why the last sync did not fully succeed; null when it did.
     pub last_error: Option<String>,
+    /// When the server last acknowledged a report from this device (RFC 3339). A sync reports only
+    /// when the report changed since the last acknowledged one, or that one is a day old.
+    #[serde(default)]
+    pub last_report_at: Option<String>,
+    /// Whether the last sync sent a report (and the server acknowledged it).
+    #[serde(default)]
+    pub last_sync_reported: bool,
     /// The server revoked this device; it must be re-enrolled.
     #[serde(default)]
     pub decommissioned: bool,

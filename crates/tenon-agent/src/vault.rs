@@ -46,6 +46,20 @@ pub struct VaultState {
     /// Which TLS certificates the server may present, from the enrollment token.
     #[serde(default)]
     pub transport: crate::transport::Transport,
+    /// The last report the server acknowledged; a sync sends a report only when it differs from
+    /// this one or this one is old (`agent::FULL_REPORT_INTERVAL`). None in a new enrollment and
+    /// in a vault written before the field existed: the next sync reports.
+    #[serde(default)]
+    pub last_report: Option<LastReport>,
+}
+
+/// What is kept of the last acknowledged report.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastReport {
+    /// Lower-case hex SHA-256 of the report's canonical JSON (`tenon_core::canonical`).
+    pub sha256: String,
+    /// When the server acknowledged it (the agent's clock, Unix seconds).
+    pub sent_at: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -269,6 +283,15 @@ mod tests {
             assert_eq!(std::fs::metadata(v.key_path()).unwrap().permissions().mode() & 0o777, 0o600);
             assert_eq!(std::fs::metadata(v.primary_path()).unwrap().permissions().mode() & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_vault_written_before_last_report_existed_still_loads() {
+        let mut old = serde_json::to_value(state()).unwrap();
+        old.as_object_mut().unwrap().remove("last_report").expect("the field is serialised");
+        let loaded: VaultState = serde_json::from_value(old).unwrap();
+        assert_eq!(loaded.last_report, None);
+        assert_eq!(loaded, state());
     }
 
     #[test]

@@ -2,159 +2,23 @@
 //! rejection, the reason reported (status and report), and that the agent still holds and applies
 //! its last known good configuration.
 
+mod mock;
+
 use ed25519_dalek::SigningKey;
+use mock::{envelope, root, signer, Mock, DEVICE, NOW};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tenon_agent::agent::{Agent, AgentError};
 use tenon_agent::platform::simulated::SimulatedPlatform;
 use tenon_agent::status::Status;
 use tenon_agent::vault::Vault;
-use tenon_core::api::{envelope_etag, TrustBundle};
 use tenon_core::canonical::{sha256_hex, to_canonical};
-use tenon_core::envelope::{issue, EnvelopeFields};
-use tenon_core::trust::{key_id, sign_key_list, PublicKeyEntry, SignatureEntry};
+use tenon_core::trust::{key_id, sign_key_list, SignatureEntry};
 
-const DEVICE: &str = "0a0b0c0d-1111-4222-8333-444455556666";
 const OTHER_DEVICE: &str = "99999999-1111-4222-8333-444455556666";
-const NOW: i64 = 1_800_000_000;
 
-fn root() -> SigningKey {
-    SigningKey::from_bytes(&[1; 32])
-}
-fn signer() -> SigningKey {
-    SigningKey::from_bytes(&[2; 32])
-}
 fn attacker() -> SigningKey {
     SigningKey::from_bytes(&[9; 32])
-}
-
-#[derive(Default)]
-struct MockState {
-    envelope: String,
-    trust: Option<TrustBundle>,
-    reports: Vec<Value>,
-    fetches: usize,
-    /// Envelopes the agent showed as the one it holds (after a rollback refusal).
-    held_proofs: Vec<String>,
-}
-
-struct Mock {
-    url: String,
-    state: Arc<Mutex<MockState>>,
-}
-
-impl Mock {
-    fn start() -> Mock {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(MockState {
-            trust: Some(TrustBundle {
-                root_public_key: PublicKeyEntry::new(&root().verifying_key()).public,
-                key_lists: vec![sign_key_list(&root(), 1, NOW - 100, &[signer().verifying_key()])],
-            }),
-            ..Default::default()
-        }));
-        let st = state.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    continue;
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let (mut len, mut inm) = (0usize, None);
-                loop {
-                    let mut h = String::new();
-                    reader.read_line(&mut h).unwrap();
-                    if h.trim().is_empty() {
-                        break;
-                    }
-                    let (k, v) = h.split_once(':').unwrap();
-                    match k.to_ascii_lowercase().as_str() {
-                        "content-length" => len = v.trim().parse().unwrap(),
-                        "if-none-match" => inm = Some(v.trim().to_string()),
-                        _ => {}
-                    }
-                }
-                let mut body = vec![0; len];
-                reader.read_exact(&mut body).unwrap();
-                let mut s = st.lock().unwrap();
-                let (status, out) = match path.as_str() {
-                    "/api/v1/enroll" => (
-                        201,
-                        json!({"device_id": DEVICE, "credential": format!("tdev.{DEVICE}.secret"),
-                               "trust": s.trust, "escrow_public_key": null, "server_time": NOW})
-                        .to_string(),
-                    ),
-                    "/api/v1/device/config" => {
-                        s.fetches += 1;
-                        let etag = etag_of(&s.envelope);
-                        if inm.as_deref() == Some(etag.as_str()) {
-                            (304, String::new())
-                        } else {
-                            (200, s.envelope.clone())
-                        }
-                    }
-                    "/api/v1/device/trust" | "/api/v1/trust" => (200, serde_json::to_string(&s.trust).unwrap()),
-                    "/api/v1/device/config/held" => {
-                        s.held_proofs.push(String::from_utf8(body).unwrap());
-                        (200, json!({"etag": etag_of(&s.envelope)}).to_string())
-                    }
-                    "/api/v1/device/report" => {
-                        s.reports.push(serde_json::from_slice(&body).unwrap());
-                        (202, json!({"etag": etag_of(&s.envelope)}).to_string())
-                    }
-                    _ => (404, "{}".into()),
-                };
-                let reason = match status {
-                    200 => "OK",
-                    201 => "Created",
-                    202 => "Accepted",
-                    304 => "Not Modified",
-                    _ => "Not Found",
-                };
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
-                    out.len()
-                );
-            }
-        });
-        Mock { url, state }
-    }
-
-    fn serve(&self, envelope: String) {
-        self.state.lock().unwrap().envelope = envelope;
-    }
-
-    fn last_report(&self) -> Value {
-        self.state.lock().unwrap().reports.last().cloned().expect("a report was sent")
-    }
-}
-
-/// The ETag the real server would give an envelope (version and payload hash).
-fn etag_of(envelope: &str) -> String {
-    let v: Value = serde_json::from_str(envelope).unwrap_or(Value::Null);
-    match (v["signed"]["version"].as_u64(), v["signed"]["payload_sha256"].as_str()) {
-        (Some(ver), Some(sha)) => envelope_etag(ver, sha),
-        _ => "\"none\"".into(),
-    }
-}
-
-fn envelope(device: &str, version: u64, expires_at: i64, marker: &str, key: &SigningKey) -> String {
-    issue(
-        &EnvelopeFields { device_id: device, user_id: None, version, issued_at: NOW - 10, expires_at },
-        // Only the good configuration keeps Delivery Optimization on: every other one turns it off,
-        // so applying any of them would remove the registry values the good one wrote.
-        json!({"machine": {"Policies": {"Marker": marker, "SetNetworkOptimizationID": marker == "good"}}, "users": {}}),
-        key,
-    )
-    .unwrap()
-    .bytes
 }
 
 struct Fixture {
@@ -228,13 +92,19 @@ impl Fixture {
 #[test]
 fn accepts_and_then_answers_304() {
     let f = Fixture::new();
+    // The sync after the one that applied still has news: Delivery Optimization went from
+    // `applied` to `compliant`, which it reports (and the vault remembers that report).
+    assert_eq!(f.agent().sync_once().unwrap().result, "unchanged");
+    let reports = f.mock.state.lock().unwrap().reports.len();
+    assert_eq!(f.mock.last_report()["policies"]["delivery_optimization"]["state"], json!("compliant"));
     let fetches = f.mock.state.lock().unwrap().fetches;
     let vault_before = std::fs::read(f.vault().primary_path()).unwrap();
     assert_eq!(f.agent().sync_once().unwrap().result, "unchanged");
     // An unchanged sync writes nothing to the vault (each write has a fresh nonce, so any rewrite
-    // would change the bytes).
+    // would change the bytes) and sends no report: the check-in is all.
     assert_eq!(std::fs::read(f.vault().primary_path()).unwrap(), vault_before);
     assert_eq!(f.mock.state.lock().unwrap().fetches, fetches + 1);
+    assert_eq!(f.mock.state.lock().unwrap().reports.len(), reports);
     f.mock.serve(envelope(DEVICE, 6, NOW + 3600, "newer", &signer()));
     assert_eq!(f.agent().sync_once().unwrap().result, "updated");
     assert_eq!(f.held(), (6, json!("newer")));

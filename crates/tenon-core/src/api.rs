@@ -78,7 +78,7 @@ impl PolicyStatus {
     }
 }
 
-/// What the agent reports after each sync.
+/// What the agent reports: after a sync in which it changed, and at least once a day.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DeviceReport {
     pub agent_version: String,

@@ -146,8 +146,10 @@ fn metrics_count_check_ins_by_outcome_on_their_own_listener() {
     let agent = common::SimAgent::new(tmp.path(), "a", serde_json::json!({"hostname": "PC-M"}));
     let out = agent.command(&["enroll", "--server", &url, "--token", &enroll]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `--report`: the second sync changes nothing, so without it the agent would send no report,
+    // and the report counter below is to count two.
     for _ in 0..2 {
-        let out = agent.command(&["sync", "--once"]).output().unwrap();
+        let out = agent.command(&["sync", "--once", "--report"]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let bad = ureq::get(&format!("{url}/api/v1/device/config"))

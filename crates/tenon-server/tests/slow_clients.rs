@@ -373,8 +373,9 @@ fn the_agent_reports_a_429_and_keeps_its_configuration() {
     agent.enroll(&server, &token);
     agent.ok(&["sync", "--once"]);
     // The second report within the hour is refused: the sync still succeeds, says why, and keeps
-    // the configuration it holds.
-    agent.ok(&["sync", "--once"]);
+    // the configuration it holds. (`--report`: an agent sends a report only when it changed, and
+    // this one must be sent whatever the first sync left to say.)
+    agent.ok(&["sync", "--once", "--report"]);
     let status = agent.status();
     let last_error = status["last_error"].as_str().unwrap_or_default();
     assert!(last_error.contains("rate limiting"), "last_error says the server is rate limiting: {status}");
