@@ -95,7 +95,19 @@ impl ServeOptions {
     }
 }
 
-async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow::Result<sqlx::SqlitePool> {
+/// How the database is checkpointed: by SQLite in the committing connection (short-lived
+/// commands), or by the server's own task beside the writers (`serve`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checkpoints {
+    OnCommit,
+    Background,
+}
+
+async fn open_database(
+    database: Option<&str>,
+    default_path: PathBuf,
+    checkpoints: Checkpoints,
+) -> anyhow::Result<sqlx::SqlitePool> {
     let connect = match database {
         None => SqliteConnectOptions::new().filename(default_path),
         Some(url) if url.starts_with("sqlite:") => SqliteConnectOptions::from_str(url)
@@ -113,10 +125,33 @@ async fn open_database(database: Option<&str>, default_path: PathBuf) -> anyhow:
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(Duration::from_secs(10));
+    // SQLite's automatic checkpoint runs inside the commit that crosses 1,000 WAL pages: that
+    // writer (a batch of reports, a re-signed chunk) then also copies the pages back into the
+    // database and fsyncs it, under the write lock. The server checkpoints from another
+    // connection instead (`checkpoint_wal`), which never blocks a writer.
+    let connect = match checkpoints {
+        Checkpoints::OnCommit => connect,
+        Checkpoints::Background => connect.pragma("wal_autocheckpoint", "0"),
+    };
     let pool =
         SqlitePoolOptions::new().max_connections(8).connect_with(connect).await.context("cannot open the database")?;
     sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply database migrations")?;
     Ok(pool)
+}
+
+/// Copies committed WAL pages back into the database every second (`PASSIVE`: it takes no lock a
+/// writer needs and stops where a reader still needs old pages, to continue at the next tick).
+/// Once everything is copied, SQLite starts the WAL from its beginning again at the next commit, so
+/// the file stays as large as about a second of writes.
+async fn checkpoint_wal(db: sqlx::SqlitePool) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&db).await {
+            tracing::warn!(error = %e, "cannot checkpoint the database's write-ahead log; will retry");
+        }
+    }
 }
 
 /// The database holds credential hashes, sealed recovery keys and the audit log: it and its WAL
@@ -195,7 +230,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let serving =
         tokio::spawn(listener::serve(listener, app.clone(), opts.connections.clone(), tls_config, shutdown_signal()));
     let keys = data_dir.load_or_create_keys(clock())?;
-    let db = open_database(opts.database.as_deref(), data_dir.db_path()).await?;
+    let db = open_database(opts.database.as_deref(), data_dir.db_path(), Checkpoints::Background).await?;
+    tokio::spawn(checkpoint_wal(db.clone()));
     let client = client_policy::ClientPolicy::new(&opts.rates, opts.report_history);
     let state = Arc::new(
         state::AppState::load(db, keys, clock.clone(), opts.envelope_ttl)
@@ -312,7 +348,7 @@ pub async fn rotate_escrow_key(data_dir: &std::path::Path, database: Option<&str
     let clock = state::system_clock();
     // Creates the keys on a fresh data dir, and checks the key files are readable.
     data_dir.load_or_create_keys(clock())?;
-    let db = open_database(database, data_dir.db_path()).await?;
+    let db = open_database(database, data_dir.db_path(), Checkpoints::OnCommit).await?;
     let summary = escrow::rotate_escrow_key(&data_dir, &db, clock()).await?;
     db.close().await;
     println!(

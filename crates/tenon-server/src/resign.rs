@@ -29,7 +29,7 @@ use tenon_core::envelope::IssuedEnvelope;
 /// Devices per chunk: small enough that a chunk's commit (one transaction, under the world's
 /// write lock) stays far below the 100 ms a report may wait, large enough that the fsync per
 /// chunk does not dominate.
-const CHUNK: usize = 1_000;
+const CHUNK: usize = 500;
 
 /// What an admin change gets back: its generation and how many devices it may affect.
 #[derive(Clone, Copy, Debug)]
@@ -191,48 +191,59 @@ impl AppState {
             (world.directory.clone(), world.dir_gen)
         };
         let mut resigned = 0;
-        let mut chunks = ids.chunks(CHUNK);
-        while let Some(chunk) = chunks.next() {
-            let metas: Vec<(String, DeviceMeta)> = {
-                let world = self.world.read().await;
-                chunk
-                    .iter()
-                    .filter_map(|id| world.devices.get(id).filter(|m| m.active).map(|m| (id.clone(), m.clone())))
-                    .collect()
-            };
-            let state = self.clone();
-            let dir = directory.clone();
-            let now = self.now();
-            let t0 = std::time::Instant::now();
-            let prepared = tokio::task::spawn_blocking(move || state.prepare_parallel(&dir, &metas, now))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r);
-            let t1 = std::time::Instant::now();
-            let stored = match prepared {
-                Ok(p) if p.is_empty() => Ok(0),
-                Ok(p) => {
-                    let mut world = self.world.write().await;
-                    let t2 = std::time::Instant::now();
-                    let r = self.store_prepared(&mut world, p, dir_gen).await;
-                    tracing::debug!(
-                        compute_ms = (t1 - t0).as_millis() as u64,
-                        lock_wait_ms = (t2 - t1).as_millis() as u64,
-                        store_ms = t2.elapsed().as_millis() as u64,
-                        "re-signed a chunk"
-                    );
-                    r
+        // A pipeline of two: chunk k+1 is compiled and signed while chunk k commits.
+        let mut in_flight: Option<(usize, tokio::task::JoinHandle<anyhow::Result<Vec<Prepared>>>)> = None;
+        let chunks: Vec<&[String]> = ids.chunks(CHUNK).collect();
+        for k in 0..=chunks.len() {
+            let next = match chunks.get(k) {
+                Some(chunk) => {
+                    let metas: Vec<(String, DeviceMeta)> = {
+                        let world = self.world.read().await;
+                        chunk
+                            .iter()
+                            .filter_map(|id| {
+                                world.devices.get(id).filter(|m| m.active).map(|m| (id.clone(), m.clone()))
+                            })
+                            .collect()
+                    };
+                    let state = self.clone();
+                    let dir = directory.clone();
+                    let now = self.now();
+                    Some((k, tokio::task::spawn_blocking(move || state.prepare_parallel(&dir, &metas, now))))
                 }
-                Err(e) => Err(e),
+                None => None,
             };
-            match stored {
-                Ok(n) => resigned += n,
-                Err(e) => {
-                    let left = chunk.iter().cloned().chain(chunks.flatten().cloned()).collect();
-                    return Err((e, left));
+            if let Some((done_k, handle)) = in_flight.take() {
+                let prepared = handle.await.map_err(anyhow::Error::from).and_then(|r| r);
+                let stored = match prepared {
+                    Ok(p) if p.is_empty() => Ok(0),
+                    Ok(p) => {
+                        let t0 = std::time::Instant::now();
+                        let mut world = self.world.write().await;
+                        let t1 = std::time::Instant::now();
+                        let r = self.store_prepared(&mut world, p, dir_gen).await;
+                        tracing::debug!(
+                            lock_wait_ms = (t1 - t0).as_millis() as u64,
+                            store_ms = t1.elapsed().as_millis() as u64,
+                            "re-signed a chunk"
+                        );
+                        r
+                    }
+                    Err(e) => Err(e),
+                };
+                match stored {
+                    Ok(n) => resigned += n,
+                    Err(e) => {
+                        if let Some((_, h)) = next {
+                            h.abort();
+                        }
+                        let left = chunks[done_k..].iter().flat_map(|c| c.iter().cloned()).collect();
+                        return Err((e, left));
+                    }
                 }
+                self.resign.done.fetch_add(chunks[done_k].len(), Ordering::Relaxed);
             }
-            self.resign.done.fetch_add(chunk.len(), Ordering::Relaxed);
+            in_flight = next;
         }
         Ok(resigned)
     }

@@ -992,11 +992,11 @@ impl AppState {
         Ok(())
     }
 
-    /// Writes the last-seen times the index collected, in transactions of a few thousand, each
+    /// Writes the last-seen times the index collected, in transactions of a thousand, each
     /// under the world's write lock like every other write (so it never meets another writer in
     /// SQLite's lock). A batch that fails is marked dirty again: the next flush retries it.
     pub async fn flush_last_seen(&self) -> anyhow::Result<usize> {
-        const PER_TRANSACTION: usize = 5_000;
+        const PER_TRANSACTION: usize = 1_000;
         let dirty = self.index.take_dirty_last_seen();
         let mut written = 0;
         for (i, batch) in dirty.chunks(PER_TRANSACTION).enumerate() {
