@@ -6,7 +6,7 @@
 //! queued and works through it in chunks:
 //!
 //! 1. copy the chunk's device metadata under a short read lock of the world;
-//! 2. compile and sign the envelopes on blocking threads, one per core, holding no lock at all
+//! 2. compile and sign the envelopes on blocking threads (one per core but one), holding no lock at all
 //!    (the directory is shared as an `Arc` snapshot; a write meanwhile copies it once);
 //! 3. commit the chunk in one transaction under the world's write lock and swap the envelopes
 //!    into the check-in index.
@@ -248,14 +248,16 @@ impl AppState {
         Ok(resigned)
     }
 
-    /// Compiles and signs `metas` on one thread per core.
+    /// Compiles and signs `metas` on one thread per core but one.
     fn prepare_parallel(
         &self,
         directory: &Directory,
         metas: &[(String, DeviceMeta)],
         now: i64,
     ) -> anyhow::Result<Vec<Prepared>> {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+        // One core is left to the requests (check-ins, reports, admin writes) that go on meanwhile;
+        // signing the next chunk still takes less than committing this one.
+        let threads = std::thread::available_parallelism().map(|n| n.get().saturating_sub(1)).unwrap_or(1).clamp(1, 8);
         if threads == 1 || metas.len() < 64 {
             return self.prepare(directory, metas.iter().map(|(id, m)| (id.as_str(), m)), now);
         }

@@ -1010,8 +1010,8 @@ impl AppState {
                     )
                     .bind(id)
                     .bind(t)
-                        .execute(&mut *tx)
-                        .await?;
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 let started = std::time::Instant::now();
                 tx.commit().await?;
