@@ -379,3 +379,59 @@ async fn shutdown_signal() {
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
+
+#[cfg(test)]
+mod migration_tests {
+    use sqlx::Row;
+
+    /// A database written before migration 0007 (envelopes and last-seen times in the devices
+    /// row) keeps every device's envelope, version, hash, expiry and last-seen time.
+    #[tokio::test]
+    async fn migration_0007_moves_envelopes_and_last_seen_without_losing_any() {
+        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
+        let all = sqlx::migrate!("./migrations");
+        // The migrations before 0007 (the fields are public for the macro; a test may filter them).
+        let mut before = sqlx::migrate!("./migrations");
+        before.migrations = std::borrow::Cow::Owned(all.migrations.iter().filter(|m| m.version < 7).cloned().collect());
+        before.run(&pool).await.unwrap();
+        for (id, seen) in [("dev-a", Some(1_700_000_000_i64)), ("dev-b", None)] {
+            sqlx::query(
+                "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, last_seen, config_version,
+                                      config_sha256, envelope, envelope_expires_at)
+                 VALUES (?, 'PC', 'cred', 1, ?, 7, 'sha-' || ?, '{\"envelope\":\"' || ? || '\"}', 99)",
+            )
+            .bind(id)
+            .bind(seen)
+            .bind(id)
+            .bind(id)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+        all.run(&pool).await.unwrap();
+        let rows = sqlx::query(
+            "SELECT d.id, e.config_version, e.config_sha256, e.envelope, e.envelope_expires_at, s.last_seen
+             FROM devices d JOIN device_envelopes e ON e.device_id = d.id
+             LEFT JOIN device_last_seen s ON s.device_id = d.id ORDER BY d.id",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let got: Vec<(String, i64, String, String, i64, Option<i64>)> =
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5))).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("dev-a".into(), 7, "sha-dev-a".into(), "{\"envelope\":\"dev-a\"}".into(), 99, Some(1_700_000_000)),
+                ("dev-b".into(), 7, "sha-dev-b".into(), "{\"envelope\":\"dev-b\"}".into(), 99, None),
+            ]
+        );
+        let old_columns: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pragma_table_info('devices') WHERE name IN ('envelope', 'last_seen', 'config_version')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(old_columns, 0, "the moved columns are gone from devices");
+    }
+}
