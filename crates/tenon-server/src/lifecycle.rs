@@ -140,7 +140,7 @@ impl AppState {
             }
             meta.users.remove(&upn);
         }
-        let resign = self.schedule_resign(affected);
+        let resign = self.resign.enqueue(affected);
         Ok(UserRemoval { cleared_primary, resign })
     }
 

@@ -166,7 +166,7 @@ impl AppState {
         let users = users_reached(&world, &t);
         let name = t.name.clone();
         install(&mut world, t);
-        let resign = self.schedule_resign(ids.into_iter().collect());
+        let resign = self.resign.enqueue(ids);
         Ok(SignatureChange { name, created: new, users, resign })
     }
 
@@ -186,7 +186,7 @@ impl AppState {
         tx.commit().await?;
         let ids = devices_for_groups(&world, &t.groups);
         world.directory_mut().signatures.remove(i);
-        let resign = self.schedule_resign(ids.into_iter().collect());
+        let resign = self.resign.enqueue(ids);
         Ok(SignatureChange { name: t.name, created: false, users: 0, resign })
     }
 

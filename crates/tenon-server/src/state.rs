@@ -272,7 +272,7 @@ impl AppState {
 
     /// Re-signs the envelopes of `ids` whose payload changed or whose expiry is near, at once and
     /// under the caller's write lock: for one device (a report, a primary user set). Changes that
-    /// reach many devices go through [`AppState::schedule_resign`] instead.
+    /// reach many devices are queued for the re-signer instead (`self.resign.enqueue`).
     pub async fn recompile(&self, world: &mut World, ids: Vec<String>) -> anyhow::Result<usize> {
         let now = self.now();
         let prepared = self.prepare(
@@ -282,12 +282,6 @@ impl AppState {
         )?;
         let dir_gen = world.dir_gen;
         self.store_prepared(world, prepared, dir_gen).await
-    }
-
-    /// Queues `ids` for the background re-signer; returns at once with the ticket an admin can
-    /// wait on.
-    pub fn schedule_resign(&self, ids: Vec<String>) -> crate::resign::Ticket {
-        self.resign.enqueue(ids)
     }
 
     /// Compiles each device's payload and signs a new envelope for those whose payload changed,
@@ -760,7 +754,7 @@ impl AppState {
             None => settings.remove(&key),
         };
         let ids = Self::devices_for_scope(&world, scope);
-        Ok(self.schedule_resign(ids))
+        Ok(self.resign.enqueue(ids))
     }
 
     fn check_scope(&self, world: &World, scope: &SettingScope) -> ApiResult<(&'static str, String)> {
@@ -825,7 +819,7 @@ impl AppState {
         tx.commit().await?;
         world.directory_mut().groups.entry(g.clone()).or_default().priority = priority;
         let ids = Self::devices_for_scope(&world, &SettingScope::Group(g.to_string()));
-        Ok(self.schedule_resign(ids))
+        Ok(self.resign.enqueue(ids))
     }
 
     /// Imports Graph-shaped users; each needs `userPrincipalName`, may carry `groups: [names]`.
@@ -914,7 +908,7 @@ impl AppState {
             entry.groups = groups;
         }
         let ids = Self::devices_of_users(&world, &touched);
-        Ok((created, updated, self.schedule_resign(ids)))
+        Ok((created, updated, self.resign.enqueue(ids)))
     }
 
     // ---- devices -------------------------------------------------------------------------------
@@ -1039,7 +1033,7 @@ impl AppState {
             .map(|(id, _)| id.clone())
             .collect();
         drop(world);
-        self.schedule_resign(due)
+        self.resign.enqueue(due)
     }
 
     /// Queues every device: at start, anything changed since the envelopes were signed (or a
@@ -1047,7 +1041,7 @@ impl AppState {
     /// envelopes are served.
     pub async fn converge(&self) -> Ticket {
         let all: Vec<String> = self.world.read().await.devices.keys().cloned().collect();
-        self.schedule_resign(all)
+        self.resign.enqueue(all)
     }
 }
 

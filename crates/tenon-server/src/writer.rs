@@ -95,31 +95,40 @@ impl WriteQueue {
     }
 }
 
-/// What a committed report changes in memory.
-struct ReportDone {
-    device_id: String,
+/// What a stored report changes in memory once committed.
+struct ReportChange {
     report_sha: [u8; 32],
     signed_in: BTreeSet<Upn>,
     new_primary: Option<Upn>,
     ignored_claim: Option<u64>,
     audit_claim: bool,
-    now: i64,
-    reply: oneshot::Sender<ApiResult<String>>,
 }
 
-/// What a committed enrollment adds to memory.
-struct EnrollDone {
+/// What a stored enrollment adds to memory once committed.
+struct Enrolled {
     device_id: DeviceId,
     credential: String,
     cred_digest: [u8; 32],
     issued: IssuedEnvelope,
-    now: i64,
-    reply: oneshot::Sender<ApiResult<(DeviceId, String)>>,
 }
 
+/// A job stored in the batch's transaction, waiting for its commit.
 enum Done {
-    Report(ReportDone),
-    Enroll(EnrollDone),
+    Report { device_id: String, change: ReportChange, reply: oneshot::Sender<ApiResult<String>> },
+    Enroll { enrolled: Enrolled, reply: oneshot::Sender<ApiResult<(DeviceId, String)>> },
+}
+
+impl Done {
+    fn fail(self, e: ApiError) {
+        match self {
+            Done::Report { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+            Done::Enroll { reply, .. } => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
 }
 
 /// Logs a batch's timing at debug level when it is dropped (whichever way the batch ends).
@@ -236,18 +245,7 @@ impl AppState {
                     }
                     .await;
                     match r {
-                        Ok((report_sha, signed_in, new_primary, ignored_claim, audit_claim)) => {
-                            done.push(Done::Report(ReportDone {
-                                device_id,
-                                report_sha,
-                                signed_in,
-                                new_primary,
-                                ignored_claim,
-                                audit_claim,
-                                now,
-                                reply,
-                            }))
-                        }
+                        Ok(change) => done.push(Done::Report { device_id, change, reply }),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
@@ -265,14 +263,7 @@ impl AppState {
                     }
                     .await;
                     match r {
-                        Ok((device_id, credential, cred_digest, issued)) => done.push(Done::Enroll(EnrollDone {
-                            device_id,
-                            credential,
-                            cred_digest,
-                            issued,
-                            now,
-                            reply,
-                        })),
+                        Ok(enrolled) => done.push(Done::Enroll { enrolled, reply }),
                         Err(e) => {
                             let _ = reply.send(Err(e));
                         }
@@ -287,16 +278,7 @@ impl AppState {
         let started = std::time::Instant::now();
         if let Err(e) = tx.commit().await {
             tracing::warn!(error = %e, jobs = done.len(), "a write batch did not commit; nothing of it is stored and clients retry");
-            for d in done {
-                match d {
-                    Done::Report(r) => {
-                        let _ = r.reply.send(Err(not_committed()));
-                    }
-                    Done::Enroll(r) => {
-                        let _ = r.reply.send(Err(not_committed()));
-                    }
-                }
-            }
+            done.into_iter().for_each(|d| d.fail(not_committed()));
             return;
         }
         crate::metrics::commit_took("device_writes", started);
@@ -305,7 +287,7 @@ impl AppState {
         let dir_gen = world.dir_gen;
         for d in done {
             match d {
-                Done::Enroll(e) => {
+                Done::Enroll { enrolled: e, reply } => {
                     self.index.insert(
                         e.device_id.as_str(),
                         e.cred_digest,
@@ -322,7 +304,7 @@ impl AppState {
                             sha256: e.issued.payload_sha256,
                             expires_at: e.issued.expires_at,
                             active: true,
-                            enrolled_at: e.now,
+                            enrolled_at: now,
                             has_reported: false,
                             signed_by: self.keys.signing_key_id(),
                             ignored_claim: None,
@@ -330,13 +312,13 @@ impl AppState {
                             dir_gen,
                         },
                     );
-                    let _ = e.reply.send(Ok((e.device_id, e.credential)));
+                    let _ = reply.send(Ok((e.device_id, e.credential)));
                 }
-                Done::Report(r) => {
-                    if let Some(slot) = self.index.get(&r.device_id) {
-                        slot.touch(r.now);
+                Done::Report { device_id, change: r, reply } => {
+                    if let Some(slot) = self.index.get(&device_id) {
+                        slot.touch(now);
                     }
-                    if let Some(meta) = world.devices.get_mut(&r.device_id) {
+                    if let Some(meta) = world.devices.get_mut(&device_id) {
                         meta.has_reported = true;
                         meta.last_report_sha = Some(r.report_sha);
                         let before = meta.users.len();
@@ -351,10 +333,10 @@ impl AppState {
                             meta.ignored_claim = r.ignored_claim;
                         }
                         if users_changed || primary_changed {
-                            recompile.push(r.device_id.clone());
+                            recompile.push(device_id.clone());
                         }
                     }
-                    reports.push((r.device_id, r.reply));
+                    reports.push((device_id, reply));
                 }
             }
         }
@@ -373,7 +355,6 @@ impl AppState {
     }
 
     /// One report's rows, inside the batch's transaction. Returns what to change in memory.
-    #[allow(clippy::type_complexity)]
     async fn report_write(
         &self,
         tx: &mut SqliteConnection,
@@ -382,7 +363,7 @@ impl AppState {
         report: &DeviceReport,
         checked: CheckedReport,
         now: i64,
-    ) -> ApiResult<([u8; 32], BTreeSet<Upn>, Option<Upn>, Option<u64>, bool)> {
+    ) -> ApiResult<ReportChange> {
         let CheckedReport { hostname, signed_in_users: signed_in } = checked;
         let detection_window = world
             .directory
@@ -490,7 +471,7 @@ impl AppState {
             )
             .await?;
         }
-        Ok((report_sha, signed_in, new_primary, ignored_claim, audit_claim))
+        Ok(ReportChange { report_sha, signed_in, new_primary, ignored_claim, audit_claim })
     }
 
     /// One enrollment's rows, inside the batch's transaction.
@@ -502,7 +483,7 @@ impl AppState {
         agent_version: &str,
         payload: Value,
         now: i64,
-    ) -> ApiResult<(DeviceId, String, [u8; 32], IssuedEnvelope)> {
+    ) -> ApiResult<Enrolled> {
         let bad = || {
             ApiError::Unauthorized(
                 "enrollment token is not valid; create one with `tenonctl enroll-token create`".into(),
@@ -599,7 +580,7 @@ impl AppState {
         .await?;
         let cred_digest: [u8; 32] =
             hex::decode(&cred.secret_sha256).ok().and_then(|b| b.try_into().ok()).context("hash")?;
-        Ok((device_id, cred.token, cred_digest, issued))
+        Ok(Enrolled { device_id, credential: cred.token, cred_digest, issued })
     }
 }
 

@@ -208,6 +208,20 @@ fn signing_key_rotation_reaches_agents_through_the_root_signed_key_list() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let server = Server::start(&data, &addr);
+    // The server serves the stored envelopes at once and re-signs every device with the new key
+    // in the background; `resign status` says when that is done.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let st = server.ctl_json(&["resign", "status"]);
+        if st["queued"] == json!(0)
+            && st["total"] == json!(0)
+            && st["completed_generation"] == st["requested_generation"]
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "re-signing after the rotation did not finish: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(a.ok(&["sync", "--once"]).contains("sync updated"));
     let s = a.status();
     assert_eq!(s["last_error"], json!(null));
