@@ -77,7 +77,7 @@ pub struct BackupSummary {
 
 /// The newest migration this binary knows.
 fn binary_schema_version() -> i64 {
-    sqlx::migrate!("./migrations").iter().map(|m| m.version).max().unwrap_or(0)
+    crate::store::newest_schema_version()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -40,9 +40,15 @@ pub enum ApiError {
     /// 503 with `Retry-After`: the write queue is full or a batch did not commit.
     #[error("{detail}")]
     Busy { detail: String, retry_after_secs: u64 },
+    /// 503 with `Retry-After`: the database cannot be reached now; nothing was written.
+    #[error("the database cannot be reached now; nothing was changed. Retry in a few seconds (the server keeps answering check-ins meanwhile)")]
+    DatabaseUnavailable,
     #[error("internal error")]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
 }
+
+/// Seconds a client waits before retrying while the database is away.
+const DATABASE_RETRY_SECS: u64 = 5;
 
 impl ApiError {
     pub fn status(&self) -> StatusCode {
@@ -59,7 +65,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable { .. } | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::Busy { .. } | Self::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,6 +87,7 @@ impl ApiError {
             Self::TooManyRequests { .. } => "rate_limited",
             Self::Unavailable { .. } => "starting",
             Self::Busy { .. } => "busy",
+            Self::DatabaseUnavailable => "database_unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -88,7 +95,19 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if crate::store::is_unavailable(&e) {
+            return Self::DatabaseUnavailable;
+        }
         Self::Internal(e.into())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        if e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(crate::store::is_unavailable)) {
+            return Self::DatabaseUnavailable;
+        }
+        Self::Internal(e)
     }
 }
 
@@ -99,6 +118,7 @@ impl IntoResponse for ApiError {
             Self::TooManyRequests { retry_after_secs, .. }
             | Self::Unavailable { retry_after_secs, .. }
             | Self::Busy { retry_after_secs, .. } => Some(HeaderValue::from(*retry_after_secs)),
+            Self::DatabaseUnavailable => Some(HeaderValue::from(DATABASE_RETRY_SECS)),
             _ => None,
         };
         let detail = match &self {

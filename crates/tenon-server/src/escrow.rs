@@ -24,10 +24,12 @@
 use crate::datadir::{write_secret_file, DataDir};
 use crate::error::{ApiError, ApiResult};
 use crate::secrets::random_bytes;
-use crate::state::{audit, device_not_found, Actor, AppState, ROLE_RECOVERY_KEYS};
+use crate::state::{device_not_found, Actor, AppState, ROLE_RECOVERY_KEYS};
+use crate::store::audit;
+use crate::store::changes::Kind;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
-use sqlx::{Row, SqlitePool};
+use sqlx::{AnyPool, Row};
 use std::path::Path;
 use subtle::ConstantTimeEq;
 use tenon_core::policy::escrow::{
@@ -179,11 +181,11 @@ impl AppState {
             reseal(&self.keys.escrow.current, sealed, &password)?
         };
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         // What the server already holds for this protector: the same password (a re-upload after
         // a lost receipt), or a different one (a conflict).
         let held = sqlx::query(
-            "SELECT id, sealed, received_at, conflict FROM recovery_keys WHERE device_id = ? AND protector_id = ? ORDER BY id",
+            "SELECT id, sealed, received_at, conflict FROM recovery_keys WHERE device_id = $1 AND protector_id = $2 ORDER BY id",
         )
         .bind(device_id)
         .bind(&sealed.protector_id)
@@ -223,7 +225,7 @@ impl AppState {
         let conflict = different > 0;
         sqlx::query(
             "INSERT INTO recovery_keys (device_id, mount, protector_id, sealed, escrow_key_id, received_at, replaces, conflict)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(device_id)
         .bind(&stored.mount)
@@ -236,7 +238,7 @@ impl AppState {
         .execute(&mut *tx)
         .await?;
         if conflict {
-            sqlx::query("UPDATE recovery_keys SET conflict = 1 WHERE device_id = ? AND protector_id = ?")
+            sqlx::query("UPDATE recovery_keys SET conflict = 1 WHERE device_id = $1 AND protector_id = $2")
                 .bind(device_id)
                 .bind(&stored.protector_id)
                 .execute(&mut *tx)
@@ -264,6 +266,9 @@ impl AppState {
                    "conflict": conflict, "escrow_key_id": stored.escrow_key_id}),
         )
         .await?;
+        if conflict {
+            self.note(&mut tx, Kind::Rotation, [device_id]).await?;
+        }
         tx.commit().await?;
         if conflict {
             // The device's next rotation check must look in the database, to hear of the conflict.
@@ -287,12 +292,12 @@ impl AppState {
             }
         }
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         let keys = sqlx::query(
-            "UPDATE recovery_keys SET retired_at = ?,
-                 superseded_by = COALESCE(superseded_by, ?),
-                 superseded_at = CASE WHEN superseded_by IS NULL AND ? IS NOT NULL THEN ? ELSE superseded_at END
-             WHERE device_id = ? AND protector_id = ? AND retired_at IS NULL",
+            "UPDATE recovery_keys SET retired_at = $1,
+                 superseded_by = COALESCE(superseded_by, $2),
+                 superseded_at = CASE WHEN superseded_by IS NULL AND $3 IS NOT NULL THEN $4 ELSE superseded_at END
+             WHERE device_id = $5 AND protector_id = $6 AND retired_at IS NULL",
         )
         .bind(now)
         .bind(&retired.replaced_by)
@@ -304,8 +309,8 @@ impl AppState {
         .await?
         .rows_affected();
         let rotation_completed = sqlx::query(
-            "UPDATE recovery_key_rotations SET completed_at = ?, replaced_by = ?
-             WHERE device_id = ? AND protector_id = ? AND completed_at IS NULL",
+            "UPDATE recovery_key_rotations SET completed_at = $1, replaced_by = $2
+             WHERE device_id = $3 AND protector_id = $4 AND completed_at IS NULL",
         )
         .bind(now)
         .bind(&retired.replaced_by)
@@ -343,14 +348,14 @@ impl AppState {
         }
         let rotations: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT protector_id FROM recovery_key_rotations
-             WHERE device_id = ? AND completed_at IS NULL ORDER BY protector_id",
+             WHERE device_id = $1 AND completed_at IS NULL ORDER BY protector_id",
         )
         .bind(device_id)
         .fetch_all(&self.db)
         .await?;
         let conflicts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT protector_id FROM recovery_keys
-             WHERE device_id = ? AND conflict = 1 AND retired_at IS NULL ORDER BY protector_id",
+             WHERE device_id = $1 AND conflict = 1 AND retired_at IS NULL ORDER BY protector_id",
         )
         .bind(device_id)
         .fetch_all(&self.db)
@@ -363,7 +368,7 @@ impl AppState {
 
     /// Records that `actor` was refused the recovery keys of a device (committed before the 403).
     pub async fn audit_recovery_denial(&self, actor: &Actor, device_id: &str) -> ApiResult<()> {
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         audit(
             &mut tx,
             self.now(),
@@ -390,9 +395,9 @@ impl AppState {
             )));
         }
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         let known: Option<String> =
-            sqlx::query_scalar("SELECT id FROM devices WHERE id = ?").bind(device_id).fetch_optional(&mut *tx).await?;
+            sqlx::query_scalar("SELECT id FROM devices WHERE id = $1").bind(device_id).fetch_optional(&mut *tx).await?;
         if known.is_none() {
             // A read of a device that does not exist is audited like any other: probing for device
             // ids with a recovery-keys token must leave a trace.
@@ -411,7 +416,7 @@ impl AppState {
         let rows = sqlx::query(
             "SELECT id, mount, protector_id, sealed, received_at, replaces, superseded_by, superseded_at, read_count,
                     conflict, retired_at
-             FROM recovery_keys WHERE device_id = ? ORDER BY id",
+             FROM recovery_keys WHERE device_id = $1 ORDER BY id",
         )
         .bind(device_id)
         .fetch_all(&mut *tx)
@@ -419,7 +424,7 @@ impl AppState {
         // A protector's current key is its newest row that is neither superseded nor retired (older
         // servers stored a re-upload as another row). A protector in conflict has several current
         // keys, one per different password: all of them are listed, flagged.
-        let current = |r: &sqlx::sqlite::SqliteRow| {
+        let current = |r: &sqlx::any::AnyRow| {
             r.get::<Option<String>, _>("superseded_by").is_none() && r.get::<Option<i64>, _>("retired_at").is_none()
         };
         let mut newest: std::collections::BTreeMap<String, usize> = Default::default();
@@ -473,7 +478,7 @@ impl AppState {
             }));
         }
         for id in &read_ids {
-            sqlx::query("UPDATE recovery_keys SET read_count = read_count + 1, last_read_at = ? WHERE id = ?")
+            sqlx::query("UPDATE recovery_keys SET read_count = read_count + 1, last_read_at = $1 WHERE id = $2")
                 .bind(now)
                 .bind(id)
                 .execute(&mut *tx)
@@ -481,7 +486,7 @@ impl AppState {
         }
         for protector in &rotate {
             let pending: Option<i64> = sqlx::query_scalar(
-                "SELECT id FROM recovery_key_rotations WHERE device_id = ? AND protector_id = ? AND completed_at IS NULL",
+                "SELECT id FROM recovery_key_rotations WHERE device_id = $1 AND protector_id = $2 AND completed_at IS NULL",
             )
             .bind(device_id)
             .bind(protector)
@@ -489,7 +494,7 @@ impl AppState {
             .await?;
             if pending.is_none() {
                 sqlx::query(
-                    "INSERT INTO recovery_key_rotations (device_id, protector_id, requested_at, requested_by) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO recovery_key_rotations (device_id, protector_id, requested_at, requested_by) VALUES ($1, $2, $3, $4)",
                 )
                 .bind(device_id)
                 .bind(protector)
@@ -511,6 +516,9 @@ impl AppState {
                    "conflicts": conflicted}),
         )
         .await?;
+        if !rotate.is_empty() {
+            self.note(&mut tx, Kind::Rotation, [device_id]).await?;
+        }
         tx.commit().await?;
         if !rotate.is_empty() {
             self.rotations_open.lock().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string());
@@ -533,7 +541,7 @@ pub struct VerifyCounts {
 }
 
 /// Checks that every stored key opens, and with which key.
-pub async fn verify_stored_keys(db: &SqlitePool, ring: &EscrowKeyring) -> anyhow::Result<VerifyCounts> {
+pub async fn verify_stored_keys(db: &AnyPool, ring: &EscrowKeyring) -> anyhow::Result<VerifyCounts> {
     let current = ring.current_id();
     let mut counts = VerifyCounts::default();
     for r in sqlx::query("SELECT sealed FROM recovery_keys").fetch_all(db).await? {
@@ -553,7 +561,7 @@ pub async fn verify_stored_keys(db: &SqlitePool, ring: &EscrowKeyring) -> anyhow
 }
 
 /// Runs [`verify_stored_keys`] and logs the counts.
-pub async fn log_verification(db: &SqlitePool, ring: &EscrowKeyring) {
+pub async fn log_verification(db: &AnyPool, ring: &EscrowKeyring) {
     match verify_stored_keys(db, ring).await {
         Ok(c) if c.failed > 0 => tracing::error!(
             total = c.total,
@@ -591,7 +599,7 @@ pub struct RotationSummary {
 /// every row after a crash at any step; the old key file is kept because agents seal to the key
 /// they hold until their next escrow check hands them the new one (the server re-seals such
 /// uploads on receipt).
-pub async fn rotate_escrow_key(data_dir: &DataDir, db: &SqlitePool, now: i64) -> anyhow::Result<RotationSummary> {
+pub async fn rotate_escrow_key(data_dir: &DataDir, db: &AnyPool, now: i64) -> anyhow::Result<RotationSummary> {
     let dir = data_dir.keys_dir()?;
     let current_path = dir.join(CURRENT_FILE);
     let current: [u8; 32] = std::fs::read(&current_path)
@@ -625,7 +633,7 @@ pub async fn rotate_escrow_key(data_dir: &DataDir, db: &SqlitePool, now: i64) ->
     };
     let ring = EscrowKeyring::load(&dir, current)?;
     let new_id = escrow_key_id(&escrow_public_key(&next));
-    let mut tx = crate::state::begin_write(db).await?;
+    let mut tx = crate::store::begin_write(db).await?;
     let rows = sqlx::query("SELECT id, sealed FROM recovery_keys").fetch_all(&mut *tx).await?;
     let mut failed = Vec::new();
     let mut updates = Vec::new();
@@ -652,7 +660,7 @@ pub async fn rotate_escrow_key(data_dir: &DataDir, db: &SqlitePool, now: i64) ->
         );
     }
     for (id, sealed) in &updates {
-        sqlx::query("UPDATE recovery_keys SET sealed = ?, escrow_key_id = ?, resealed_at = ? WHERE id = ?")
+        sqlx::query("UPDATE recovery_keys SET sealed = $1, escrow_key_id = $2, resealed_at = $3 WHERE id = $4")
             .bind(serde_json::to_string(sealed)?)
             .bind(&sealed.escrow_key_id)
             .bind(now)

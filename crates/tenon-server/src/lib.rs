@@ -11,7 +11,9 @@ pub mod client_policy;
 pub mod datadir;
 pub mod error;
 pub mod escrow;
+pub mod follow;
 pub mod index;
+pub mod jobs;
 pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
@@ -21,14 +23,13 @@ pub mod resign;
 pub mod secrets;
 pub mod signatures;
 pub mod state;
+pub mod store;
 pub mod tls;
 pub mod writer;
 
 use anyhow::{bail, Context};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,99 +96,6 @@ impl ServeOptions {
     }
 }
 
-/// How the database is checkpointed: by SQLite in the committing connection (short-lived
-/// commands), or by the server's own task beside the writers (`serve`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Checkpoints {
-    OnCommit,
-    Background,
-}
-
-async fn open_database(
-    database: Option<&str>,
-    default_path: PathBuf,
-    checkpoints: Checkpoints,
-) -> anyhow::Result<sqlx::SqlitePool> {
-    let connect = match database {
-        None => SqliteConnectOptions::new().filename(default_path),
-        Some(url) if url.starts_with("sqlite:") => SqliteConnectOptions::from_str(url)
-            .with_context(|| format!("--database {url:?} is not a valid SQLite URL (sqlite:///path/to/tenon.db)"))?,
-        Some(url) if url.starts_with("postgres:") || url.starts_with("postgresql:") => {
-            bail!("--database {url:?}: this build supports SQLite only; omit --database to use DATA_DIR/tenon.db")
-        }
-        Some(url) => bail!("--database {url:?} is not a database URL; use sqlite:///path/to/tenon.db"),
-    };
-    restrict_database_files(connect.get_filename())?;
-    let connect = connect
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        // FULL: a write the server acknowledged (an escrowed key above all) survives power loss.
-        .synchronous(SqliteSynchronous::Full)
-        .foreign_keys(true)
-        .busy_timeout(Duration::from_secs(10));
-    // SQLite's automatic checkpoint runs inside the commit that crosses 1,000 WAL pages: that
-    // writer (a batch of reports, a re-signed chunk) then also copies the pages back into the
-    // database and fsyncs it, under the write lock. The server checkpoints from another
-    // connection instead (`checkpoint_wal`), which never blocks a writer.
-    let connect = match checkpoints {
-        Checkpoints::OnCommit => connect,
-        Checkpoints::Background => connect.pragma("wal_autocheckpoint", "0"),
-    };
-    let pool =
-        SqlitePoolOptions::new().max_connections(8).connect_with(connect).await.context("cannot open the database")?;
-    sqlx::migrate!("./migrations").run(&pool).await.context("cannot apply database migrations")?;
-    Ok(pool)
-}
-
-/// Copies committed WAL pages back into the database every second (`PASSIVE`: it takes no lock a
-/// writer needs and stops where a reader still needs old pages, to continue at the next tick).
-/// Once everything is copied, SQLite starts the WAL from its beginning again at the next commit, so
-/// the file stays as large as about a second of writes.
-async fn checkpoint_wal(db: sqlx::SqlitePool) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&db).await {
-            tracing::warn!(error = %e, "cannot checkpoint the database's write-ahead log; will retry");
-        }
-    }
-}
-
-/// The database holds credential hashes, sealed recovery keys and the audit log: it and its WAL
-/// and shared-memory files are readable by their owner alone. The file is created 0600 before
-/// SQLite opens it (SQLite gives the -wal and -shm files the database file's mode), and an existing
-/// database from an older version is tightened.
-fn restrict_database_files(db: &std::path::Path) -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        if db.as_os_str().is_empty() || db.as_os_str() == ":memory:" {
-            return Ok(());
-        }
-        if !db.exists() {
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(db)
-                .with_context(|| format!("cannot create the database file {}", db.display()))?;
-        }
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
-        let mut shm = db.as_os_str().to_owned();
-        shm.push("-shm");
-        for f in [db.to_path_buf(), PathBuf::from(wal), PathBuf::from(shm)] {
-            if f.exists() {
-                std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
-                    .with_context(|| format!("cannot restrict permissions of {}", f.display()))?;
-            }
-        }
-    }
-    let _ = db;
-    Ok(())
-}
-
 /// Returns freed heap pages to the operating system after a large operation (a directory import
 /// frees as much as it allocated). The server allocates with mimalloc (`main.rs`), which purges
 /// freed pages lazily, on later allocator activity: an idle server after an import kept them.
@@ -230,8 +138,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let serving =
         tokio::spawn(listener::serve(listener, app.clone(), opts.connections.clone(), tls_config, shutdown_signal()));
     let keys = data_dir.load_or_create_keys(clock())?;
-    let db = open_database(opts.database.as_deref(), data_dir.db_path(), Checkpoints::Background).await?;
-    tokio::spawn(checkpoint_wal(db.clone()));
+    let location = store::Location::parse(opts.database.as_deref(), data_dir.db_path())?;
+    let db = store::open(&location, store::Checkpoints::Background).await?;
+    store::identity::check_or_record(&db, &keys).await?;
+    tokio::spawn(store::checkpoint_wal(db.clone()));
     let client = client_policy::ClientPolicy::new(&opts.rates, opts.report_history);
     let state = Arc::new(
         state::AppState::load(db, keys, clock.clone(), opts.envelope_ttl)
@@ -272,39 +182,11 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         }
     }
 
-    let bg = state.clone();
-    let auth_interval = opts.auth_failure_log_interval;
-    let background = tokio::spawn(async move {
-        let mut flush = tokio::time::interval(Duration::from_secs(15));
-        let mut refresh = tokio::time::interval(Duration::from_secs(600));
-        // At start (the first tick is immediate) and daily: do all escrowed keys still open?
-        let mut verify = tokio::time::interval(Duration::from_secs(24 * 3600));
-        let mut auth_log = tokio::time::interval(auth_interval);
-        let mut limiter_sweep = tokio::time::interval(Duration::from_secs(60));
-        // At start and daily: devices that stopped reporting still age out of the daily history.
-        let mut history_sweep = tokio::time::interval(Duration::from_secs(24 * 3600));
-        loop {
-            tokio::select! {
-                _ = auth_log.tick() => bg.client.auth_failures.log(auth_interval),
-                _ = limiter_sweep.tick() => bg.client.limiters.sweep(),
-                _ = history_sweep.tick() => match bg.client.history.sweep(&bg.db, bg.now()).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(reports = n, "pruned the report history"),
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot prune the report history; will retry"),
-                },
-                _ = verify.tick() => escrow::log_verification(&bg.db, &bg.keys.escrow).await,
-                _ = flush.tick() => if let Err(e) = bg.flush_last_seen().await {
-                    tracing::warn!(error = format!("{e:#}"), "cannot record last-seen times; will retry");
-                },
-                _ = refresh.tick() => {
-                    let due = bg.refresh_expiring().await;
-                    if due.devices > 0 {
-                        tracing::info!(devices = due.devices, "re-issuing envelopes nearing expiry");
-                    }
-                },
-            }
-        }
-    });
+    let background = tokio::spawn(state.clone().run_jobs(opts.auth_failure_log_interval));
+    tokio::spawn(state.clone().probe_database());
+    if let store::Location::Postgres(url) = &location {
+        tokio::spawn(state.clone().run_follower(url.clone()));
+    }
 
     let mut router = api::router(state.clone());
     if let Some(addr) = opts.metrics_listen {
@@ -337,6 +219,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     background.abort();
     state.client.auth_failures.log(opts.auth_failure_log_interval);
     state.flush_last_seen().await?;
+    // Another server takes the jobs over at once instead of after the lease runs out.
+    let _ = store::leases::release(&state.db, jobs::LEASE, &state.origin).await;
     tracing::info!("stopped");
     Ok(())
 }
@@ -348,7 +232,9 @@ pub async fn rotate_escrow_key(data_dir: &std::path::Path, database: Option<&str
     let clock = state::system_clock();
     // Creates the keys on a fresh data dir, and checks the key files are readable.
     data_dir.load_or_create_keys(clock())?;
-    let db = open_database(database, data_dir.db_path(), Checkpoints::OnCommit).await?;
+    let location = store::Location::parse(database, data_dir.db_path())?;
+    let db = store::open(&location, store::Checkpoints::OnCommit).await?;
+    store::identity::check_or_record(&db, &data_dir.load_or_create_keys(clock())?).await?;
     let summary = escrow::rotate_escrow_key(&data_dir, &db, clock()).await?;
     db.close().await;
     println!(
@@ -388,17 +274,18 @@ mod migration_tests {
     /// row) keeps every device's envelope, version, hash, expiry and last-seen time.
     #[tokio::test]
     async fn migration_0007_moves_envelopes_and_last_seen_without_losing_any() {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
-        let all = sqlx::migrate!("./migrations");
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
+        let all = sqlx::migrate!("./migrations/sqlite");
         // The migrations before 0007 (the fields are public for the macro; a test may filter them).
-        let mut before = sqlx::migrate!("./migrations");
+        let mut before = sqlx::migrate!("./migrations/sqlite");
         before.migrations = std::borrow::Cow::Owned(all.migrations.iter().filter(|m| m.version < 7).cloned().collect());
         before.run(&pool).await.unwrap();
         for (id, seen) in [("dev-a", Some(1_700_000_000_i64)), ("dev-b", None)] {
             sqlx::query(
                 "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, last_seen, config_version,
                                       config_sha256, envelope, envelope_expires_at)
-                 VALUES (?, 'PC', 'cred', 1, ?, 7, 'sha-' || ?, '{\"envelope\":\"' || ? || '\"}', 99)",
+                 VALUES ($1, 'PC', 'cred', 1, $2, 7, 'sha-' || $3, '{\"envelope\":\"' || $4 || '\"}', 99)",
             )
             .bind(id)
             .bind(seen)

@@ -4,7 +4,9 @@
 
 use crate::api::rfc3339;
 use crate::error::{ApiError, ApiResult};
-use crate::state::{audit, Actor, AppState};
+use crate::state::{Actor, AppState};
+use crate::store::audit;
+use crate::store::changes::Kind;
 use serde_json::{json, Value};
 use sqlx::Row;
 use std::collections::BTreeSet;
@@ -60,8 +62,8 @@ impl AppState {
     /// enrolled with it are not affected.
     pub async fn revoke_enroll_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        let revoked: Option<Option<i64>> = sqlx::query_scalar("SELECT revoked_at FROM enroll_tokens WHERE id = ?")
+        let mut tx = crate::store::begin_write(&self.db).await?;
+        let revoked: Option<Option<i64>> = sqlx::query_scalar("SELECT revoked_at FROM enroll_tokens WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
@@ -74,7 +76,7 @@ impl AppState {
             Some(Some(_)) => return Err(ApiError::Conflict(format!("enrollment token {id} is already revoked"))),
             Some(None) => {}
         }
-        sqlx::query("UPDATE enroll_tokens SET revoked_at = ? WHERE id = ?")
+        sqlx::query("UPDATE enroll_tokens SET revoked_at = $1 WHERE id = $2")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
@@ -91,6 +93,7 @@ impl AppState {
     pub async fn remove_user(&self, actor: &Actor, upn: &str, force: bool) -> ApiResult<UserRemoval> {
         let upn = Upn::parse(upn).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut world = self.world.write().await;
+        let mut tx = self.begin_write(&mut world).await?;
         if !world.directory.users.contains_key(&upn) {
             return Err(ApiError::NotFound(format!("no user {upn}; `tenonctl users list` shows the directory")));
         }
@@ -111,18 +114,17 @@ impl AppState {
         }
         let affected = Self::devices_of_users(&world, &BTreeSet::from([upn.clone()]));
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        sqlx::query("DELETE FROM user_groups WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM users WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM settings WHERE scope_kind = 'user' AND scope_name = ?")
+        sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM users WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM settings WHERE scope_kind = 'user' AND scope_name = $1")
             .bind(upn.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE devices SET primary_user = NULL WHERE primary_user = ?")
+        sqlx::query("UPDATE devices SET primary_user = NULL WHERE primary_user = $1")
             .bind(upn.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM device_users WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM device_users WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
         audit(
             &mut tx,
             now,
@@ -132,6 +134,8 @@ impl AppState {
             json!({"cleared_primary": cleared_primary, "devices": affected.len()}),
         )
         .await?;
+        self.note(&mut tx, Kind::Directory, [""]).await?;
+        self.note(&mut tx, Kind::Device, affected.iter().map(String::as_str)).await?;
         tx.commit().await?;
         world.directory_mut().users.remove(&upn);
         for meta in world.devices.values_mut() {

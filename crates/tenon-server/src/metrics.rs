@@ -155,12 +155,20 @@ pub async fn render(State((state, handle)): State<(Arc<AppState>, PrometheusHand
 
 /// Recovery-password protectors whose Entra escrow the agents last reported as pending or failed.
 async fn entra_escrows(state: &AppState) -> sqlx::Result<(i64, i64)> {
-    sqlx::query_as(
-        "SELECT COALESCE(SUM(json_extract(p.value, '$.entra') = 'pending'), 0),
-                COALESCE(SUM(json_extract(p.value, '$.entra') = 'failed'), 0)
-         FROM devices d, json_each(d.policies, '$.bitlocker.protectors') p
-         WHERE d.status = 'active' AND json_valid(d.policies)",
-    )
-    .fetch_one(&state.db)
-    .await
+    let sql = match crate::store::backend(&state.db) {
+        crate::store::Backend::Sqlite => {
+            "SELECT COALESCE(SUM(json_extract(p.value, '$.entra') = 'pending'), 0),
+                    COALESCE(SUM(json_extract(p.value, '$.entra') = 'failed'), 0)
+             FROM devices d, json_each(d.policies, '$.bitlocker.protectors') p
+             WHERE d.status = 'active' AND json_valid(d.policies)"
+        }
+        crate::store::Backend::Postgres => {
+            "SELECT COUNT(*) FILTER (WHERE p->>'entra' = 'pending'), COUNT(*) FILTER (WHERE p->>'entra' = 'failed')
+             FROM devices d,
+                  jsonb_array_elements(CASE WHEN jsonb_typeof(d.policies::jsonb #> '{bitlocker,protectors}') = 'array'
+                                            THEN d.policies::jsonb #> '{bitlocker,protectors}' ELSE '[]'::jsonb END) p
+             WHERE d.status = 'active'"
+        }
+    };
+    sqlx::query_as(sql).fetch_one(&state.db).await
 }

@@ -2,7 +2,7 @@
 //! UTC day for the last `days` days. Pruned in the transaction that stores a report (so a device
 //! can never hold more than `last + days` rows) and swept daily for devices that stopped reporting.
 
-use sqlx::SqliteConnection;
+use sqlx::AnyConnection;
 
 const DAY: i64 = 24 * 3600;
 
@@ -27,11 +27,11 @@ impl ReportHistory {
     }
 
     /// Deletes `device_id`'s reports outside the history; returns how many.
-    pub async fn prune(&self, conn: &mut SqliteConnection, device_id: &str, now: i64) -> sqlx::Result<u64> {
+    pub async fn prune(&self, conn: &mut AnyConnection, device_id: &str, now: i64) -> sqlx::Result<u64> {
         let done = sqlx::query(
-            "DELETE FROM reports WHERE device_id = ?1
-               AND id NOT IN (SELECT id FROM reports WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2)
-               AND id NOT IN (SELECT MAX(id) FROM reports WHERE device_id = ?1 AND received_at >= ?3
+            "DELETE FROM reports WHERE device_id = $1
+               AND id NOT IN (SELECT id FROM reports WHERE device_id = $1 ORDER BY id DESC LIMIT $2)
+               AND id NOT IN (SELECT MAX(id) FROM reports WHERE device_id = $1 AND received_at >= $3
                               GROUP BY received_at / 86400)",
         )
         .bind(device_id)
@@ -43,11 +43,11 @@ impl ReportHistory {
     }
 
     /// Prunes every device's history (the daily sweep); returns the rows deleted.
-    pub async fn sweep(&self, db: &sqlx::SqlitePool, now: i64) -> sqlx::Result<u64> {
+    pub async fn sweep(&self, db: &sqlx::AnyPool, now: i64) -> sqlx::Result<u64> {
         let devices: Vec<String> = sqlx::query_scalar("SELECT DISTINCT device_id FROM reports").fetch_all(db).await?;
         let mut deleted = 0;
         for chunk in devices.chunks(500) {
-            let mut tx = crate::state::begin_write(db).await?;
+            let mut tx = crate::store::begin_write(db).await?;
             for id in chunk {
                 deleted += self.prune(&mut tx, id, now).await?;
             }
@@ -61,17 +61,12 @@ impl ReportHistory {
 mod tests {
     use super::*;
 
-    async fn db() -> sqlx::SqlitePool {
-        let pool = sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect("sqlite::memory:").await.unwrap();
-        sqlx::query("CREATE TABLE reports (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, received_at INTEGER NOT NULL, report TEXT NOT NULL)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        pool
+    async fn db() -> sqlx::AnyPool {
+        crate::store::memory_for_tests().await
     }
 
-    async fn add(pool: &sqlx::SqlitePool, device: &str, at: i64) {
-        sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, '{}')")
+    async fn add(pool: &sqlx::AnyPool, device: &str, at: i64) {
+        sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES ($1, $2, '{}')")
             .bind(device)
             .bind(at)
             .execute(pool)
@@ -79,8 +74,8 @@ mod tests {
             .unwrap();
     }
 
-    async fn kept(pool: &sqlx::SqlitePool, device: &str) -> Vec<i64> {
-        sqlx::query_scalar("SELECT received_at FROM reports WHERE device_id = ? ORDER BY id")
+    async fn kept(pool: &sqlx::AnyPool, device: &str) -> Vec<i64> {
+        sqlx::query_scalar("SELECT received_at FROM reports WHERE device_id = $1 ORDER BY id")
             .bind(device)
             .fetch_all(pool)
             .await

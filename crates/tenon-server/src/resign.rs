@@ -127,9 +127,11 @@ impl Resigner {
     }
 
     /// Puts back what a failed run did not commit (its generation stays incomplete).
-    fn requeue(&self, ids: Vec<String>) {
+    pub(crate) fn requeue(&self, ids: impl IntoIterator<Item = String>) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.ids.extend(ids);
+        drop(p);
+        self.wake.notify_one();
     }
 }
 

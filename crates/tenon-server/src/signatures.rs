@@ -5,7 +5,9 @@
 
 use crate::api::rfc3339;
 use crate::error::{ApiError, ApiResult};
-use crate::state::{audit, Actor, AppState, World};
+use crate::state::{Actor, AppState, World};
+use crate::store::audit;
+use crate::store::changes::Kind;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::Row;
@@ -136,9 +138,9 @@ impl AppState {
             )));
         }
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = self.begin_write(&mut world).await?;
         sqlx::query(
-            "INSERT INTO signatures (name, html, txt, default_use, groups, images, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+            "INSERT INTO signatures (name, html, txt, default_use, groups, images, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (name) DO UPDATE SET html = excluded.html, txt = excluded.txt, default_use = excluded.default_use,
                  groups = excluded.groups, images = excluded.images, updated_at = excluded.updated_at",
         )
@@ -162,6 +164,7 @@ impl AppState {
                    "has_txt": t.txt.is_some()}),
         )
         .await?;
+        self.note(&mut tx, Kind::Directory, [""]).await?;
         tx.commit().await?;
         let users = users_reached(&world, &t);
         let name = t.name.clone();
@@ -180,9 +183,10 @@ impl AppState {
         };
         let t = world.directory.signatures[i].clone();
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        sqlx::query("DELETE FROM signatures WHERE name = ?").bind(&t.name).execute(&mut *tx).await?;
+        let mut tx = self.begin_write(&mut world).await?;
+        sqlx::query("DELETE FROM signatures WHERE name = $1").bind(&t.name).execute(&mut *tx).await?;
         audit(&mut tx, now, &actor.label(), "signatures.remove", Some(&t.name), json!({"groups": t.groups})).await?;
+        self.note(&mut tx, Kind::Directory, [""]).await?;
         tx.commit().await?;
         let ids = devices_for_groups(&world, &t.groups);
         world.directory_mut().signatures.remove(i);

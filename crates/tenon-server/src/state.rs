@@ -10,17 +10,19 @@ use crate::error::{ApiError, ApiResult};
 use crate::index::{CheckinIndex, CurrentEnvelope};
 use crate::resign::Ticket;
 use crate::secrets;
+use crate::store::changes::Kind;
+use crate::store::devices::DeviceRow;
+use crate::store::{audit, Db};
 use anyhow::Context;
 use axum::http::HeaderValue;
 use serde_json::{json, Value};
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::Row;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use tenon_core::api::{envelope_etag, SettingScope};
 use tenon_core::directory::{Directory, Group, User};
 use tenon_core::envelope::{issue_canonical, next_version, CanonicalPayload, EnvelopeFields};
 use tenon_core::ids::{GroupName, SettingKey, Upn};
-use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::{ScopeSettings, SettingValue};
 
 /// Unix seconds. Passed in so tests and tools can control time.
@@ -84,10 +86,24 @@ pub struct World {
     /// Bumped by every directory write.
     pub dir_gen: u64,
     pub devices: HashMap<String, DeviceMeta>,
+    /// The `dir_gen` of the last directory another server changed: an envelope compiled from
+    /// an older snapshot misses that change and is compiled again (`store_prepared`).
+    pub foreign_gen: u64,
 }
 
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: Db,
+    /// The database may be shared with other servers (PostgreSQL): writes note what they
+    /// changed for the others, and this server follows theirs (`follow.rs`).
+    pub shared: bool,
+    /// This server's id in `changes.origin` and `leases.holder` (new at each start).
+    pub origin: String,
+    /// The last row of `changes` applied to memory (under the world's write lock).
+    pub applied_seq: std::sync::atomic::AtomicI64,
+    /// This server holds the lease of the database-wide jobs (`jobs.rs`).
+    pub jobs_lease: std::sync::atomic::AtomicBool,
+    /// The database answered the last probe (`jobs::probe_database`).
+    pub database_ok: std::sync::atomic::AtomicBool,
     pub keys: ServerKeys,
     pub index: CheckinIndex,
     /// Writers (every change, a batch of reports, a re-signing chunk's commit) take it
@@ -120,131 +136,32 @@ impl AppState {
     }
 
     /// Loads the world from the database and fills the check-in index.
-    pub async fn load(db: SqlitePool, keys: ServerKeys, clock: Clock, envelope_ttl: i64) -> anyhow::Result<Self> {
-        let mut world = World::default();
-        let mut directory = Directory::default();
-        for row in sqlx::query("SELECT scope_kind, scope_name, key, value FROM settings").fetch_all(&db).await? {
-            let (kind, name, key, value): (String, String, String, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            let key = SettingKey::parse(&key).context("stored setting key")?;
-            let value = if value == "undefined" {
-                SettingValue::Undefined
-            } else {
-                SettingValue::Set(serde_json::from_str(&value).context("stored setting value")?)
-            };
-            match kind.as_str() {
-                "tenant" => {
-                    directory.tenant.insert(key, value);
-                }
-                "group" => {
-                    let g = GroupName::parse(&name)?;
-                    directory.groups.entry(g).or_default().settings.insert(key, value);
-                }
-                _ => {
-                    let u = Upn::parse(&name)?;
-                    directory.users.entry(u).or_default().settings.insert(key, value);
-                }
-            }
-        }
-        for row in sqlx::query("SELECT name, priority FROM groups").fetch_all(&db).await? {
-            let g = GroupName::parse(row.get::<&str, _>(0))?;
-            directory.groups.entry(g).or_default().priority = row.get(1);
-        }
-        for row in sqlx::query("SELECT upn, id, record FROM users").fetch_all(&db).await? {
-            let u = Upn::parse(row.get::<&str, _>(0))?;
-            let entry = directory.users.entry(u).or_default();
-            entry.id = row.get(1);
-            entry.record = serde_json::from_str(row.get::<&str, _>(2)).context("stored user record")?;
-        }
-        for row in sqlx::query("SELECT upn, group_name FROM user_groups").fetch_all(&db).await? {
-            let u = Upn::parse(row.get::<&str, _>(0))?;
-            let g = GroupName::parse(row.get::<&str, _>(1))?;
-            directory.users.entry(u).or_default().groups.insert(g);
-        }
-        for row in sqlx::query("SELECT name, html, txt, default_use, groups, images FROM signatures ORDER BY name")
-            .fetch_all(&db)
-            .await?
-        {
-            let name: String = row.get(0);
-            let default = row
-                .get::<Option<&str>, _>(3)
-                .map(str::parse::<DefaultUse>)
-                .transpose()
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("stored default use of signature {name:?}"))?;
-            directory.signatures.push(SignatureTemplate {
-                html: row.get(1),
-                txt: row.get(2),
-                default,
-                groups: serde_json::from_str(row.get::<&str, _>(4))
-                    .with_context(|| format!("stored groups of signature {name:?}"))?,
-                images: serde_json::from_str(row.get::<&str, _>(5))
-                    .with_context(|| format!("stored images of signature {name:?}"))?,
-                name,
-            });
-        }
-        world.directory = Arc::new(directory);
+    pub async fn load(db: Db, keys: ServerKeys, clock: Clock, envelope_ttl: i64) -> anyhow::Result<Self> {
+        let mut conn = db.acquire().await?;
+        // Read first: a change committed while the rest loads is applied again by the follower
+        // (applying is idempotent), never missed.
+        let (applied, _) = crate::store::changes::bounds(&mut conn).await?;
+        let mut world =
+            World { directory: Arc::new(crate::store::directory::load(&mut conn).await?), ..World::default() };
         let index = CheckinIndex::default();
-        for row in sqlx::query(
-            "SELECT id, credential_sha256, status, primary_user, e.config_version, e.config_sha256, e.envelope,
-                    e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users
-             FROM devices JOIN device_envelopes e ON e.device_id = devices.id",
-        )
-        .fetch_all(&db)
-        .await?
-        {
-            let id: String = row.get(0);
-            let cred: [u8; 32] = hex::decode(row.get::<&str, _>(1))
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .context("stored credential hash is damaged")?;
-            let active = row.get::<&str, _>(2) == "active";
-            let version = row.get::<i64, _>(4) as u64;
-            let sha: String = row.get(5);
-            let envelope: String = row.get(6);
-            let signed_by = envelope_signer(&envelope);
-            let signed_in: BTreeSet<Upn> = row
-                .get::<Option<&str>, _>(10)
-                .and_then(|s| serde_json::from_str::<Vec<String>>(s).ok())
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|u| Upn::parse(u).ok())
-                .collect();
-            index.insert(&id, cred, current_envelope(version, &sha, envelope), !active);
-            world.devices.insert(
-                id,
-                DeviceMeta {
-                    primary: row.get::<Option<&str>, _>(3).map(Upn::parse).transpose()?,
-                    users: BTreeSet::new(),
-                    signed_in,
-                    version,
-                    sha256: sha,
-                    expires_at: row.get(7),
-                    active,
-                    enrolled_at: row.get(8),
-                    has_reported: row.get::<Option<i64>, _>(9).is_some(),
-                    signed_by,
-                    ignored_claim: None,
-                    last_report_sha: None,
-                    dir_gen: 0,
-                },
-            );
+        for d in crate::store::devices::load(&mut conn, None).await? {
+            Self::apply_device_row(&index, &mut world, d, 0);
         }
-        // Last-seen times, so that the index (and the metrics' last-seen buckets) know them at once.
-        for row in sqlx::query("SELECT device_id, last_seen FROM device_last_seen").fetch_all(&db).await? {
-            if let Some(slot) = index.get(row.get::<&str, _>(0)) {
-                slot.seed_last_seen(row.get(1));
+        for (id, seen) in crate::store::devices::last_seen(&mut conn).await? {
+            if let Some(slot) = index.get(&id) {
+                slot.seed_last_seen(seen);
             }
         }
-        for row in sqlx::query("SELECT device_id, upn FROM device_users").fetch_all(&db).await? {
-            let id: String = row.get(0);
-            if let (Some(meta), Ok(u)) = (world.devices.get_mut(&id), Upn::parse(row.get::<&str, _>(1))) {
-                meta.users.insert(u);
-            }
-        }
-        let open: Vec<String> = sqlx::query_scalar(crate::escrow::DEVICES_TO_ASK_SQL).fetch_all(&db).await?;
+        let open: Vec<String> = sqlx::query_scalar(crate::escrow::DEVICES_TO_ASK_SQL).fetch_all(&mut *conn).await?;
+        drop(conn);
+        let shared = crate::store::backend(&db) == crate::store::Backend::Postgres;
         let state = Self {
             db,
+            shared,
+            origin: secrets::short_id(),
+            applied_seq: std::sync::atomic::AtomicI64::new(applied),
+            jobs_lease: Default::default(),
+            database_ok: std::sync::atomic::AtomicBool::new(true),
             keys,
             index,
             world: tokio::sync::RwLock::new(world),
@@ -257,6 +174,57 @@ impl AppState {
             tls: None,
         };
         Ok(state)
+    }
+
+    /// Puts a device as loaded into memory and the check-in index: new, or replacing what this
+    /// server knew (never with an older envelope).
+    pub(crate) fn apply_device_row(index: &CheckinIndex, world: &mut World, d: DeviceRow, dir_gen: u64) {
+        let signed_by = envelope_signer(&d.envelope);
+        match world.devices.get_mut(&d.id) {
+            None => {
+                index.insert(&d.id, d.credential_sha256, current_envelope(d.version, &d.sha256, d.envelope), !d.active);
+                world.devices.insert(
+                    d.id,
+                    DeviceMeta {
+                        primary: d.primary,
+                        users: d.users,
+                        signed_in: d.signed_in,
+                        version: d.version,
+                        sha256: d.sha256,
+                        expires_at: d.expires_at,
+                        active: d.active,
+                        enrolled_at: d.enrolled_at,
+                        has_reported: d.has_reported,
+                        signed_by,
+                        ignored_claim: None,
+                        last_report_sha: None,
+                        dir_gen,
+                    },
+                );
+            }
+            Some(meta) => {
+                meta.primary = d.primary;
+                meta.users = d.users;
+                meta.signed_in = d.signed_in;
+                meta.has_reported = d.has_reported;
+                if d.version > meta.version {
+                    meta.version = d.version;
+                    meta.sha256 = d.sha256.clone();
+                    meta.expires_at = d.expires_at;
+                    meta.signed_by = signed_by;
+                    meta.dir_gen = dir_gen;
+                    if let Some(slot) = index.get(&d.id) {
+                        slot.set_current(current_envelope(d.version, &d.sha256, d.envelope));
+                    }
+                }
+                if meta.active && !d.active {
+                    meta.active = false;
+                    if let Some(slot) = index.get(&d.id) {
+                        slot.revoke();
+                    }
+                }
+            }
+        }
     }
 
     /// Replaces the default rate limits and report history with the serve options'.
@@ -333,6 +301,8 @@ impl AppState {
     /// Commits prepared envelopes in one transaction and swaps them into the check-in index.
     /// One whose device moved on since it was compiled (another version issued, compiled from a
     /// newer directory than `dir_gen`, or decommissioned) is dropped: the device holds newer.
+    /// Compiled before another server changed the directory, they are queued again instead: they
+    /// miss that change, and that server re-signs only the devices its change reached.
     pub(crate) async fn store_prepared(
         &self,
         world: &mut World,
@@ -340,6 +310,12 @@ impl AppState {
         dir_gen: u64,
     ) -> anyhow::Result<usize> {
         let signer = self.keys.signing_key_id();
+        let mut tx = self.begin_write(world).await?;
+        if dir_gen < world.foreign_gen {
+            drop(tx);
+            self.resign.requeue(prepared.into_iter().map(|p| p.id));
+            return Ok(0);
+        }
         let current: Vec<_> = prepared
             .into_iter()
             .filter(|p| {
@@ -352,26 +328,33 @@ impl AppState {
         if current.is_empty() {
             return Ok(0);
         }
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        for p in &current {
+        let mut stored = Vec::with_capacity(current.len());
+        for p in current {
             let e = &p.issued;
-            sqlx::query(
-                "UPDATE device_envelopes SET config_version = ?, config_sha256 = ?, envelope = ?, envelope_expires_at = ?
-                 WHERE device_id = ?",
+            // Only over the version it was compiled from: the version never goes down, and never
+            // carries two payloads, whoever else writes.
+            let updated = sqlx::query(
+                "UPDATE device_envelopes SET config_version = $1, config_sha256 = $2, envelope = $3, envelope_expires_at = $4
+                 WHERE device_id = $5 AND config_version = $6",
             )
             .bind(e.version as i64)
             .bind(&e.payload_sha256)
             .bind(&e.bytes)
             .bind(e.expires_at)
             .bind(&p.id)
+            .bind(p.base_version as i64)
             .execute(&mut *tx)
             .await?;
+            if updated.rows_affected() == 1 {
+                stored.push(p);
+            }
         }
+        self.note(&mut tx, crate::store::changes::Kind::Device, stored.iter().map(|p| p.id.as_str())).await?;
         let started = std::time::Instant::now();
         tx.commit().await?;
         crate::metrics::commit_took("resign", started);
-        let n = current.len();
-        for p in current {
+        let n = stored.len();
+        for p in stored {
             let e = p.issued;
             if let Some(meta) = world.devices.get_mut(&p.id) {
                 meta.version = e.version;
@@ -443,15 +426,17 @@ impl AppState {
     ) -> anyhow::Result<(String, String)> {
         let id = secrets::short_id();
         let cred = secrets::new_credential(secrets::ADMIN_PREFIX, &id);
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        sqlx::query("INSERT INTO admin_tokens (id, name, secret_sha256, roles, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&id)
-            .bind(name)
-            .bind(&cred.secret_sha256)
-            .bind(serde_json::to_string(roles)?)
-            .bind(self.now())
-            .execute(&mut *tx)
-            .await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
+        sqlx::query(
+            "INSERT INTO admin_tokens (id, name, secret_sha256, roles, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(&cred.secret_sha256)
+        .bind(serde_json::to_string(roles)?)
+        .bind(self.now())
+        .execute(&mut *tx)
+        .await?;
         let who = actor.map(Actor::label).unwrap_or_else(|| "server".into());
         audit(&mut tx, self.now(), &who, "admin_token.create", Some(&id), json!({"name": name, "roles": roles}))
             .await?;
@@ -467,7 +452,7 @@ impl AppState {
         roles: &[&str],
         missing: &[&str],
     ) -> ApiResult<()> {
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         audit(
             &mut tx,
             self.now(),
@@ -484,9 +469,10 @@ impl AppState {
 
     /// Every admin token (never its secret), oldest first.
     pub async fn list_admin_tokens(&self) -> ApiResult<Vec<Value>> {
-        let rows = sqlx::query("SELECT id, name, roles, created_at, revoked_at FROM admin_tokens ORDER BY rowid")
-            .fetch_all(&self.db)
-            .await?;
+        let rows =
+            sqlx::query("SELECT id, name, roles, created_at, revoked_at FROM admin_tokens ORDER BY created_at, id")
+                .fetch_all(&self.db)
+                .await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -505,8 +491,8 @@ impl AppState {
     /// could administer the server afterwards.
     pub async fn revoke_admin_token(&self, actor: &Actor, id: &str) -> ApiResult<()> {
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        let row = sqlx::query("SELECT name, roles, revoked_at FROM admin_tokens WHERE id = ?")
+        let mut tx = crate::store::begin_write(&self.db).await?;
+        let row = sqlx::query("SELECT name, roles, revoked_at FROM admin_tokens WHERE id = $1")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
@@ -534,7 +520,11 @@ impl AppState {
                 )));
             }
         }
-        sqlx::query("UPDATE admin_tokens SET revoked_at = ? WHERE id = ?").bind(now).bind(id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         audit(&mut tx, now, &actor.label(), "admin_token.revoke", Some(id), json!({"name": row.get::<String, _>(0)}))
             .await?;
         tx.commit().await?;
@@ -552,7 +542,7 @@ impl AppState {
             return Err(unauthorized());
         }
         let row =
-            sqlx::query("SELECT name, secret_sha256, roles FROM admin_tokens WHERE id = ? AND revoked_at IS NULL")
+            sqlx::query("SELECT name, secret_sha256, roles FROM admin_tokens WHERE id = $1 AND revoked_at IS NULL")
                 .bind(id)
                 .fetch_optional(&self.db)
                 .await?
@@ -593,10 +583,10 @@ impl AppState {
         let cred = secrets::new_credential(secrets::ENROLL_PREFIX, &id);
         let now = self.now();
         let expires_at = now + ttl_seconds as i64;
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = crate::store::begin_write(&self.db).await?;
         sqlx::query(
             "INSERT INTO enroll_tokens (id, secret_sha256, uses_total, uses_left, expires_at, created_at, created_by)
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&id)
         .bind(&cred.secret_sha256)
@@ -638,25 +628,33 @@ impl AppState {
             ))
         })?;
         let mut world = self.world.write().await;
-        let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
-        if body.version > meta.version {
+        let mut tx = self.begin_write(&mut world).await?;
+        let server_version = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?.version;
+        if body.version > server_version {
             let now = self.now();
-            let mut tx = crate::state::begin_write(&self.db).await?;
             audit(
                 &mut tx,
                 now,
                 &format!("device {device_id}"),
                 "device.version_proven",
                 Some(device_id),
-                json!({"held_version": body.version, "server_version": meta.version,
+                json!({"held_version": body.version, "server_version": server_version,
                        "reason": "the device holds an envelope this server signed with a higher version (database restored from a backup?); numbering continues above it"}),
             )
             .await?;
+            // Numbering continues above the held version, in the database too: the re-sign
+            // below replaces only the version it was compiled from.
+            sqlx::query("UPDATE device_envelopes SET config_version = $1, config_sha256 = '' WHERE device_id = $2")
+                .bind(body.version as i64)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
+            self.note(&mut tx, Kind::Device, [device_id]).await?;
             tx.commit().await?;
             tracing::warn!(
                 device = device_id,
                 held = body.version,
-                server = meta.version,
+                server = server_version,
                 "device proved it holds a newer configuration version than the database; re-issuing above it"
             );
             if let Some(m) = world.devices.get_mut(device_id) {
@@ -707,17 +705,17 @@ impl AppState {
         let mut world = self.world.write().await;
         let (kind, name) = self.check_scope(&world, scope)?;
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = self.begin_write(&mut world).await?;
         match &value {
             Some(value) => {
                 if let SettingScope::Group(g) = scope {
-                    sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                    sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
                         .bind(g)
                         .execute(&mut *tx)
                         .await?;
                 }
                 sqlx::query(
-                    "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES (?, ?, ?, ?, ?)
+                    "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (scope_kind, scope_name, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
                 )
                 .bind(kind)
@@ -731,7 +729,7 @@ impl AppState {
                 audit(&mut tx, now, &actor.label(), "settings.set", Some(&scope_label(scope)), details).await?;
             }
             None => {
-                let done = sqlx::query("DELETE FROM settings WHERE scope_kind = ? AND scope_name = ? AND key = ?")
+                let done = sqlx::query("DELETE FROM settings WHERE scope_kind = $1 AND scope_name = $2 AND key = $3")
                     .bind(kind)
                     .bind(&name)
                     .bind(key.as_str())
@@ -747,6 +745,7 @@ impl AppState {
                 audit(&mut tx, now, &actor.label(), "settings.unset", Some(&scope_label(scope)), details).await?;
             }
         }
+        self.note(&mut tx, Kind::Directory, [""]).await?;
         tx.commit().await?;
         let settings = scope_settings_mut(world.directory_mut(), scope)?;
         match value {
@@ -808,14 +807,15 @@ impl AppState {
         let g = GroupName::parse(group).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut world = self.world.write().await;
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        sqlx::query("INSERT INTO groups (name, priority) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET priority = excluded.priority")
+        let mut tx = self.begin_write(&mut world).await?;
+        sqlx::query("INSERT INTO groups (name, priority) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET priority = excluded.priority")
             .bind(g.as_str())
             .bind(priority)
             .execute(&mut *tx)
             .await?;
         audit(&mut tx, now, &actor.label(), "groups.set_priority", Some(g.as_str()), json!({"priority": priority}))
             .await?;
+        self.note(&mut tx, Kind::Directory, [""]).await?;
         tx.commit().await?;
         world.directory_mut().groups.entry(g.clone()).or_default().priority = priority;
         let ids = Self::devices_for_scope(&world, &SettingScope::Group(g.to_string()));
@@ -861,7 +861,7 @@ impl AppState {
         }
         let mut world = self.world.write().await;
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
+        let mut tx = self.begin_write(&mut world).await?;
         let (mut created, mut updated) = (0, 0);
         let mut touched = BTreeSet::new();
         for (upn, id, record, groups) in &parsed {
@@ -871,7 +871,7 @@ impl AppState {
                 created += 1;
             }
             sqlx::query(
-                "INSERT INTO users (upn, id, record, updated_at) VALUES (?, ?, ?, ?)
+                "INSERT INTO users (upn, id, record, updated_at) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (upn) DO UPDATE SET id = excluded.id, record = excluded.record, updated_at = excluded.updated_at",
             )
             .bind(upn.as_str())
@@ -880,13 +880,13 @@ impl AppState {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM user_groups WHERE upn = ?").bind(upn.as_str()).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
             for g in groups {
-                sqlx::query("INSERT INTO groups (name) VALUES (?) ON CONFLICT (name) DO NOTHING")
+                sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
                     .bind(g.as_str())
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("INSERT INTO user_groups (upn, group_name) VALUES (?, ?)")
+                sqlx::query("INSERT INTO user_groups (upn, group_name) VALUES ($1, $2)")
                     .bind(upn.as_str())
                     .bind(g.as_str())
                     .execute(&mut *tx)
@@ -896,6 +896,7 @@ impl AppState {
         }
         audit(&mut tx, now, &actor.label(), "users.import", None, json!({"created": created, "updated": updated}))
             .await?;
+        self.note(&mut tx, Kind::Directory, [""]).await?;
         tx.commit().await?;
         let directory = world.directory_mut();
         for (upn, id, record, groups) in parsed {
@@ -916,10 +917,12 @@ impl AppState {
     pub async fn set_primary(&self, actor: &Actor, device_id: &str, upn: Option<&str>) -> ApiResult<()> {
         let upn = upn.map(Upn::parse).transpose().map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut world = self.world.write().await;
+        let mut tx = self.begin_write(&mut world).await?;
         let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
         if !meta.active {
             return Err(ApiError::Conflict("device is decommissioned; re-enroll it to assign a user".into()));
         }
+        let previous = meta.primary.clone();
         if let Some(u) = &upn {
             if !world.directory.users.contains_key(u) {
                 return Err(ApiError::NotFound(format!(
@@ -928,8 +931,7 @@ impl AppState {
             }
         }
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
-        sqlx::query("UPDATE devices SET primary_user = ? WHERE id = ?")
+        sqlx::query("UPDATE devices SET primary_user = $1 WHERE id = $2")
             .bind(upn.as_ref().map(Upn::as_str))
             .bind(device_id)
             .execute(&mut *tx)
@@ -940,9 +942,10 @@ impl AppState {
             &actor.label(),
             "device.set_primary",
             Some(device_id),
-            json!({"primary_user": upn, "previous": meta.primary}),
+            json!({"primary_user": upn, "previous": previous}),
         )
         .await?;
+        self.note(&mut tx, Kind::Device, [device_id]).await?;
         tx.commit().await?;
         if let Some(m) = world.devices.get_mut(device_id) {
             m.primary = upn;
@@ -953,14 +956,14 @@ impl AppState {
 
     pub async fn decommission(&self, actor: &Actor, device_id: &str) -> ApiResult<()> {
         let mut world = self.world.write().await;
+        let mut tx = self.begin_write(&mut world).await?;
         let meta = world.devices.get(device_id).ok_or_else(|| device_not_found(device_id))?;
         if !meta.active {
             return Err(ApiError::Conflict("device is already decommissioned".into()));
         }
         let now = self.now();
-        let mut tx = crate::state::begin_write(&self.db).await?;
         sqlx::query(
-            "UPDATE devices SET status = 'decommissioned', decommissioned_at = ?, primary_user = NULL WHERE id = ?",
+            "UPDATE devices SET status = 'decommissioned', decommissioned_at = $1, primary_user = NULL WHERE id = $2",
         )
         .bind(now)
         .bind(device_id)
@@ -975,6 +978,7 @@ impl AppState {
             json!({"previous_primary": meta.primary}),
         )
         .await?;
+        self.note(&mut tx, Kind::Device, [device_id]).await?;
         tx.commit().await?;
         if let Some(slot) = self.index.get(device_id) {
             slot.revoke();
@@ -996,11 +1000,12 @@ impl AppState {
         for (i, batch) in dirty.chunks(PER_TRANSACTION).enumerate() {
             let _world = self.world.write().await;
             let write = async {
-                let mut tx = crate::state::begin_write(&self.db).await?;
+                let mut tx = crate::store::begin_write(&self.db).await?;
                 for (id, t) in batch {
                     sqlx::query(
-                        "INSERT INTO device_last_seen (device_id, last_seen) VALUES (?, ?)
-                         ON CONFLICT (device_id) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen)",
+                        "INSERT INTO device_last_seen (device_id, last_seen) VALUES ($1, $2)
+                         ON CONFLICT (device_id) DO UPDATE SET last_seen = CASE WHEN excluded.last_seen > device_last_seen.last_seen
+                             THEN excluded.last_seen ELSE device_last_seen.last_seen END",
                     )
                     .bind(id)
                     .bind(t)
@@ -1089,32 +1094,4 @@ fn scope_settings_mut<'d>(dir: &'d mut Directory, scope: &SettingScope) -> ApiRe
             &mut dir.users.entry(Upn::parse(u).map_err(|e| ApiError::BadRequest(e.to_string()))?).or_default().settings
         }
     })
-}
-
-/// Opens a write transaction. Every write starts with `BEGIN IMMEDIATE`, which takes SQLite's write
-/// lock at once (waiting up to the busy timeout for another writer): a deferred transaction that
-/// reads first cannot upgrade to a write after another connection committed, and SQLite then fails
-/// it at once with "database is locked" instead of waiting.
-pub async fn begin_write(db: &SqlitePool) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
-    db.begin_with("BEGIN IMMEDIATE").await
-}
-
-/// Appends an audit row inside the caller's transaction.
-pub async fn audit(
-    conn: &mut SqliteConnection,
-    at: i64,
-    actor: &str,
-    action: &str,
-    target: Option<&str>,
-    details: Value,
-) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO audit (at, actor, action, target, details) VALUES (?, ?, ?, ?, ?)")
-        .bind(at)
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(details.to_string())
-        .execute(conn)
-        .await?;
-    Ok(())
 }

@@ -14,10 +14,12 @@
 
 use crate::error::{ApiError, ApiResult};
 use crate::secrets;
-use crate::state::{audit, current_envelope, AppState, DeviceMeta, World};
+use crate::state::{current_envelope, AppState, DeviceMeta, World};
+use crate::store::audit;
+use crate::store::changes::Kind;
 use anyhow::Context;
 use serde_json::{json, Value};
-use sqlx::{Row, SqliteConnection};
+use sqlx::{AnyConnection, Row};
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use tenon_core::api::{envelope_etag, valid_agent_version, CheckedReport, DeviceReport, ReportError};
@@ -223,7 +225,7 @@ impl AppState {
 
     async fn commit_batch(&self, mut world: tokio::sync::RwLockWriteGuard<'_, World>, batch: Vec<Job>) {
         let now = self.now();
-        let mut tx = match crate::state::begin_write(&self.db).await {
+        let mut tx = match self.begin_write(&mut world).await {
             Ok(tx) => tx,
             Err(e) => {
                 tracing::warn!(error = %e, jobs = batch.len(), "cannot start a write transaction; clients retry");
@@ -273,6 +275,19 @@ impl AppState {
         }
         if done.is_empty() {
             let _ = tx.rollback().await;
+            return;
+        }
+        // The other servers (PostgreSQL) reload these devices from what this batch wrote.
+        let ids: Vec<String> = done
+            .iter()
+            .map(|d| match d {
+                Done::Report { device_id, .. } => device_id.clone(),
+                Done::Enroll { enrolled, .. } => enrolled.device_id.to_string(),
+            })
+            .collect();
+        if let Err(e) = self.note(&mut tx, Kind::Device, ids.iter().map(String::as_str)).await {
+            tracing::warn!(error = %e, jobs = done.len(), "a write batch did not commit; nothing of it is stored and clients retry");
+            done.into_iter().for_each(|d| d.fail(not_committed()));
             return;
         }
         let started = std::time::Instant::now();
@@ -357,7 +372,7 @@ impl AppState {
     /// One report's rows, inside the batch's transaction. Returns what to change in memory.
     async fn report_write(
         &self,
-        tx: &mut SqliteConnection,
+        tx: &mut AnyConnection,
         world: &World,
         device_id: &str,
         report: &DeviceReport,
@@ -387,7 +402,7 @@ impl AppState {
         // The history keeps what changed; a repeat of the last report (the agent's daily full
         // report, a retry) only refreshes the device row below.
         if meta.last_report_sha != Some(report_sha) {
-            sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO reports (device_id, received_at, report) VALUES ($1, $2, $3)")
                 .bind(device_id)
                 .bind(now)
                 .bind(&report_json)
@@ -396,9 +411,9 @@ impl AppState {
             self.client.history.prune(&mut *tx, device_id, now).await?;
         }
         sqlx::query(
-            "UPDATE devices SET hostname = ?, agent_version = ?, reported_version = ?, reported_sha256 = ?,
-                    last_error = ?, last_report_at = ?, signed_in_users = ?, policies = ?
-             WHERE id = ?",
+            "UPDATE devices SET hostname = $1, agent_version = $2, reported_version = $3, reported_sha256 = $4,
+                    last_error = $5, last_report_at = $6, signed_in_users = $7, policies = $8
+             WHERE id = $9",
         )
         .bind(hostname.as_str())
         .bind(&report.agent_version)
@@ -417,9 +432,9 @@ impl AppState {
         for upn in &signed_in {
             let new_session = !meta.signed_in.contains(upn);
             sqlx::query(
-                "INSERT INTO device_users (device_id, upn, first_seen, last_seen, sightings) VALUES (?, ?, ?, ?, 1)
+                "INSERT INTO device_users (device_id, upn, first_seen, last_seen, sightings) VALUES ($1, $2, $3, $4, 1)
                  ON CONFLICT (device_id, upn) DO UPDATE SET
-                     sightings = sightings + (CASE WHEN ? OR last_seen / 86400 < excluded.last_seen / 86400 THEN 1 ELSE 0 END),
+                     sightings = sightings + (CASE WHEN $5 OR last_seen / 86400 < excluded.last_seen / 86400 THEN 1 ELSE 0 END),
                      last_seen = excluded.last_seen",
             )
             .bind(device_id)
@@ -456,7 +471,7 @@ impl AppState {
             .await?;
         }
         if let Some(p) = &new_primary {
-            sqlx::query("UPDATE devices SET primary_user = ? WHERE id = ?")
+            sqlx::query("UPDATE devices SET primary_user = $1 WHERE id = $2")
                 .bind(p.as_str())
                 .bind(device_id)
                 .execute(&mut *tx)
@@ -477,7 +492,7 @@ impl AppState {
     /// One enrollment's rows, inside the batch's transaction.
     async fn enroll_write(
         &self,
-        tx: &mut SqliteConnection,
+        tx: &mut AnyConnection,
         token: &str,
         hostname: &Hostname,
         agent_version: &str,
@@ -492,7 +507,7 @@ impl AppState {
         let (token_id, secret, fingerprint) = secrets::split_token(token, secrets::ENROLL_PREFIX).ok_or_else(bad)?;
         let hostname = hostname.as_str();
         let row =
-            sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = ?")
+            sqlx::query("SELECT secret_sha256, uses_left, expires_at, revoked_at FROM enroll_tokens WHERE id = $1")
                 .bind(token_id)
                 .fetch_optional(&mut *tx)
                 .await?
@@ -528,7 +543,7 @@ impl AppState {
                     .into(),
             ));
         }
-        sqlx::query("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = ?")
+        sqlx::query("UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE id = $1")
             .bind(token_id)
             .execute(&mut *tx)
             .await?;
@@ -548,7 +563,7 @@ impl AppState {
         .map_err(|e| ApiError::Internal(e.into()))?;
         sqlx::query(
             "INSERT INTO devices (id, hostname, credential_sha256, enrolled_at, enroll_token_id, agent_version)
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(device_id.as_str())
         .bind(hostname)
@@ -560,7 +575,7 @@ impl AppState {
         .await?;
         sqlx::query(
             "INSERT INTO device_envelopes (device_id, config_version, config_sha256, envelope, envelope_expires_at)
-             VALUES (?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(device_id.as_str())
         .bind(issued.version as i64)

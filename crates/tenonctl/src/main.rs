@@ -84,6 +84,9 @@ enum Command {
     /// Background re-signing of the devices a change reached.
     #[command(subcommand)]
     Resign(ResignCmd),
+    /// The server answering: its store, and its part among the servers of one database.
+    #[command(subcommand)]
+    Server(ServerCmd),
     /// Admin tokens and their roles.
     #[command(name = "admin-tokens", subcommand)]
     AdminTokens(AdminTokensCmd),
@@ -313,6 +316,13 @@ enum SignaturesCmd {
     },
     /// Remove a template; devices delete the files Tenon wrote for it at their next sync.
     Remove { name: String },
+}
+
+#[derive(Subcommand)]
+enum ServerCmd {
+    /// Which server answered, its store, whether its database answers, whether it runs the
+    /// database-wide jobs, and the last change of other servers it applied.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -913,6 +923,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "re-signing: {} of {} devices in this run, {} queued; changes up to {} done, {} requested",
                     v["done"], v["total"], v["queued"], v["completed_generation"], v["requested_generation"]
+                );
+            }
+        }
+        Command::Server(ServerCmd::Status) => {
+            let v = c.call("GET", "/server", None)?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "server {} on {} (database {}); {} devices; {}; other servers' changes applied up to {}",
+                    v["server_id"].as_str().unwrap_or("?"),
+                    v["store"].as_str().unwrap_or("?"),
+                    v["database"].as_str().unwrap_or("?"),
+                    v["devices"],
+                    if v["runs_jobs"].as_bool().unwrap_or(false) {
+                        "runs the database-wide jobs"
+                    } else {
+                        "another server runs the database-wide jobs"
+                    },
+                    v["applied_change"]
                 );
             }
         }

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 use sqlx::Row;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -187,7 +187,7 @@ const DEVICE_COLUMNS: &str =
 const DEVICE_TABLES: &str = "devices JOIN device_envelopes e ON e.device_id = devices.id
      LEFT JOIN device_last_seen s ON s.device_id = devices.id";
 
-fn device_view(state: &AppState, row: &SqliteRow) -> DeviceView {
+fn device_view(state: &AppState, row: &AnyRow) -> DeviceView {
     let id: String = row.get("id");
     let last_seen = state.index.last_seen(&id).max(row.get::<Option<i64>, _>("last_seen"));
     DeviceView {
@@ -233,7 +233,7 @@ pub async fn list_devices(
     let cursor = match &q.after {
         None => None,
         Some(after) => Some(
-            sqlx::query_scalar::<_, String>("SELECT hostname FROM devices WHERE id = ?")
+            sqlx::query_scalar::<_, String>("SELECT hostname FROM devices WHERE id = $1")
                 .bind(after.to_lowercase())
                 .fetch_optional(&state.db)
                 .await?
@@ -252,8 +252,8 @@ pub async fn list_devices(
     };
     let rows = sqlx::query(&format!(
         "SELECT {DEVICE_COLUMNS} FROM {DEVICE_TABLES}
-         WHERE (?1 IS NULL OR (hostname, id) > (?1, ?2)) AND (?3 IS NULL OR hostname = ?3 COLLATE NOCASE)
-           AND (?4 OR status = 'active') AND (NOT ?5 OR primary_user IS NULL)
+         WHERE ($1 IS NULL OR (hostname, id) > ($1, $2)) AND ($3 IS NULL OR LOWER(hostname) = LOWER($3))
+           AND ($4 OR status = 'active') AND (NOT $5 OR primary_user IS NULL)
          ORDER BY hostname, id"
     ))
     .bind(cursor.as_ref().map(|c| c.0.as_str()))
@@ -302,14 +302,14 @@ pub async fn show_device(
     Admin(_): Admin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let row = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM {DEVICE_TABLES} WHERE id = ?"))
+    let row = sqlx::query(&format!("SELECT {DEVICE_COLUMNS} FROM {DEVICE_TABLES} WHERE id = $1"))
         .bind(id.to_lowercase())
         .fetch_optional(&state.db)
         .await?
         .ok_or_else(|| device_not_found(&id))?;
     let view = device_view(&state, &row);
     let users: Vec<Value> = sqlx::query(
-        "SELECT upn, first_seen, last_seen, sightings FROM device_users WHERE device_id = ? ORDER BY sightings DESC, upn",
+        "SELECT upn, first_seen, last_seen, sightings FROM device_users WHERE device_id = $1 ORDER BY sightings DESC, upn",
     )
     .bind(&view.id)
     .fetch_all(&state.db)
@@ -355,11 +355,11 @@ pub async fn device_reports(
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let id = id.to_lowercase();
     let known: Option<String> =
-        sqlx::query_scalar("SELECT id FROM devices WHERE id = ?").bind(&id).fetch_optional(&state.db).await?;
+        sqlx::query_scalar("SELECT id FROM devices WHERE id = $1").bind(&id).fetch_optional(&state.db).await?;
     if known.is_none() {
         return Err(device_not_found(&id));
     }
-    let rows = sqlx::query("SELECT received_at, report FROM reports WHERE device_id = ? ORDER BY id DESC LIMIT ?")
+    let rows = sqlx::query("SELECT received_at, report FROM reports WHERE device_id = $1 ORDER BY id DESC LIMIT $2")
         .bind(&id)
         .bind(limit)
         .fetch_all(&state.db)
@@ -409,7 +409,7 @@ pub async fn audit_list(
     ApiQuery(q): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
-    let rows = sqlx::query("SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT ?")
+    let rows = sqlx::query("SELECT id, at, actor, action, target, details FROM audit ORDER BY id DESC LIMIT $1")
         .bind(limit)
         .fetch_all(&state.db)
         .await?;
@@ -578,5 +578,22 @@ pub async fn resign_status(State(state): State<Arc<AppState>>, Admin(_): Admin) 
         "queued": queued,
         "done": done,
         "total": total,
+    }))
+}
+
+/// `GET /api/v1/admin/server`: this server, its store, and its part among the servers of one
+/// database (`tenonctl server status`).
+pub async fn server_status(State(state): State<Arc<AppState>>, Admin(_): Admin) -> Json<Value> {
+    use std::sync::atomic::Ordering;
+    Json(json!({
+        "server_id": state.origin,
+        "store": match crate::store::backend(&state.db) {
+            crate::store::Backend::Sqlite => "sqlite",
+            crate::store::Backend::Postgres => "postgres",
+        },
+        "database": if state.database_ok.load(Ordering::Relaxed) { "ok" } else { "unreachable" },
+        "runs_jobs": state.holds_jobs(),
+        "applied_change": state.applied_seq.load(Ordering::Relaxed),
+        "devices": state.index.len(),
     }))
 }

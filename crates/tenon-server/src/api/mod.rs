@@ -8,7 +8,7 @@ mod signatures;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::{get, post, put};
 use axum::Router;
 use std::sync::Arc;
@@ -76,6 +76,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/audit", get(admin::audit_list))
         .route("/resign", get(admin::resign_status))
+        .route("/server", get(admin::server_status))
         .route("/networks", get(admin::networks));
     let api = Router::new()
         .route("/enroll", post(device::enroll).layer(DefaultBodyLimit::max(ENROLL_LIMIT)))
@@ -94,7 +95,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The check-in: memory only, nothing to protect from cancellation, and the hot path.
         .route("/device/config", get(device::config));
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .nest("/api/v1", api)
         .fallback(|| async { ApiError::NotFound("no such endpoint; the API lives under /api/v1".into()) })
         .method_not_allowed_fallback(|| async {
@@ -102,6 +104,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
+}
+
+/// For a load balancer that should keep sending check-ins while the database is away: 200
+/// whenever the server serves, with `degraded` in the body when the database does not answer.
+async fn healthz(State(state): State<Arc<AppState>>) -> &'static str {
+    if state.database_ok.load(std::sync::atomic::Ordering::Relaxed) {
+        "ok"
+    } else {
+        "degraded: database unreachable (check-ins are answered from memory; writes answer 503)"
+    }
+}
+
+/// Fails (503) while the database does not answer: for a balancer or orchestrator that should
+/// send only to servers that can also write.
+async fn readyz(State(state): State<Arc<AppState>>) -> Result<&'static str, ApiError> {
+    if state.database_ok.load(std::sync::atomic::Ordering::Relaxed) {
+        Ok("ready")
+    } else {
+        Err(ApiError::DatabaseUnavailable)
+    }
 }
 
 #[cfg(test)]

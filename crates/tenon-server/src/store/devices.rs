@@ -1,0 +1,125 @@
+//! The devices' rows as the server keeps them in memory: credential hash, envelope, primary
+//! user, who signs in. Read at start for every device, and for the devices another server
+//! changed.
+
+use super::Conn;
+use anyhow::Context;
+use sqlx::Row;
+use std::collections::{BTreeSet, HashMap};
+use tenon_core::ids::Upn;
+
+/// One device as loaded.
+pub struct DeviceRow {
+    pub id: String,
+    pub credential_sha256: [u8; 32],
+    pub active: bool,
+    pub primary: Option<Upn>,
+    pub version: u64,
+    pub sha256: String,
+    pub envelope: String,
+    pub expires_at: i64,
+    pub enrolled_at: i64,
+    pub has_reported: bool,
+    pub signed_in: BTreeSet<Upn>,
+    /// Everyone seen signing in on it (`device_users`).
+    pub users: BTreeSet<Upn>,
+}
+
+const COLUMNS: &str =
+    "SELECT id, credential_sha256, status, primary_user, e.config_version, e.config_sha256, e.envelope,
+            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users
+     FROM devices JOIN device_envelopes e ON e.device_id = devices.id";
+
+/// Ids per `IN (...)` list.
+const IDS_PER_QUERY: usize = 500;
+
+/// Every device (`ids` = None) or the given ones.
+pub async fn load(conn: &mut Conn, ids: Option<&[String]>) -> anyhow::Result<Vec<DeviceRow>> {
+    let mut out = Vec::new();
+    let mut users: HashMap<String, BTreeSet<Upn>> = HashMap::new();
+    match ids {
+        None => {
+            for row in sqlx::query(COLUMNS).fetch_all(&mut *conn).await? {
+                out.push(device_row(&row)?);
+            }
+            for row in sqlx::query("SELECT device_id, upn FROM device_users").fetch_all(&mut *conn).await? {
+                if let Ok(u) = Upn::parse(row.get::<&str, _>(1)) {
+                    users.entry(row.get(0)).or_default().insert(u);
+                }
+            }
+        }
+        Some(ids) => {
+            for part in ids.chunks(IDS_PER_QUERY) {
+                let list = placeholders(part.len());
+                let sql = format!("{COLUMNS} WHERE devices.id IN ({list})");
+                let mut q = sqlx::query(&sql);
+                for id in part {
+                    q = q.bind(id);
+                }
+                for row in q.fetch_all(&mut *conn).await? {
+                    out.push(device_row(&row)?);
+                }
+                let sql = format!("SELECT device_id, upn FROM device_users WHERE device_id IN ({list})");
+                let mut q = sqlx::query(&sql);
+                for id in part {
+                    q = q.bind(id);
+                }
+                for row in q.fetch_all(&mut *conn).await? {
+                    if let Ok(u) = Upn::parse(row.get::<&str, _>(1)) {
+                        users.entry(row.get(0)).or_default().insert(u);
+                    }
+                }
+            }
+        }
+    }
+    for d in &mut out {
+        if let Some(u) = users.remove(&d.id) {
+            d.users = u;
+        }
+    }
+    Ok(out)
+}
+
+/// `$1, $2, ..., $n`.
+pub fn placeholders(n: usize) -> String {
+    (1..=n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
+fn device_row(row: &sqlx::any::AnyRow) -> anyhow::Result<DeviceRow> {
+    let id: String = row.get(0);
+    let credential_sha256: [u8; 32] = hex::decode(row.get::<&str, _>(1))
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .with_context(|| format!("the stored credential hash of device {id} is damaged"))?;
+    let signed_in = row
+        .get::<Option<&str>, _>(10)
+        .and_then(|s| serde_json::from_str::<Vec<String>>(s).ok())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|u| Upn::parse(u).ok())
+        .collect();
+    Ok(DeviceRow {
+        credential_sha256,
+        active: row.get::<&str, _>(2) == "active",
+        primary: row.get::<Option<&str>, _>(3).map(Upn::parse).transpose()?,
+        version: row.get::<i64, _>(4) as u64,
+        sha256: row.get(5),
+        envelope: row.get(6),
+        expires_at: row.get(7),
+        enrolled_at: row.get(8),
+        has_reported: row.get::<Option<i64>, _>(9).is_some(),
+        signed_in,
+        users: BTreeSet::new(),
+        id,
+    })
+}
+
+/// Last-seen times, so that the index (and the metrics' last-seen buckets) know them at once.
+pub async fn last_seen(conn: &mut Conn) -> sqlx::Result<Vec<(String, i64)>> {
+    Ok(sqlx::query("SELECT device_id, last_seen FROM device_last_seen")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}

@@ -1,0 +1,75 @@
+//! The directory's rows: settings, groups, users, memberships and signature templates, read
+//! into one `tenon_core::directory::Directory` (at start, and when another server changed it).
+
+use super::Conn;
+use anyhow::Context;
+use sqlx::Row;
+use tenon_core::directory::Directory;
+use tenon_core::ids::{GroupName, SettingKey, Upn};
+use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
+use tenon_core::settings::SettingValue;
+
+pub async fn load(conn: &mut Conn) -> anyhow::Result<Directory> {
+    let mut directory = Directory::default();
+    for row in sqlx::query("SELECT scope_kind, scope_name, key, value FROM settings").fetch_all(&mut *conn).await? {
+        let (kind, name, key, value): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let key = SettingKey::parse(&key).context("stored setting key")?;
+        let value = if value == "undefined" {
+            SettingValue::Undefined
+        } else {
+            SettingValue::Set(serde_json::from_str(&value).context("stored setting value")?)
+        };
+        match kind.as_str() {
+            "tenant" => {
+                directory.tenant.insert(key, value);
+            }
+            "group" => {
+                let g = GroupName::parse(&name)?;
+                directory.groups.entry(g).or_default().settings.insert(key, value);
+            }
+            _ => {
+                let u = Upn::parse(&name)?;
+                directory.users.entry(u).or_default().settings.insert(key, value);
+            }
+        }
+    }
+    for row in sqlx::query("SELECT name, priority FROM groups").fetch_all(&mut *conn).await? {
+        let g = GroupName::parse(row.get::<&str, _>(0))?;
+        directory.groups.entry(g).or_default().priority = row.get(1);
+    }
+    for row in sqlx::query("SELECT upn, id, record FROM users").fetch_all(&mut *conn).await? {
+        let u = Upn::parse(row.get::<&str, _>(0))?;
+        let entry = directory.users.entry(u).or_default();
+        entry.id = row.get(1);
+        entry.record = serde_json::from_str(row.get::<&str, _>(2)).context("stored user record")?;
+    }
+    for row in sqlx::query("SELECT upn, group_name FROM user_groups").fetch_all(&mut *conn).await? {
+        let u = Upn::parse(row.get::<&str, _>(0))?;
+        let g = GroupName::parse(row.get::<&str, _>(1))?;
+        directory.users.entry(u).or_default().groups.insert(g);
+    }
+    for row in sqlx::query("SELECT name, html, txt, default_use, groups, images FROM signatures ORDER BY name")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        let name: String = row.get(0);
+        let default = row
+            .get::<Option<&str>, _>(3)
+            .map(str::parse::<DefaultUse>)
+            .transpose()
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("stored default use of signature {name:?}"))?;
+        directory.signatures.push(SignatureTemplate {
+            html: row.get(1),
+            txt: row.get(2),
+            default,
+            groups: serde_json::from_str(row.get::<&str, _>(4))
+                .with_context(|| format!("stored groups of signature {name:?}"))?,
+            images: serde_json::from_str(row.get::<&str, _>(5))
+                .with_context(|| format!("stored images of signature {name:?}"))?,
+            name,
+        });
+    }
+    Ok(directory)
+}
