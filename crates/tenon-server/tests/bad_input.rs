@@ -518,11 +518,7 @@ fn a_second_server_on_a_data_dir_in_use_says_so() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let server = Server::start(&data, "127.0.0.1:0");
-    let out = std::process::Command::new(common::bin("tenon-server"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = common::server_command("serve", &data).args(["--listen", "127.0.0.1:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is in use by another tenon-server"), "{err}");

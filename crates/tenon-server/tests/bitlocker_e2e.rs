@@ -240,16 +240,12 @@ fn full_escrow_run_role_checks_rotation_and_no_key_anywhere() {
     let mut everything = t.0.clone();
     everything.extend(std::fs::read(&server.stderr_log).unwrap());
     everything.extend(std::fs::read(agent.state_dir.join("status.json")).unwrap());
-    for f in ["tenon.db", "tenon.db-wal"] {
-        if let Ok(b) = std::fs::read(server.data_dir.join(f)) {
-            everything.extend(b);
-        }
-    }
+    everything.extend(common::store_bytes(&server.data_dir));
     let stop_log = server.stderr_log.clone();
     let data_dir = server.data_dir.clone();
     server.stop();
     everything.extend(std::fs::read(stop_log).unwrap());
-    everything.extend(std::fs::read(data_dir.join("tenon.db")).unwrap());
+    everything.extend(common::store_bytes(&data_dir));
     assert!(everything.len() > 10_000, "the transcript is not empty");
     // It did capture the escrow traffic: the protector ids are there, just never the keys.
     assert!(contains(&everything, &protector) && contains(&everything, &new_protector));
@@ -461,11 +457,11 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
     let old_key = std::fs::read(data.join("keys/escrow.x25519")).unwrap();
 
     // Offline only: the running server holds the data-dir lock.
-    let busy = Command::new(bin("tenon-server")).args(["rotate-escrow-key", "--data-dir"]).arg(&data).output().unwrap();
+    let busy = common::server_command("rotate-escrow-key", &data).output().unwrap();
     assert_eq!(busy.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by another tenon-server"));
     server.stop();
-    let out = Command::new(bin("tenon-server")).args(["rotate-escrow-key", "--data-dir"]).arg(&data).output().unwrap();
+    let out = common::server_command("rotate-escrow-key", &data).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 stored recovery keys re-sealed"));
     assert!(!contains(&out.stdout, &password) && !contains(&out.stderr, &password));
@@ -519,7 +515,7 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
     server.stop();
     assert!(common::strip_ansi(&log).contains("total=2 current=0 older_key=0 failed=2"), "{log}");
     assert!(!contains(log.as_bytes(), &new_keys[0].1));
-    let out = Command::new(bin("tenon-server")).args(["rotate-escrow-key", "--data-dir"]).arg(&data).output().unwrap();
+    let out = common::server_command("rotate-escrow-key", &data).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("do not open with any escrow key"), "{out:?}");
     std::fs::remove_file(data.join("keys/escrow.x25519.next")).unwrap();

@@ -193,18 +193,10 @@ fn signing_key_rotation_reaches_agents_through_the_root_signed_key_list() {
     let before = a.status()["config_version"].as_u64().unwrap();
 
     // While the server runs, rotation is refused (the data dir is locked).
-    let busy = std::process::Command::new(common::bin("tenon-server"))
-        .args(["rotate-signing-key", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let busy = common::server_command("rotate-signing-key", &data).output().unwrap();
     assert_eq!(busy.status.code(), Some(1));
     server.stop();
-    let out = std::process::Command::new(common::bin("tenon-server"))
-        .args(["rotate-signing-key", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
+    let out = common::server_command("rotate-signing-key", &data).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     let server = Server::start(&data, &addr);
@@ -236,7 +228,6 @@ fn signing_key_rotation_reaches_agents_through_the_root_signed_key_list() {
 fn a_database_restored_from_backup_continues_above_the_devices_version() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let backup = tmp.path().join("backup");
     let server = Server::start(&data, "127.0.0.1:0");
     let addr = server.addr.clone();
     let token = server.enroll_token(1);
@@ -244,10 +235,7 @@ fn a_database_restored_from_backup_continues_above_the_devices_version() {
     a.enroll(&server, &token);
     a.ok(&["sync", "--once"]);
     server.stop();
-    std::fs::create_dir_all(&backup).unwrap();
-    for f in ["tenon.db", "tenon.db-wal", "tenon.db-shm"] {
-        let _ = std::fs::copy(data.join(f), backup.join(f));
-    }
+    common::snapshot_store(&data, "backup");
 
     let server = Server::start(&data, &addr);
     server.ctl_ok(&["settings", "set", "--tenant", "Custom.Step", "1"]);
@@ -255,12 +243,7 @@ fn a_database_restored_from_backup_continues_above_the_devices_version() {
     a.ok(&["sync", "--once"]);
     let held = a.status()["config_version"].as_u64().unwrap();
     server.stop();
-    for f in ["tenon.db", "tenon.db-wal", "tenon.db-shm"] {
-        let _ = std::fs::remove_file(data.join(f));
-        if backup.join(f).exists() {
-            std::fs::copy(backup.join(f), data.join(f)).unwrap();
-        }
-    }
+    common::restore_store(&data, "backup");
 
     // The restored server is behind: its envelope is refused as a rollback, the report tells the
     // server what the device holds, and the next sync gets a version above it.

@@ -301,8 +301,7 @@ fn a_taken_port_is_refused_before_anything_is_written() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let data = tmp.path().join("fresh-data");
-    let out =
-        Command::new(bin("tenon-server")).args(["serve", "--listen", &addr, "--data-dir"]).arg(&data).output().unwrap();
+    let out = common::server_command("serve", &data).args(["--listen", &addr]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("cannot listen on"), "{}", stderr(&out));
     assert!(!data.exists(), "the data dir was created although the port is taken");
@@ -331,16 +330,18 @@ fn a_stored_key_the_schema_refuses_is_reported_and_stays_removable() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     Server::start(&data, "127.0.0.1:0").stop();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("tenon.db"));
-        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
-        sqlx::query("INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES ('tenant', '', 'Policies.Team', '\"eng\"', 0)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        pool.close().await;
-    });
+    let insert = "INSERT INTO settings (scope_kind, scope_name, key, value, updated_at) VALUES ('tenant', '', 'Policies.Team', '\"eng\"', 0)";
+    if let Some(url) = common::database_url_for(&data) {
+        common::psql(&url, insert);
+    } else {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(data.join("tenon.db"));
+            let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+            sqlx::query(insert).execute(&pool).await.unwrap();
+            pool.close().await;
+        });
+    }
     let server = Server::start(&data, "127.0.0.1:0");
     let log = std::fs::read_to_string(&server.stderr_log).unwrap();
     assert!(log.contains("stored setting is not valid now") && log.contains("Policies.Team"), "{log}");

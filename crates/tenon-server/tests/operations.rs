@@ -78,9 +78,14 @@ fn a_config_file_sets_every_flag_and_the_command_line_wins() {
     let tmp = tempfile::tempdir().unwrap();
     let from_file = tmp.path().join("from-file");
     let config = tmp.path().join("server.toml");
+    // Under PostgreSQL the file names the data dir's database too (`database` is a flag like the others).
+    let database = common::database_url_for(&from_file).map(|url| format!("database = {url:?}\n")).unwrap_or_default();
     std::fs::write(
         &config,
-        format!("listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nenvelope-ttl = \"2d\"\nlog-format = \"json\"\n", from_file),
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nenvelope-ttl = \"2d\"\nlog-format = \"json\"\n{database}",
+            from_file
+        ),
     )
     .unwrap();
     let (child, addr, log) = start(&["serve", "--config", config.to_str().unwrap()], tmp.path(), None);
@@ -96,8 +101,10 @@ fn a_config_file_sets_every_flag_and_the_command_line_wins() {
     let from_flag = tmp.path().join("from-flag");
     let run2 = tmp.path().join("run2");
     std::fs::create_dir_all(&run2).unwrap();
-    let (child, _, log) =
-        start(&["serve", "--data-dir", from_flag.to_str().unwrap(), "--log-format", "text"], &run2, Some(&config));
+    let database = common::database_args(&from_flag);
+    let mut args = vec!["serve", "--data-dir", from_flag.to_str().unwrap(), "--log-format", "text"];
+    args.extend(database.iter().map(String::as_str));
+    let (child, _, log) = start(&args, &run2, Some(&config));
     assert!(from_flag.join("admin.token").exists());
     stop(child);
     let text = std::fs::read_to_string(&log).unwrap();
@@ -130,11 +137,18 @@ fn metrics_count_check_ins_by_outcome_on_their_own_listener() {
     let data = tmp.path().join("data");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let metrics_addr = format!("127.0.0.1:{port}");
-    let (child, url, _log) = start(
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap(), "--metrics-listen", &metrics_addr],
-        tmp.path(),
-        None,
-    );
+    let database = common::database_args(&data);
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--metrics-listen",
+        &metrics_addr,
+    ];
+    args.extend(database.iter().map(String::as_str));
+    let (child, url, _log) = start(&args, tmp.path(), None);
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_string();
     let ctl = |args: &[&str]| {
         let out =

@@ -17,7 +17,10 @@ fn device(host: &str) -> serde_json::Value {
 
 /// `tenon-server serve` that must refuse to start: its exit code and stderr.
 fn refused(args: &[&str]) -> String {
-    let out = Command::new(bin("tenon-server")).arg("serve").args(args).output().unwrap();
+    // Under PostgreSQL the data dir's database too, so the refusal is checked on that store.
+    let data_dir = args.iter().position(|a| *a == "--data-dir").map(|i| Path::new(args[i + 1]));
+    let database = data_dir.map(common::database_args).unwrap_or_default();
+    let out = Command::new(bin("tenon-server")).arg("serve").args(args).args(database).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "serve {args:?} must refuse to start: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
