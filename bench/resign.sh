@@ -31,15 +31,10 @@ REPORT_RATE=${REPORT_RATE:-300/s}
 CHECKIN_RATE=${CHECKIN_RATE:-3333/s}
 ADMIN_PERIOD=${ADMIN_PERIOD:-0.5}
 RUN_MAX=${RUN_MAX:-10m}
-TARGET=${CARGO_TARGET_DIR:-target}
-SERVER_BIN=${SERVER_BIN:-$TARGET/release/tenon-server}
-CTL_BIN=${CTL_BIN:-$TARGET/release/tenonctl}
-SIM_BIN=${SIM_BIN:-$TARGET/release/tenon-fleetsim}
-if [ -z "${SKIP_BUILD:-}" ]; then
-  cargo build --release -q -p tenon-server -p tenonctl
-  # On its own: built together, fleetsim's hyper client features would be unified into the server's build.
-  cargo build --release -q -p tenon-fleetsim
-fi
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+bench_bins
+bench_build
 work=$(mktemp -d)
 cleanup() {
   rc=$?
@@ -56,12 +51,8 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 
 port=$((20000 + RANDOM % 20000))
-# shellcheck disable=SC2086 # SERVER_ARGS is a list of options
-"$SERVER_BIN" serve --listen 127.0.0.1:$port --data-dir "$work/data" \
-  --enroll-rate-per-address off --enroll-rate-per-token off \
-  --report-rate-per-device off --report-rate-per-address off ${SERVER_ARGS:-} >"$work/server.out" 2>"$work/server.err" &
-server_pid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+# shellcheck disable=SC2086 # the limits and SERVER_ARGS are lists of options
+start_server server_pid "$work/server" --listen 127.0.0.1:$port --data-dir "$work/data" $BENCH_SERVER_LIMITS ${SERVER_ARGS:-}
 export TENON_SERVER=http://127.0.0.1:$port TENON_TOKEN=$(cat "$work/data/admin.token")
 token=$("$CTL_BIN" enroll-token create --uses "$DEVICES" --ttl 2h)
 
@@ -147,7 +138,7 @@ wait "$admin_pid" 2>/dev/null || true
 admin_pid=""
 [ -n "${poll_pid:-}" ] && { wait "$poll_pid" 2>/dev/null || true; poll_pid=""; }
 [ "$sim_rc" = 0 ] || { echo "tenon-fleetsim run failed ($sim_rc):"; cat "$work/run.err"; exit 1; }
-rss=$(awk '/VmRSS/ {print $2 " " $3}' "/proc/$server_pid/status")
+rss=$(rss "$server_pid")
 
 python3 - "$work" "$t0" "$t1" "$t_done" "$gen" "$wait_flag" "$resign_api" "$DEVICES" "$rss" <<'PY'
 import json, math, os, sys

@@ -53,26 +53,47 @@ pub struct EnrollArgs {
     pub connections: usize,
 }
 
-pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
-    let targets = crate::client::targets(&args.common.server, args.common.ca_file.as_deref())?;
+/// What an enrollment achieved.
+pub struct Enrollment {
+    /// `(DEVICE_ID, CREDENTIAL)` of every enrolled device, in enrollment order.
+    pub creds: Vec<(String, String)>,
+    pub seconds: f64,
+    pub summary: crate::stats::Summary,
+}
+
+impl Enrollment {
+    pub fn rate(&self) -> f64 {
+        self.creds.len() as f64 / self.seconds
+    }
+}
+
+/// Enrolls `devices` devices over `connections` keep-alive connections (round robin over the
+/// servers), printing progress on stderr every 5 s.
+pub async fn enroll_devices(
+    common: &Common,
+    token: &str,
+    devices: usize,
+    connections: usize,
+) -> anyhow::Result<Enrollment> {
+    let targets = crate::client::targets(&common.server, common.ca_file.as_deref())?;
     let start = Instant::now();
     let ctx = Arc::new(Ctx::new(CtxOptions {
-        timeout: args.common.timeout,
+        timeout: common.timeout,
         start,
         measure_from: start,
         deadline: start + Duration::from_secs(100 * 365 * 86400),
         devices: Vec::new(),
         interval: Duration::ZERO,
         jitter: 0.0,
-        token: args.token.clone(),
-        hostname_prefix: args.common.hostname_prefix.clone(),
-        enroll_count: Some(args.devices as u64),
+        token: token.to_string(),
+        hostname_prefix: common.hostname_prefix.clone(),
+        enroll_count: Some(devices as u64),
         report_count: None,
         watch: None,
     }));
     let progress = {
         let ctx = ctx.clone();
-        let n = args.devices;
+        let n = devices;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -81,7 +102,7 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
             }
         })
     };
-    let lanes: Vec<_> = (0..args.connections.clamp(1, args.devices.max(1)))
+    let lanes: Vec<_> = (0..connections.clamp(1, devices.max(1)))
         .map(|l| tokio::spawn(lane(ctx.clone(), Kind::Enroll, Source::Closed, targets[l % targets.len()].clone())))
         .collect();
     let mut results = Vec::new();
@@ -91,13 +112,20 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
     let seconds = start.elapsed().as_secs_f64();
     progress.abort();
     let (total, _) = merge(results);
-    let enrolled: Vec<(String, String)> = ctx.enrolled.lock().expect("enrolled").iter().flatten().cloned().collect();
-    write_creds(&args.out, &enrolled)?;
+    let creds: Vec<(String, String)> = ctx.enrolled.lock().expect("enrolled").iter().flatten().cloned().collect();
     let summary = total
         .iter()
         .find(|(k, _)| *k == Kind::Enroll)
         .map(|(_, s)| s.summary(seconds))
         .unwrap_or_else(|| crate::stats::KindStats::default().summary(seconds));
+    Ok(Enrollment { creds, seconds, summary })
+}
+
+pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
+    let targets = crate::client::targets(&args.common.server, args.common.ca_file.as_deref())?;
+    let e = enroll_devices(&args.common, &args.token, args.devices, args.connections).await?;
+    write_creds(&args.out, &e.creds)?;
+    let (enrolled, seconds, summary) = (&e.creds, e.seconds, &e.summary);
     if args.common.json {
         let out = json!({
             "mode": "enroll",
@@ -125,7 +153,7 @@ pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
     Ok(enrolled.len() == args.devices)
 }
 
-fn write_creds(path: &Path, creds: &[(String, String)]) -> anyhow::Result<()> {
+pub fn write_creds(path: &Path, creds: &[(String, String)]) -> anyhow::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = std::fs::OpenOptions::new()
         .write(true)

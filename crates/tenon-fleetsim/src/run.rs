@@ -94,7 +94,7 @@ pub struct RunArgs {
     pub seed: u64,
 }
 
-fn load_devices(args: &RunArgs) -> anyhow::Result<Vec<Device>> {
+pub fn load_devices(args: &RunArgs) -> anyhow::Result<Vec<Device>> {
     let text = std::fs::read_to_string(&args.creds).with_context(|| format!("cannot read {}", args.creds.display()))?;
     let mut devices = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -124,11 +124,18 @@ fn load_devices(args: &RunArgs) -> anyhow::Result<Vec<Device>> {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
-    let targets = crate::client::targets(&args.common.server, args.common.ca_file.as_deref())?;
     if args.enroll_rate != Load::Off && args.enroll_token.is_none() {
         bail!("--enroll-rate needs --enroll-token (or TENON_FLEETSIM_TOKEN)");
     }
     let devices = load_devices(&args)?;
+    run_devices(args, devices, None).await
+}
+
+/// Runs `devices` as `args` says (its `creds` and `devices` are not read) and prints the figures.
+/// With `enrollment` (the top-level form) the JSON object is of mode `fleet` and carries it under
+/// `enrollment` (the enrollment's figures, or null for devices read from a credentials file).
+pub async fn run_devices(args: RunArgs, devices: Vec<Device>, enrollment: Option<Value>) -> anyhow::Result<bool> {
+    let targets = crate::client::targets(&args.common.server, args.common.ca_file.as_deref())?;
     let n = devices.len();
     let (checkin_load, interval) = match args.checkin_rate {
         Some(Load::Rate(r)) => (Load::Rate(r), Duration::from_secs_f64(n as f64 / r)),
@@ -249,7 +256,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
 
     if args.common.json {
         let mut out = json!({
-            "mode": "run",
+            "mode": if enrollment.is_some() { "fleet" } else { "run" },
             "servers": targets.iter().map(|t| t.url.clone()).collect::<Vec<_>>(),
             "devices": n,
             "seconds": round3(seconds),
@@ -260,6 +267,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<bool> {
             "change_window": null,
             "change": null,
         });
+        if let Some(e) = enrollment {
+            out["enrollment"] = e;
+        }
         if let Some((ws, we, closed)) = window_info {
             let secs = (we - ws).as_secs_f64();
             out["change_window"] = json!({
