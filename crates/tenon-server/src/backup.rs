@@ -153,7 +153,10 @@ pub async fn backup(
     now: i64,
 ) -> anyhow::Result<BackupSummary> {
     if database.is_some_and(|d| !d.starts_with("sqlite:")) {
-        bail!("backup covers the embedded SQLite database; back up PostgreSQL with pg_dump and use this command for the keys");
+        bail!(
+            "tenon-server backup archives the embedded SQLite database only; on PostgreSQL back up the database \
+             with `pg_dump -Fc` and copy DATA_DIR/keys/ and DATA_DIR/tls/ of one server (the keys are the same on all)"
+        );
     }
     if !data_dir.join("keys").is_dir() {
         bail!("{} holds no server keys; pass the --data-dir of a server that has started once", data_dir.display());

@@ -234,7 +234,7 @@ impl AppState {
         .bind(&stored.escrow_key_id)
         .bind(now)
         .bind(&upload.replaces)
-        .bind(conflict)
+        .bind(i64::from(conflict))
         .execute(&mut *tx)
         .await?;
         if conflict {

@@ -9,6 +9,7 @@ pub mod auth_failures;
 pub mod backup;
 pub mod client_policy;
 pub mod datadir;
+pub mod devices;
 pub mod error;
 pub mod escrow;
 pub mod follow;
@@ -21,10 +22,12 @@ pub mod ratelimit;
 pub mod report_history;
 pub mod resign;
 pub mod secrets;
+pub mod settings;
 pub mod signatures;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 pub mod writer;
 
 use anyhow::{bail, Context};
@@ -236,6 +239,8 @@ pub async fn rotate_escrow_key(data_dir: &std::path::Path, database: Option<&str
     let db = store::open(&location, store::Checkpoints::OnCommit).await?;
     store::identity::check_or_record(&db, &data_dir.load_or_create_keys(clock())?).await?;
     let summary = escrow::rotate_escrow_key(&data_dir, &db, clock()).await?;
+    // The database is served with the new key from now on.
+    store::identity::check_or_record(&db, &data_dir.load_or_create_keys(clock())?).await?;
     db.close().await;
     println!(
         "escrow key rotated: {} stored recovery keys re-sealed to key {}; the previous key is kept in {}: \

@@ -229,7 +229,10 @@ impl AppState {
             Ok(tx) => tx,
             Err(e) => {
                 tracing::warn!(error = %e, jobs = batch.len(), "cannot start a write transaction; clients retry");
-                batch.into_iter().for_each(|j| j.fail(not_committed()));
+                let unreachable = matches!(e, ApiError::DatabaseUnavailable);
+                batch
+                    .into_iter()
+                    .for_each(|j| j.fail(if unreachable { ApiError::DatabaseUnavailable } else { not_committed() }));
                 return;
             }
         };
@@ -434,7 +437,7 @@ impl AppState {
             sqlx::query(
                 "INSERT INTO device_users (device_id, upn, first_seen, last_seen, sightings) VALUES ($1, $2, $3, $4, 1)
                  ON CONFLICT (device_id, upn) DO UPDATE SET
-                     sightings = sightings + (CASE WHEN $5 OR last_seen / 86400 < excluded.last_seen / 86400 THEN 1 ELSE 0 END),
+                     sightings = device_users.sightings + (CASE WHEN $5 OR device_users.last_seen / 86400 < excluded.last_seen / 86400 THEN 1 ELSE 0 END),
                      last_seen = excluded.last_seen",
             )
             .bind(device_id)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bin, Server, SimAgent};
+use common::{bin, KillOnDrop, Server, SimAgent};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -390,7 +390,7 @@ fn agent_killed_between_escrow_attempts_still_converges() {
     // The service loop, killed (SIGKILL) at two points: as soon as the volume has a recovery
     // password (mid-run), and, restarted, once it has made an Entra attempt (waiting for the retry).
     let run_until = |what: &str, done: &dyn Fn(&Value) -> bool| {
-        let mut child = agent_cmd(&agent, None).args(["run", "--interval", "1s"]).spawn().unwrap();
+        let mut child = KillOnDrop(agent_cmd(&agent, None).args(["run", "--interval", "1s"]).spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
         while !std::fs::read(&agent.device_file)
             .ok()
@@ -502,6 +502,24 @@ fn escrow_key_rotation_rewraps_stored_keys_and_keeps_agents_working() {
     let current = data.join("keys/escrow.x25519");
     let good_key = std::fs::read(&current).unwrap();
     std::fs::write(&current, [7u8; 32]).unwrap();
+    if common::pg_base().is_some() {
+        // On a shared database another escrow key may be another server's: it refuses to start
+        // (on SQLite, the one server of its database starts and reports the keys that do not open).
+        let out = common::server_command("serve", &data)
+            .args(["--listen", &addr, "--log-format", "text"])
+            .env("TENON_LOG", "off")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("another escrow key") && err.contains("copy DATA_DIR/keys/"), "{err}");
+        std::fs::write(&current, &good_key).unwrap();
+        let server = Server::start(&data, &addr);
+        let read = server.ctl_json(&["recovery-keys", "show", &id, "--all"]);
+        assert_eq!(read.as_array().unwrap().len(), 2, "the archive is intact: {read:#}");
+        server.stop();
+        return;
+    }
     let server = Server::start(&data, &addr);
     let deadline = Instant::now() + Duration::from_secs(20);
     let log = loop {

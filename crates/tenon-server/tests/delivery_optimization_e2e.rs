@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Server, SimAgent};
+use common::{KillOnDrop, Server, SimAgent};
 use serde_json::{json, Value};
 
 const KEY: &str = r"HKLM\SOFTWARE\Policies\Microsoft\Windows\DeliveryOptimization";
@@ -151,7 +151,8 @@ fn a_running_agent_switches_group_within_seconds_of_a_move() {
     let laptop = SimAgent::new(tmp.path(), "laptop", device("LAPTOP", SITE_A));
     laptop.enroll(&server, &server.enroll_token(1));
     // The service loop with a long interval: only the network watcher can make it sync again soon.
-    let mut run = laptop.command(&["run", "--interval", "10m"]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut run =
+        KillOnDrop(laptop.command(&["run", "--interval", "10m"]).stderr(std::process::Stdio::null()).spawn().unwrap());
     let wait_for = |group: &str| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while group_of(&laptop).as_deref() != Some(group) {

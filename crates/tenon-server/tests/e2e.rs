@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Server, SimAgent};
+use common::{KillOnDrop, Server, SimAgent};
 use serde_json::json;
 
 fn users_file(dir: &std::path::Path) -> std::path::PathBuf {
@@ -148,15 +148,17 @@ fn run_loop_backs_off_while_the_server_is_down_and_recovers() {
     server.stop();
 
     // The agent starts while the server is down.
-    let mut run = std::process::Command::new(common::bin("tenon-agent"))
-        .arg("--state-dir")
-        .arg(&a.state_dir)
-        .arg("--platform")
-        .arg(format!("simulated:{}", a.device_file.display()))
-        .args(["run", "--interval", "1s"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut run = KillOnDrop(
+        std::process::Command::new(common::bin("tenon-agent"))
+            .arg("--state-dir")
+            .arg(&a.state_dir)
+            .arg("--platform")
+            .arg(format!("simulated:{}", a.device_file.display()))
+            .args(["run", "--interval", "1s"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while a.status()["last_sync_result"] != json!("failed") {
         assert!(std::time::Instant::now() < deadline, "the agent never recorded the failed sync");

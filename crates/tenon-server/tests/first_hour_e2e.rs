@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{bin, Server, SimAgent};
+use common::{bin, KillOnDrop, Server, SimAgent};
 use serde_json::{json, Value};
 use std::process::{Command, Output};
 
@@ -225,13 +225,14 @@ fn a_fresh_device_reports_truthful_statuses_and_a_readable_log() {
     assert!(text.contains("policy signatures") && text.contains("not_applicable"), "{text}");
 
     // The service loop's log, written to a pipe: no colour codes, and fields a person reads.
-    let mut child = a
-        .command(&["run", "--interval", "1s"])
-        .env_remove("TENON_LOG")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        a.command(&["run", "--interval", "1s"])
+            .env_remove("TENON_LOG")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut err = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut buf = Vec::new();

@@ -38,3 +38,8 @@ CREATE TABLE store_identity (
     name  TEXT PRIMARY KEY,             -- root_key | signing_key | escrow_key
     value TEXT NOT NULL
 );
+
+-- Admin tokens are listed oldest first; several are created within one second, so the order of
+-- creation is kept as a number (SQLite's rowid did this before; PostgreSQL has none).
+ALTER TABLE admin_tokens ADD COLUMN created_seq BIGINT NOT NULL DEFAULT 0;
+UPDATE admin_tokens SET created_seq = t.n FROM (SELECT id, ROW_NUMBER() OVER (ORDER BY created_at, id) AS n FROM admin_tokens) t WHERE t.id = admin_tokens.id;

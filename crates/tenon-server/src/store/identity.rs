@@ -13,7 +13,13 @@ use tenon_core::trust::verify_key_list;
 /// Records this server's key ids in an empty database, or checks them against the recorded
 /// ones. A data dir whose keys are a rotation of the recorded ones (its key lists name the
 /// recorded signing key; its escrow keyring holds the recorded escrow key) moves the record on.
+///
+/// On SQLite the database has one server (the data dir is locked) and its keys sit beside it, so
+/// another escrow key there is a damaged or replaced key file, not a second server: the server
+/// starts (check-ins do not need the escrow key), keeps the record, and the start-up check of the
+/// escrowed keys reports which do not open. Root and signing keys must match on both stores.
 pub async fn check_or_record(db: &Db, keys: &ServerKeys) -> anyhow::Result<()> {
+    let shared = super::backend(db) == super::Backend::Postgres;
     let ours = [
         ("root_key", keys.root_fingerprint()),
         ("signing_key", keys.signing_key_id()),
@@ -29,6 +35,7 @@ pub async fn check_or_record(db: &Db, keys: &ServerKeys) -> anyhow::Result<()> {
     let recorded = |name: &str| stored.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
     const COPY: &str = "give every server of one database the same keys: copy DATA_DIR/keys/ from a server that \
                         serves it (after a key rotation, copy the new keys to every server before starting them)";
+    let mut keep_recorded = None;
     for (name, mine) in &ours {
         let Some(theirs) = recorded(name) else { continue };
         if theirs == mine {
@@ -39,6 +46,16 @@ pub async fn check_or_record(db: &Db, keys: &ServerKeys) -> anyhow::Result<()> {
             "escrow_key" => keys.escrow.others.iter().any(|s| escrow_key_id(&escrow_public_key(s)) == theirs),
             _ => false,
         };
+        if !rotated_from_theirs && !shared && *name == "escrow_key" {
+            tracing::warn!(
+                recorded = theirs,
+                data_dir = %mine,
+                "the escrow key in DATA_DIR/keys is not the one this database's recovery keys were sealed to; \
+                 restore the key file from a backup (the start-up check lists the keys that do not open)"
+            );
+            keep_recorded = Some(*name);
+            continue;
+        }
         if !rotated_from_theirs {
             bail!(
                 "this database is served with another {} ({theirs}) than this data dir's ({mine}): {COPY}",
@@ -47,7 +64,7 @@ pub async fn check_or_record(db: &Db, keys: &ServerKeys) -> anyhow::Result<()> {
         }
         tracing::info!(key = name, from = theirs, to = %mine, "this data dir holds a rotation of the database's key; recording it");
     }
-    for (name, mine) in &ours {
+    for (name, mine) in ours.iter().filter(|(n, _)| Some(*n) != keep_recorded) {
         sqlx::query(
             "INSERT INTO store_identity (name, value) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET value = excluded.value",

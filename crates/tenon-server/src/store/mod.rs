@@ -337,6 +337,16 @@ pub async fn memory_for_tests() -> Db {
 mod tests {
     use super::*;
 
+    /// Both backends carry the same migrations: same versions, same names, none missing. The
+    /// schemas they produce are compared column by column in tests/schema_parity.rs (the
+    /// postgres stage of scripts/test).
+    #[test]
+    fn both_backends_have_the_same_migrations() {
+        let list = |m: &Migrator| m.iter().map(|m| (m.version, m.description.to_string())).collect::<Vec<_>>();
+        assert_eq!(list(&SQLITE_MIGRATIONS), list(&POSTGRES_MIGRATIONS));
+        assert_eq!(newest_schema_version(), POSTGRES_MIGRATIONS.iter().map(|m| m.version).max().unwrap());
+    }
+
     #[test]
     fn urls_lose_their_password_in_messages() {
         for (url, shown) in [

@@ -466,3 +466,28 @@ pub fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// A child process killed when the guard drops, also when a test panics: a process left running
+/// would keep writing into the test runner's output pipe (and `scripts/test`'s `tee` would wait
+/// for it forever).
+pub struct KillOnDrop(pub Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
