@@ -175,9 +175,48 @@ fn the_jobs_move_when_their_server_dies_and_the_other_keeps_serving() {
     let (_, cred) = credential(&agent);
     a.ctl_ok(&["settings", "set", "--tenant", "Custom.Before", "\"acknowledged\""]);
 
-    // Killed without a chance to hand anything over.
+    // Under load: writes go to A one after the other (each one acknowledged or not), check-ins
+    // to B, and A is killed in the middle, without a chance to hand anything over.
+    let (a_url, a_token) = (a.url.clone(), a.token.clone());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acknowledged = Vec::new();
+            for i in 0.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let out = Command::new(bin("tenonctl"))
+                    .args(["--server", &a_url, "--token", &a_token, "settings", "set", "--tenant"])
+                    .arg(format!("Custom.Ack{i}"))
+                    .arg("true")
+                    .output()
+                    .unwrap();
+                if out.status.success() {
+                    acknowledged.push(i);
+                }
+            }
+            acknowledged
+        })
+    };
+    wait_for("writes are acknowledged", Duration::from_secs(10), || {
+        a.ctl_json(&["settings", "list"]).to_string().contains("Ack3\"")
+    });
     a.child.kill().unwrap();
     a.child.wait().unwrap();
+    for _ in 0..50 {
+        assert_eq!(check_in(&b, &cred).0, 200, "B answers check-ins while A dies");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged = writer.join().unwrap();
+    // Ack3 was stored, so Ack0..=Ack2 (written one after the other) were acknowledged.
+    assert!(acknowledged.len() >= 3, "{acknowledged:?}");
+    let on_b = b.ctl_json(&["settings", "list"]).to_string();
+    for i in &acknowledged {
+        assert!(on_b.contains(&format!("Ack{i}\"")), "Custom.Ack{i} was acknowledged by A but B does not have it");
+    }
+    eprintln!("{} writes acknowledged by A before it was killed, all on B", acknowledged.len());
     let took = wait_for("B takes the jobs over", Duration::from_secs(30), || status(&b)["runs_jobs"] == json!(true));
     eprintln!("the jobs moved to B {took:?} after A died");
     // B serves the device, with what A acknowledged.
