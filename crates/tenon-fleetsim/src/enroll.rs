@@ -121,6 +121,39 @@ pub async fn enroll_devices(
     Ok(Enrollment { creds, seconds, summary })
 }
 
+/// An admin token (`tadm.…`) given where an enrollment token is expected: fleetsim creates an
+/// enrollment token for `uses` devices with it (valid a day), as `tenonctl enroll-token create`
+/// would. Any other token is used as it is.
+pub async fn enrollment_token(common: &Common, token: &str, uses: usize) -> anyhow::Result<String> {
+    if !token.starts_with("tadm.") {
+        return Ok(token.to_string());
+    }
+    let targets = crate::client::targets(&common.server, common.ca_file.as_deref())?;
+    let mut conn = crate::client::Conn::new(targets[0].clone());
+    let body = json!({"uses": uses, "ttl_seconds": 86_400, "pin_ca": false});
+    let req = crate::client::Req {
+        method: hyper::Method::POST,
+        path: "/api/v1/admin/enroll-tokens",
+        bearer: Some(Arc::from(token)),
+        if_none_match: None,
+        json: Some(bytes::Bytes::from(body.to_string())),
+    };
+    let answer = conn
+        .send(&req, common.timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot create an enrollment token with the admin token: {}", e.as_str()))?;
+    if answer.status != 201 && answer.status != 200 {
+        anyhow::bail!(
+            "the server refused to create an enrollment token with the admin token (HTTP {}); pass an enrollment \
+             token (`tenonctl enroll-token create --uses N`) or an admin token with the admin role",
+            answer.status
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&answer.body).context("the enrollment token answer is not JSON")?;
+    v["token"].as_str().map(str::to_string).context("the enrollment token answer has no token")
+}
+
 pub async fn enroll(args: EnrollArgs) -> anyhow::Result<bool> {
     let targets = crate::client::targets(&args.common.server, args.common.ca_file.as_deref())?;
     let e = enroll_devices(&args.common, &args.token, args.devices, args.connections).await?;

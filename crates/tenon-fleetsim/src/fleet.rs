@@ -36,8 +36,9 @@ pub struct FleetArgs {
     /// How long to run and measure, after the enrollment and the warm-up.
     #[arg(long, required = true, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// An enrollment token with at least DEVICES uses (`tenonctl enroll-token create --uses N`):
-    /// enroll the devices first and print the enrollment's time and rate.
+    /// An enrollment token with at least DEVICES uses (`tenonctl enroll-token create --uses N`),
+    /// or an admin token (`tadm.…`, which creates one): enroll the devices first and print the
+    /// enrollment's time and rate.
     #[arg(long, conflicts_with = "creds")]
     pub token: Option<String>,
     /// Instead of --token: a credentials file written by `enroll` (or by --out) with at least
@@ -187,6 +188,7 @@ pub async fn fleet(plan: Plan) -> anyhow::Result<bool> {
         }
         Fleet::Enroll { token, out } => {
             eprintln!("fleetsim: enrolling {n} devices over {enroll_connections} connections");
+            let token = crate::enroll::enrollment_token(&run.common, &token, n).await?;
             let e = enroll_devices(&run.common, &token, n, enroll_connections).await?;
             if let Some(out) = &out {
                 write_creds(out, &e.creds)?;
