@@ -136,7 +136,10 @@ fn without_a_server_it_waits_saying_how_to_enroll_then_picks_up_a_manual_enrollm
     assert!(run.still_running());
     let why = status(&agent)["enrollment_error"].as_str().unwrap().to_string();
     assert!(why.contains("tenon-agent enroll --server URL --token-file FILE"), "{why}");
-    assert!(run.log().contains("tenon-agent enroll --server URL --token-file FILE"), "{}", run.log());
+    // The status file and the log are written one after the other: the log line may come a moment later.
+    wait_until("the log says how to enroll", 10, || {
+        run.log().contains("tenon-agent enroll --server URL --token-file FILE")
+    });
 
     let token = server.enroll_token(1);
     let id = agent.enroll(&server, &token);
