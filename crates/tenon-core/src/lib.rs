@@ -7,6 +7,7 @@ pub mod canonical;
 pub mod directory;
 pub mod envelope;
 pub mod ids;
+pub mod packages;
 pub mod policy;
 pub mod schema;
 pub mod settings;
