@@ -336,6 +336,7 @@ impl<'p> Agent<'p> {
                 // time), or every sync would report.
                 last_error: (!problems.is_empty()).then(|| report_text(&problems.join("; "))),
                 policies: statuses,
+                packages: Default::default(),
             };
             let sha256 = report_sha256(&report);
             let now = self.now();

@@ -92,6 +92,9 @@ pub struct DeviceReport {
     /// Policy name -> status.
     #[serde(default)]
     pub policies: Map<String, Value>,
+    /// Package name -> its state on the device (`tenon_core::packages`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub packages: std::collections::BTreeMap<String, crate::packages::PackageReport>,
 }
 
 /// Bounds of a report's fields. A real report is a few KB; everything in it reaches
@@ -101,6 +104,9 @@ pub const MAX_REPORTED_POLICIES: usize = 64;
 pub const MAX_POLICY_NAME_LEN: usize = 64;
 pub const MAX_AGENT_VERSION_LEN: usize = 64;
 pub const MAX_LAST_ERROR_LEN: usize = 4096;
+pub const MAX_REPORTED_PACKAGES: usize = 256;
+pub const MAX_PACKAGE_DETAIL_LEN: usize = 1024;
+pub const MAX_PACKAGE_LOG_LEN: usize = 4096;
 
 /// Why a report (or an enrollment's host name and agent version) was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -123,6 +129,8 @@ pub enum ReportError {
     TooManyPolicies,
     #[error("policy names must be 1 to {MAX_POLICY_NAME_LEN} characters of a-z, 0-9 and '_'")]
     PolicyName,
+    #[error("packages: {0}")]
+    Packages(String),
 }
 
 /// A report whose fields were checked: what the server stores.
@@ -196,6 +204,21 @@ impl DeviceReport {
         };
         if !self.policies.keys().all(|n| name_ok(n)) {
             return Err(ReportError::PolicyName);
+        }
+        if self.packages.len() > MAX_REPORTED_PACKAGES {
+            return Err(ReportError::Packages(format!("at most {MAX_REPORTED_PACKAGES} packages")));
+        }
+        for (name, p) in &self.packages {
+            crate::packages::check_name(name).map_err(|e| ReportError::Packages(e.to_string()))?;
+            crate::packages::check_version_label(&p.version).map_err(|e| ReportError::Packages(e.to_string()))?;
+            let text_ok = |t: &Option<String>, max: usize| {
+                t.as_ref().is_none_or(|t| t.len() <= max && t.chars().all(allowed_in_report_text))
+            };
+            if !text_ok(&p.detail, MAX_PACKAGE_DETAIL_LEN) || !text_ok(&p.log_tail, MAX_PACKAGE_LOG_LEN) {
+                return Err(ReportError::Packages(format!(
+                    "package {name:?}: detail at most {MAX_PACKAGE_DETAIL_LEN} bytes and log_tail at most {MAX_PACKAGE_LOG_LEN}, without control characters other than newline and tab"
+                )));
+            }
         }
         Ok(CheckedReport { hostname, signed_in_users })
     }

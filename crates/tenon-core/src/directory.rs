@@ -7,6 +7,7 @@
 //! directory values) and strips backend-only keys.
 
 use crate::ids::{GroupName, SettingKey, Upn};
+use crate::packages::{device_plan, Assignment, Package, PlanEntry};
 use crate::policy::signatures::{user_signature_config, SignatureTemplate};
 use crate::settings::{EffectiveSettings, Layers, ScopeSettings};
 use serde_json::{json, Map, Value};
@@ -39,6 +40,9 @@ pub struct Directory {
     pub users: HashMap<Upn, User>,
     /// Outlook signature templates, sorted by name (a slice is what the signature compiler takes).
     pub signatures: Vec<SignatureTemplate>,
+    /// Software packages by name (the current version of each) and their assignments.
+    pub packages: BTreeMap<String, Package>,
+    pub package_assignments: Vec<Assignment>,
 }
 
 /// A compiled payload and the primary user's directory id for the envelope.
@@ -118,14 +122,40 @@ impl Directory {
         }
     }
 
+    /// The package plan of a device with this primary user (tenant and "All Users" assignments
+    /// without one); `requests`: its install requests by package name.
+    pub fn package_plan(&self, primary: Option<&Upn>, requests: &BTreeMap<String, u64>) -> BTreeMap<String, PlanEntry> {
+        if self.package_assignments.is_empty() {
+            return BTreeMap::new();
+        }
+        let user = primary.and_then(|p| self.users.get(p).map(|u| (p, &u.groups)));
+        let none = BTreeSet::new();
+        let user = user.or_else(|| primary.map(|p| (p, &none)));
+        device_plan(&self.packages, &self.package_assignments, user, requests)
+    }
+
     /// Compiles one device's payload.
     pub fn device_payload(&self, primary: Option<&Upn>, device_users: &BTreeSet<Upn>) -> DevicePayload {
+        self.device_payload_with(primary, device_users, &BTreeMap::new())
+    }
+
+    /// [`Directory::device_payload`] with the device's package install requests.
+    pub fn device_payload_with(
+        &self,
+        primary: Option<&Upn>,
+        device_users: &BTreeSet<Upn>,
+        requests: &BTreeMap<String, u64>,
+    ) -> DevicePayload {
         let mut machine = self.user_config(primary, primary, false);
         if let Some(p) = primary {
             let client = machine.entry("Client").or_insert_with(|| json!({}));
             if let Some(c) = client.as_object_mut() {
                 c.insert("PrimaryUser".into(), Value::String(p.to_string()));
             }
+        }
+        let plan = self.package_plan(primary, requests);
+        if !plan.is_empty() {
+            machine.insert("Packages".into(), serde_json::to_value(plan).unwrap_or(Value::Null));
         }
         let mut users = Map::new();
         for upn in device_users.iter().chain(primary) {

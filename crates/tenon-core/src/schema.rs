@@ -168,6 +168,13 @@ pub const SETTINGS: &[SettingSpec] = &[
         Delivery::BackendOnly,
         "Hours after enrollment during which the first signed-in user becomes primary (0: the first contact only).",
     ),
+    derived(
+        "Packages",
+        ValueType::Object,
+        Scope::Machine,
+        "the packages assigned to the tenant, the primary user's groups and the primary user (`tenonctl packages assign`)",
+        "The device's package plan: per package its version, content hash and size, arguments, detection rule, dependencies, order, intent and user restriction.",
+    ),
     admin(
         "Policies.PasswordExpiryWarning.Enabled",
         ValueType::Bool,

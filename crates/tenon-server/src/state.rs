@@ -15,7 +15,7 @@ use crate::store::Db;
 use anyhow::Context;
 use axum::http::HeaderValue;
 use serde_json::Value;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use tenon_core::api::{envelope_etag, SettingScope};
 use tenon_core::directory::Directory;
@@ -73,6 +73,9 @@ pub struct DeviceMeta {
     /// The directory generation ([`World::dir_gen`]) the current envelope was compiled from:
     /// the re-signer never replaces it with one compiled from an older snapshot.
     pub dir_gen: u64,
+    /// Install requests (`tenonctl devices install ID NAME`): package name -> request number,
+    /// compiled into the device's package plan.
+    pub package_requests: BTreeMap<String, u64>,
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -196,6 +199,7 @@ impl AppState {
                         ignored_claim: None,
                         last_report_sha: None,
                         dir_gen,
+                        package_requests: d.package_requests,
                     },
                 );
             }
@@ -204,6 +208,7 @@ impl AppState {
                 meta.users = d.users;
                 meta.signed_in = d.signed_in;
                 meta.has_reported = d.has_reported;
+                meta.package_requests = d.package_requests;
                 if d.version > meta.version {
                     meta.version = d.version;
                     meta.sha256 = d.sha256.clone();
@@ -263,7 +268,7 @@ impl AppState {
             if !meta.active {
                 continue;
             }
-            let compiled = directory.device_payload(meta.primary.as_ref(), &meta.users);
+            let compiled = directory.device_payload_with(meta.primary.as_ref(), &meta.users, &meta.package_requests);
             // Canonicalized once: hashed to compare, and signed from if it changed.
             let canonical = CanonicalPayload::of(&compiled.payload).context("payload is not canonicalizable")?;
             let refresh_due = meta.expires_at - now < self.envelope_ttl / 2;

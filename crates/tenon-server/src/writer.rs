@@ -328,6 +328,7 @@ impl AppState {
                             ignored_claim: None,
                             last_report_sha: None,
                             dir_gen,
+                            package_requests: Default::default(),
                         },
                     );
                     let _ = reply.send(Ok((e.device_id, e.credential)));
@@ -415,8 +416,8 @@ impl AppState {
         }
         sqlx::query(
             "UPDATE devices SET hostname = $1, agent_version = $2, reported_version = $3, reported_sha256 = $4,
-                    last_error = $5, last_report_at = $6, signed_in_users = $7, policies = $8
-             WHERE id = $9",
+                    last_error = $5, last_report_at = $6, signed_in_users = $7, policies = $8, packages = $9
+             WHERE id = $10",
         )
         .bind(hostname.as_str())
         .bind(&report.agent_version)
@@ -427,6 +428,7 @@ impl AppState {
         .bind(now)
         .bind(serde_json::to_string(&signed_in).unwrap_or_default())
         .bind(serde_json::to_string(&report.policies).unwrap_or_default())
+        .bind(serde_json::to_string(&report.packages).unwrap_or_default())
         .bind(device_id)
         .execute(&mut *tx)
         .await?;

@@ -10,8 +10,9 @@ pub mod windows;
 
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tenon_core::packages::{Command, DetectRule, Kind, RunEnd};
 
 /// A failed platform call. "This machine has no TPM / no BitLocker provider" is
 /// [`PlatformError::Unavailable`], a value policies reason about, never a panic.
@@ -144,6 +145,25 @@ pub struct Account {
     pub sid: Option<String>,
 }
 
+/// One run of a package's installer or uninstaller.
+#[derive(Clone, Debug)]
+pub struct InstallerRun<'a> {
+    pub package: &'a str,
+    pub version: &'a str,
+    pub kind: Kind,
+    /// The package's detection rule (the simulated platform makes it hold after a success).
+    pub detect: &'a DetectRule,
+    pub uninstall: bool,
+    /// What to run (`program` is a full path for content, a bare name for `msiexec.exe`,
+    /// `cmd.exe` and `powershell.exe`, which Windows finds in System32).
+    pub command: &'a Command,
+    /// The process's standard output and error are written to this file (msiexec writes its own
+    /// log to `command.log`).
+    pub output: &'a Path,
+    /// The whole process tree is killed once this passes.
+    pub timeout: Duration,
+}
+
 /// Everything the agent needs from the operating system.
 pub trait Platform: Send + Sync {
     fn hostname(&self) -> PResult<String>;
@@ -194,6 +214,21 @@ pub trait Platform: Send + Sync {
     /// Blocks until the routing table or an interface changes, or `timeout` passes; `Ok(true)` when
     /// something changed. Windows: `NotifyRouteChange2`/`NotifyIpInterfaceChange`.
     fn wait_network_change(&self, timeout: Duration) -> PResult<bool>;
+
+    // Software packages.
+    /// Whether a package's detection rule holds now: Windows Installer knows the product
+    /// (`MsiQueryProductStateW` says installed), a file exists (with a version resource of at
+    /// least the version), a registry value exists / equals / is a version of at least (64- or
+    /// 32-bit view).
+    fn detect(&self, rule: &DetectRule) -> PResult<bool>;
+    /// Runs an installer and waits for it; kills its whole process tree once `run.timeout`
+    /// passes ([`RunEnd::TimedOut`]). An error means it could not be started.
+    fn run_installer(&self, run: &InstallerRun<'_>) -> PResult<RunEnd>;
+    /// Bytes free for `path`'s volume, `None` when unknown.
+    fn free_disk_bytes(&self, path: &Path) -> PResult<Option<u64>> {
+        let _ = path;
+        Ok(None)
+    }
 
     /// The numerical password of a recovery-password protector (Windows:
     /// `GetKeyProtectorNumericalPassword`). The BitLocker policy needs it to escrow a protector it

@@ -15,6 +15,7 @@
 use super::*;
 use serde_json::{json, Map, Value};
 use std::path::Path;
+use tenon_core::packages::{compare_versions, RegistryCheck};
 
 pub struct SimulatedPlatform {
     path: PathBuf,
@@ -90,6 +91,51 @@ impl SimulatedPlatform {
         let mac = parse_mac(&mac)
             .ok_or_else(|| self.err(format!("network.gateway_mac {mac:?} is not a MAC like 00:11:22:33:44:55")))?;
         Ok(Some((ip, mac)))
+    }
+}
+
+/// The key a 32-bit program sees for `key` (`HKLM\SOFTWARE\X` -> `HKLM\SOFTWARE\WOW6432Node\X`).
+fn registry_view(key: &str, view32: bool) -> String {
+    let prefix = "HKLM\\SOFTWARE\\";
+    if view32 && key.len() > prefix.len() && key.is_char_boundary(prefix.len()) && key[..prefix.len()].eq_ignore_ascii_case(prefix) {
+        format!("{prefix}WOW6432Node\\{}", &key[prefix.len()..])
+    } else {
+        key.to_string()
+    }
+}
+
+/// What a successful run leaves behind on the simulated device: an MSI's product code in
+/// `msi_products` (removed by an uninstall), else what the detection rule looks for.
+fn simulate_effect(dev: &mut Map<String, Value>, run: &InstallerRun<'_>) {
+    match run.detect {
+        DetectRule::Msi { product_code } => {
+            let products = obj_entry(dev, "msi_products");
+            products.retain(|k, _| !k.eq_ignore_ascii_case(product_code));
+            if !run.uninstall {
+                products.insert(product_code.clone(), json!(run.version));
+            }
+        }
+        DetectRule::File { path, min_version } => {
+            let files = obj_entry(dev, "files");
+            files.retain(|k, _| !k.eq_ignore_ascii_case(path));
+            if !run.uninstall {
+                files.insert(path.clone(), json!({"version": min_version.as_deref().unwrap_or(run.version)}));
+            }
+        }
+        DetectRule::Registry { key, name, check, view32 } => {
+            let key = registry_view(key, *view32);
+            let reg = obj_entry(dev, "registry");
+            let k = reg.keys().find(|k| k.eq_ignore_ascii_case(&key)).cloned().unwrap_or(key);
+            let values = obj_entry(reg, &k);
+            values.retain(|n, _| !n.eq_ignore_ascii_case(name));
+            if !run.uninstall {
+                let v = match check {
+                    RegistryCheck::Exists => "1".to_string(),
+                    RegistryCheck::Equals(v) | RegistryCheck::VersionAtLeast(v) => v.clone(),
+                };
+                values.insert(name.clone(), json!({"type": "REG_SZ", "value": v}));
+            }
+        }
     }
 }
 
@@ -532,6 +578,101 @@ impl Platform for SimulatedPlatform {
                 return Ok(true);
             }
         }
+    }
+
+    fn detect(&self, rule: &DetectRule) -> PResult<bool> {
+        let dev = self.load()?;
+        Ok(match rule {
+            DetectRule::Msi { product_code } => {
+                dev.get("msi_products").and_then(Value::as_object).is_some_and(|m| {
+                    m.keys().any(|k| k.eq_ignore_ascii_case(product_code))
+                })
+            }
+            DetectRule::File { path, min_version } => {
+                let file = dev
+                    .get("files")
+                    .and_then(Value::as_object)
+                    .and_then(|f| f.iter().find(|(p, _)| p.eq_ignore_ascii_case(path)).map(|(_, v)| v));
+                match (file, min_version) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(f), Some(min)) => f
+                        .get("version")
+                        .and_then(Value::as_str)
+                        .and_then(|v| compare_versions(v, min))
+                        .is_some_and(|o| o.is_ge()),
+                }
+            }
+            DetectRule::Registry { key, name, check, view32 } => {
+                let key = registry_view(key, *view32);
+                let value = dev.get("registry").and_then(Value::as_object).and_then(|r| {
+                    r.iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(&key))
+                        .and_then(|(_, v)| v.as_object())
+                        .and_then(|k| k.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+                });
+                let text = value.and_then(|v| match v.get("value") {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                });
+                match (check, text) {
+                    (_, None) => value.is_some() && matches!(check, RegistryCheck::Exists),
+                    (RegistryCheck::Exists, Some(_)) => true,
+                    (RegistryCheck::Equals(want), Some(t)) => t.eq_ignore_ascii_case(want),
+                    (RegistryCheck::VersionAtLeast(min), Some(t)) => {
+                        compare_versions(&t, min).is_some_and(|o| o.is_ge())
+                    }
+                }
+            }
+        })
+    }
+
+    /// Takes the next of `installer_exit_codes[package]` (default 0; the string `"hang"` runs
+    /// past the timeout), appends the run to `installer_runs`, and on a success makes the
+    /// detection rule hold (install) or stop holding (uninstall).
+    fn run_installer(&self, run: &InstallerRun<'_>) -> PResult<RunEnd> {
+        let end = self.update(|dev| {
+            let next = dev
+                .get_mut("installer_exit_codes")
+                .and_then(Value::as_object_mut)
+                .and_then(|m| m.get_mut(run.package))
+                .and_then(Value::as_array_mut)
+                .and_then(|codes| (!codes.is_empty()).then(|| codes.remove(0)));
+            let end = match next {
+                None => RunEnd::Exited(0),
+                Some(Value::Number(n)) => RunEnd::Exited(n.as_i64().unwrap_or(1)),
+                Some(Value::String(s)) if s == "hang" => RunEnd::TimedOut,
+                Some(other) => {
+                    return Err(self.err(format!(
+                        "installer_exit_codes.{}: {other} is neither an exit code nor \"hang\"",
+                        run.package
+                    )))
+                }
+            };
+            let code = match end {
+                RunEnd::Exited(c) => json!(c),
+                RunEnd::TimedOut => json!("timed_out"),
+            };
+            let runs = dev.entry("installer_runs").or_insert_with(|| json!([]));
+            if !runs.is_array() {
+                *runs = json!([]);
+            }
+            runs.as_array_mut().expect("just made an array").push(json!({
+                "package": run.package, "version": run.version, "command": run.command.display(),
+                "uninstall": run.uninstall, "exit_code": code,
+            }));
+            if matches!(end, RunEnd::Exited(0 | 1707 | 3010 | 1641)) {
+                simulate_effect(dev, run);
+            }
+            Ok(end)
+        })?;
+        let _ = std::fs::write(run.output, format!("simulated run of {}\n", run.command.display()));
+        Ok(end)
+    }
+
+    fn free_disk_bytes(&self, _path: &Path) -> PResult<Option<u64>> {
+        self.field::<Option<u64>>("disk_free_bytes")
     }
 
     fn recovery_password(&self, mount: &str, protector_id: &str) -> PResult<String> {

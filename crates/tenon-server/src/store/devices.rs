@@ -5,7 +5,7 @@
 use super::Conn;
 use anyhow::Context;
 use sqlx::Row;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tenon_core::ids::Upn;
 
 /// One device as loaded.
@@ -23,11 +23,13 @@ pub struct DeviceRow {
     pub signed_in: BTreeSet<Upn>,
     /// Everyone seen signing in on it (`device_users`).
     pub users: BTreeSet<Upn>,
+    /// Install requests by package name (`devices.package_requests`).
+    pub package_requests: BTreeMap<String, u64>,
 }
 
 const COLUMNS: &str =
     "SELECT id, credential_sha256, status, primary_user, e.config_version, e.config_sha256, e.envelope,
-            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users
+            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users, package_requests
      FROM devices JOIN device_envelopes e ON e.device_id = devices.id";
 
 /// Ids per `IN (...)` list.
@@ -110,6 +112,10 @@ fn device_row(row: &sqlx::any::AnyRow) -> anyhow::Result<DeviceRow> {
         has_reported: row.get::<Option<i64>, _>(9).is_some(),
         signed_in,
         users: BTreeSet::new(),
+        package_requests: row
+            .get::<Option<&str>, _>(11)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or_default(),
         id,
     })
 }
