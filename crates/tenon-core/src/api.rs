@@ -373,6 +373,10 @@ pub struct DeviceView {
     pub signed_in_users: Vec<String>,
     pub last_error: Option<String>,
     pub policies: Map<String, Value>,
+    /// Package name -> `{state, version, detail, exit_code}` (`devices show`: every package of
+    /// the device's plan, `pending` until the device reports its current version).
+    #[serde(default)]
+    pub packages: Map<String, Value>,
 }
 
 /// RFC 9457 problem details.

@@ -9,6 +9,7 @@ pub mod auth_failures;
 pub mod backup;
 pub mod client_policy;
 pub mod datadir;
+pub mod packages;
 pub mod devices;
 pub mod error;
 pub mod escrow;
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub database: Option<String>,
+    /// Package content (`None`: `DATA_DIR/packages`).
+    pub package_dir: Option<PathBuf>,
     /// Lifetime of a signed envelope, in seconds.
     pub envelope_ttl: i64,
     /// Connection cap and timeouts (slow and greedy clients).
@@ -66,6 +69,7 @@ impl ServeOptions {
             listen,
             data_dir,
             database: None,
+            package_dir: None,
             envelope_ttl: 7 * 24 * 3600,
             connections: Default::default(),
             rates: Default::default(),
@@ -150,7 +154,10 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         state::AppState::load(db, keys, clock.clone(), opts.envelope_ttl)
             .await?
             .with_client_policy(client)
-            .with_tls(tls.clone()),
+            .with_tls(tls.clone())
+            .with_content(packages::content::ContentStore::open(
+                &opts.package_dir.clone().unwrap_or_else(|| data_dir.path.join("packages")),
+            )?),
     );
     // Loading read every row at once; those buffers are free now.
     release_free_memory();

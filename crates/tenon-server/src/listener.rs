@@ -418,11 +418,14 @@ async fn serve_connection<S>(
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let in_flight = InFlight::enter(conn.clone());
         req.extensions_mut().insert(ConnectInfo(remote));
+        // A package upload may take many minutes: it must keep arriving (no pause longer than the
+        // body timeout) instead of arriving whole within it.
+        let rolling = (req.method() == hyper::Method::POST && req.uri().path() == UPLOAD_PATH).then_some(body_read_timeout);
         let req = req.map(|body| {
             if hyper::body::Body::is_end_stream(&body) {
                 Body::new(body)
             } else {
-                Body::new(TimedBody { inner: body, deadline: Instant::now() + body_read_timeout, sleep: None })
+                Body::new(TimedBody { inner: body, deadline: Instant::now() + body_read_timeout, sleep: None, rolling })
             }
         });
         let response = app.current().clone().call(req);
@@ -540,12 +543,17 @@ impl AsyncWrite for TrackedIo {
     }
 }
 
+/// The streamed package upload, whose body deadline rolls with each chunk.
+const UPLOAD_PATH: &str = "/api/v1/admin/packages";
+
 /// A request body that fails with [`BodyReadTimedOut`] once its deadline passes. The timer is
-/// created only if the body is not already there when first read (most bodies are).
+/// created only if the body is not already there when first read (most bodies are). With
+/// `rolling`, each chunk that arrives moves the deadline that far ahead.
 struct TimedBody {
     inner: Incoming,
     deadline: Instant,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    rolling: Option<Duration>,
 }
 
 impl hyper::body::Body for TimedBody {
@@ -558,7 +566,15 @@ impl hyper::body::Body for TimedBody {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Ready(frame) => {
+                if let Some(step) = this.rolling {
+                    this.deadline = Instant::now() + step;
+                    if let Some(sleep) = this.sleep.as_mut() {
+                        sleep.as_mut().reset(this.deadline.into());
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
             Poll::Pending => {
                 let deadline = this.deadline;
                 let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));

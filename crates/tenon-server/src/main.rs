@@ -32,6 +32,10 @@ enum Command {
         /// Database URL (default: SQLite at DATA_DIR/tenon.db).
         #[arg(long)]
         database: Option<String>,
+        /// Where package content is stored (default: DATA_DIR/packages). With several servers on
+        /// one database, point every server at the same shared directory.
+        #[arg(long)]
+        package_dir: Option<PathBuf>,
         /// How long a signed configuration stays valid on a device that cannot reach the server.
         #[arg(long, default_value = "7d", value_parser = parse_duration)]
         envelope_ttl: u64,
@@ -341,6 +345,7 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             database,
+            package_dir,
             envelope_ttl,
             limits,
             metrics_listen,
@@ -350,6 +355,7 @@ fn main() -> ExitCode {
         } => {
             let opts = tenon_server::ServeOptions {
                 database,
+                package_dir,
                 envelope_ttl: envelope_ttl as i64,
                 connections: tenon_server::listener::ConnectionLimits {
                     max_connections: limits.max_connections,

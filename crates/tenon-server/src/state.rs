@@ -124,6 +124,8 @@ pub struct AppState {
     pub client: crate::client_policy::ClientPolicy,
     /// The TLS certificate being served (`with_tls`): enrollment tokens carry its trust.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Package content by SHA-256 (`with_content`; `DATA_DIR/packages` by default).
+    pub content: Option<Arc<crate::packages::content::ContentStore>>,
 }
 
 /// Roles an admin token may hold.
@@ -172,6 +174,7 @@ impl AppState {
             rotations_open: std::sync::Mutex::new(open.into_iter().collect()),
             client: Default::default(),
             tls: None,
+            content: None,
         };
         Ok(state)
     }
@@ -237,6 +240,11 @@ impl AppState {
 
     pub fn with_tls(mut self, tls: Option<Arc<crate::tls::Tls>>) -> Self {
         self.tls = tls;
+        self
+    }
+
+    pub fn with_content(mut self, content: crate::packages::content::ContentStore) -> Self {
+        self.content = Some(Arc::new(content));
         self
     }
 

@@ -182,7 +182,7 @@ pub async fn set_group_priority(
 const DEVICE_COLUMNS: &str =
     "id, hostname, primary_user, e.config_version AS config_version, e.config_sha256 AS config_sha256,
      reported_version, reported_sha256, s.last_seen AS last_seen, enrolled_at, status, agent_version,
-     signed_in_users, last_error, policies";
+     signed_in_users, last_error, policies, packages";
 /// The devices with their envelope facts and last-seen time (tables of their own since 0007).
 const DEVICE_TABLES: &str = "devices JOIN device_envelopes e ON e.device_id = devices.id
      LEFT JOIN device_last_seen s ON s.device_id = devices.id";
@@ -204,6 +204,10 @@ fn device_view(state: &AppState, row: &AnyRow) -> DeviceView {
         signed_in_users: serde_json::from_str(row.get::<&str, _>("signed_in_users")).unwrap_or_default(),
         last_error: row.get("last_error"),
         policies: serde_json::from_str::<Map<String, Value>>(row.get::<&str, _>("policies")).unwrap_or_default(),
+        packages: row
+            .get::<Option<&str>, _>("packages")
+            .and_then(|p| serde_json::from_str::<Map<String, Value>>(p).ok())
+            .unwrap_or_default(),
         id,
     }
 }
@@ -307,7 +311,8 @@ pub async fn show_device(
         .fetch_optional(&state.db)
         .await?
         .ok_or_else(|| device_not_found(&id))?;
-    let view = device_view(&state, &row);
+    let mut view = device_view(&state, &row);
+    view.packages = state.device_packages(&view.id, &view.packages).await;
     let users: Vec<Value> = sqlx::query(
         "SELECT upn, first_seen, last_seen, sightings FROM device_users WHERE device_id = $1 ORDER BY sightings DESC, upn",
     )

@@ -4,6 +4,7 @@ mod admin;
 pub use admin::rfc3339;
 mod device;
 pub mod extract;
+mod packages;
 mod signatures;
 
 use crate::error::ApiError;
@@ -75,6 +76,12 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .delete(signatures::remove_signature)
                 .layer(DefaultBodyLimit::max(SIGNATURE_LIMIT)),
         )
+        .route("/packages", get(packages::list).post(packages::upload))
+        .route("/packages/{name}", get(packages::show).delete(packages::remove))
+        .route("/packages/{name}/assign", post(packages::assign))
+        .route("/packages/{name}/unassign", post(packages::unassign))
+        .route("/packages/{name}/status", get(packages::status))
+        .route("/devices/{id}/install", post(packages::install))
         .route("/audit", get(admin::audit_list))
         .route("/resign", get(admin::resign_status))
         .route("/server", get(admin::server_status))
@@ -89,6 +96,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/device/report", post(device::report).layer(DefaultBodyLimit::max(REPORT_LIMIT)))
         .route("/device/escrow", post(device::escrow))
+        .route("/device/packages/{sha256}", get(packages::download))
         .route("/device/escrow/rotations", get(device::escrow_rotations))
         .route("/device/escrow/retired", post(device::escrow_retired))
         .nest("/admin", admin)

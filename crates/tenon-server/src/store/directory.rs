@@ -1,4 +1,5 @@
-//! The directory's rows: settings, groups, users, memberships and signature templates, read
+//! The directory's rows: settings, groups, users, memberships, signature templates, packages and
+//! their assignments, read
 //! into one `tenon_core::directory::Directory` (at start, and when another server changed it).
 
 use super::Conn;
@@ -6,6 +7,7 @@ use anyhow::Context;
 use sqlx::Row;
 use tenon_core::directory::Directory;
 use tenon_core::ids::{GroupName, SettingKey, Upn};
+use tenon_core::packages::{Assignment, DetectRule, Intent, Kind, Package, Target, Users};
 use tenon_core::policy::signatures::{DefaultUse, SignatureTemplate};
 use tenon_core::settings::SettingValue;
 
@@ -69,6 +71,52 @@ pub async fn load(conn: &mut Conn) -> anyhow::Result<Directory> {
             images: serde_json::from_str(row.get::<&str, _>(5))
                 .with_context(|| format!("stored images of signature {name:?}"))?,
             name,
+        });
+    }
+    for row in sqlx::query(
+        "SELECT name, version, kind, sha256, size, file_name, install_args, uninstall_args, detect, depends_on,
+                sort_order, timeout_secs FROM packages",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let name: String = row.get(0);
+        let what = || format!("stored package {name:?}");
+        let p = Package {
+            version: row.get(1),
+            kind: Kind::parse(row.get::<&str, _>(2)).with_context(what)?,
+            sha256: row.get(3),
+            size: row.get::<i64, _>(4) as u64,
+            file_name: row.get(5),
+            install_args: row.get(6),
+            uninstall_args: row.get(7),
+            detect: DetectRule::parse(row.get::<&str, _>(8)).with_context(what)?,
+            depends_on: serde_json::from_str(row.get::<&str, _>(9)).with_context(what)?,
+            order: row.get(10),
+            timeout_secs: row.get::<i64, _>(11) as u64,
+            name: name.clone(),
+        };
+        directory.packages.insert(name, p);
+    }
+    for row in sqlx::query(
+        "SELECT package, target_kind, target_name, intent, users FROM package_assignments ORDER BY package, target_kind, target_name",
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        let package: String = row.get(0);
+        let name: String = row.get(2);
+        let target = match row.get::<&str, _>(1) {
+            "tenant" => Target::Tenant,
+            "group" => Target::Group(name),
+            "user" => Target::User(name),
+            other => anyhow::bail!("stored assignment of package {package:?}: unknown target kind {other:?}"),
+        };
+        directory.package_assignments.push(Assignment {
+            intent: Intent::parse(row.get::<&str, _>(3)).with_context(|| format!("stored assignment of {package:?}"))?,
+            users: Users::parse(row.get::<&str, _>(4)).with_context(|| format!("stored assignment of {package:?}"))?,
+            package,
+            target,
         });
     }
     Ok(directory)
