@@ -1,6 +1,7 @@
 //! The agent's HTTP client for the device API (blocking: the agent is a small sequential loop).
 
 use crate::transport::Transport;
+use std::io::Read;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
@@ -31,6 +32,15 @@ pub enum ClientError {
     Tls(String),
 }
 
+/// A download that failed: on the way (the server, the network) or writing to disk.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error(transparent)]
+    Client(ClientError),
+    #[error("cannot write the download: {0}")]
+    Write(std::io::Error),
+}
+
 impl ClientError {
     /// The message without what changes from one attempt to the next (the seconds to wait), for
     /// text that goes into a report: the agent reports only when its report changed, so a wait
@@ -53,20 +63,27 @@ pub enum Fetch {
 pub struct ServerClient {
     base: String,
     http: ureq::Agent,
+    /// For package content: no limit on the whole transfer, a minute on each read.
+    downloads: ureq::Agent,
 }
 
 impl ServerClient {
     /// A client for `base` that trusts what `transport` says (see [`crate::transport`]).
     pub fn new(base: &str, transport: &Transport) -> Result<Self, ClientError> {
         transport.check_url(base)?;
-        let mut http = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .user_agent(concat!("tenon-agent/", env!("CARGO_PKG_VERSION")));
+        let builder = || {
+            ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(10))
+                .user_agent(concat!("tenon-agent/", env!("CARGO_PKG_VERSION")))
+        };
+        let mut http = builder().timeout(Duration::from_secs(60));
+        let mut downloads = builder().timeout_read(Duration::from_secs(60)).timeout_write(Duration::from_secs(60));
         if base.trim().starts_with("https://") {
-            http = http.tls_config(transport.client_config()?);
+            let tls = transport.client_config()?;
+            http = http.tls_config(tls.clone());
+            downloads = downloads.tls_config(tls);
         }
-        Ok(Self { base: base.trim_end_matches('/').to_string(), http: http.build() })
+        Ok(Self { base: base.trim_end_matches('/').to_string(), http: http.build(), downloads: downloads.build() })
     }
 
     fn url(&self, path: &str) -> String {
@@ -119,6 +136,53 @@ impl ServerClient {
             304 => Ok(Fetch::NotModified),
             200 => resp.into_string().map(Fetch::Envelope).map_err(|e| ClientError::Protocol(e.to_string())),
             s => Err(ClientError::Protocol(format!("unexpected status {s} for the configuration"))),
+        }
+    }
+
+    /// Downloads package content from byte `offset` on (a `Range` request when `offset` > 0) into
+    /// `out`. Returns the offset the bytes written start at: `offset` when the server resumed,
+    /// 0 when it sent the whole content instead (the caller then starts over). A stall of more
+    /// than a minute between reads fails; there is no limit on the whole download.
+    pub fn download(
+        &self,
+        credential: &str,
+        sha256: &str,
+        offset: u64,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, DownloadError> {
+        let mut req = self
+            .downloads
+            .get(&self.url(&format!("/api/v1/device/packages/{sha256}")))
+            .set("Authorization", &format!("Bearer {credential}"));
+        if offset > 0 {
+            req = req.set("Range", &format!("bytes={offset}-"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            // Everything there is already: the range starts at the end.
+            Err(ureq::Error::Status(416, _)) => return Ok(offset),
+            Err(e) => return Err(DownloadError::Client(self.map_err(e))),
+        };
+        let start = match resp.status() {
+            206 => offset,
+            200 => 0,
+            s => return Err(DownloadError::Client(ClientError::Protocol(format!("unexpected status {s} for package content")))),
+        };
+        let mut reader = resp.into_reader();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(start),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(DownloadError::Client(ClientError::Unreachable {
+                        url: self.base.clone(),
+                        detail: format!("the download stopped: {e}"),
+                    }))
+                }
+            };
+            out.write_all(&buf[..n]).map_err(DownloadError::Write)?;
         }
     }
 

@@ -17,6 +17,7 @@ use tenon_core::policy::signatures::DefaultUse;
 use tenon_core::policy::state::common_state;
 
 mod signature_files;
+mod packages;
 mod table;
 
 use table::{cell, print_json, print_table};
@@ -93,6 +94,9 @@ enum Command {
     /// Outlook signature templates.
     #[command(subcommand)]
     Signatures(SignaturesCmd),
+    /// Software packages: upload, assign, follow their state on the devices.
+    #[command(subcommand)]
+    Packages(packages::PackagesCmd),
 }
 
 #[derive(Subcommand)]
@@ -268,6 +272,9 @@ enum DevicesCmd {
     },
     /// Revoke the device's credential and clear its primary user; history is kept.
     Decommission { id: String },
+    /// Install an available package now, or try a failed one again (at the device's next
+    /// check-in).
+    Install { id: String, package: String },
 }
 
 #[derive(Subcommand)]
@@ -331,11 +338,11 @@ enum ResignCmd {
     Status,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 24h or 7d"))
 }
 
-struct Client {
+pub(crate) struct Client {
     base: String,
     token: String,
     http: ureq::Agent,
@@ -416,6 +423,17 @@ impl Client {
             Some(b) => req.send_json(b),
             None => req.call(),
         };
+        self.answer(resp)
+    }
+
+    /// A request to `/api/v1/admin{path}` with the admin token, for callers that send their own body.
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let url = format!("{}/api/v1/admin{path}", self.base);
+        self.http.request(method, &url).set("Authorization", &format!("Bearer {}", self.token))
+    }
+
+    /// The JSON of a success; a refusal's problem detail or the transport failure as the error.
+    fn answer(&self, resp: Result<ureq::Response, ureq::Error>) -> anyhow::Result<Value> {
         match resp {
             Ok(r) if r.status() == 204 => Ok(Value::Null),
             Ok(r) => r.into_json().context("the server's answer is not JSON"),
@@ -570,12 +588,12 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
-fn usage(msg: String) -> anyhow::Error {
+pub(crate) fn usage(msg: String) -> anyhow::Error {
     anyhow::Error::new(UsageError(msg))
 }
 
 /// What a change's answer says about re-signing, for people.
-fn resigned_text(v: &Value) -> String {
+pub(crate) fn resigned_text(v: &Value) -> String {
     if v["resign_complete"].as_bool().unwrap_or(true) {
         format!("{} devices re-signed", v["devices_updated"])
     } else {
@@ -910,6 +928,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Signatures(cmd) => signatures(&c, json_out, wait, cmd)?,
+        Command::Packages(cmd) => packages::run(&c, json_out, wait, cmd)?,
+        Command::Devices(DevicesCmd::Install { id, package }) => {
+            let id = c.resolve_device(&id)?;
+            let v = c.call("POST", &format!("/devices/{}/install", urlencode(&id)), Some(&json!({"package": package})))?;
+            if json_out {
+                print_json(&v);
+            } else {
+                println!(
+                    "{} {} requested on device {id} (request {}); it installs at the device's next check-in",
+                    cell(&v["package"]),
+                    cell(&v["version"]),
+                    v["request"]
+                );
+            }
+        }
         Command::Resign(ResignCmd::Status) => {
             let v = c.call("GET", "/resign", None)?;
             if json_out {
@@ -1158,7 +1191,7 @@ fn signatures(c: &Client, json_out: bool, wait: bool, cmd: SignaturesCmd) -> any
     Ok(())
 }
 
-fn urlencode(s: &str) -> String {
+pub(crate) fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),

@@ -77,6 +77,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::max(SIGNATURE_LIMIT)),
         )
         .route("/packages", get(packages::list).post(packages::upload))
+        .route("/packages/check", post(packages::check))
         .route("/packages/{name}", get(packages::show).delete(packages::remove))
         .route("/packages/{name}/assign", post(packages::assign))
         .route("/packages/{name}/unassign", post(packages::unassign))

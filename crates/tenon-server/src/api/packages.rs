@@ -36,6 +36,17 @@ pub async fn upload(
     Ok((status, answer(&state, change).await).into_response())
 }
 
+/// `POST /admin/packages/check` with the description as the JSON body: the checks an upload
+/// makes before its content, without content.
+pub async fn check(
+    State(state): State<Arc<AppState>>,
+    Admin(_): Admin,
+    ApiJson(meta): ApiJson<UploadMeta>,
+) -> ApiResult<Json<Value>> {
+    state.check_upload(&meta).await?;
+    Ok(Json(serde_json::json!({"ok": true})))
+}
+
 pub async fn list(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Vec<PackageView>>> {
     Ok(Json(state.list_packages().await?))
 }

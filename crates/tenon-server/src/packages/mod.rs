@@ -127,7 +127,7 @@ fn package_of(meta: &UploadMeta) -> ApiResult<Package> {
     };
     if !ext_ok {
         return Err(ApiError::BadRequest(format!(
-            "{file_name:?} does not end as a {} package must (.msi; .exe; .ps1, .cmd or .bat); rename it or pass the right --kind",
+            "{file_name:?} does not end as a package of kind {} must (msi: .msi; exe: .exe; script: .ps1, .cmd or .bat); rename it or pass the right --kind",
             kind.as_str()
         )));
     }
@@ -285,6 +285,15 @@ impl AppState {
         self.content.as_deref().ok_or_else(|| {
             ApiError::Internal(anyhow::anyhow!("this server was started without a package directory"))
         })
+    }
+
+    /// Checks an upload's description as [`AppState::upload_package`] will, before any content is
+    /// sent (`tenonctl` asks first, so a refusal never arrives while the body is still sending).
+    pub async fn check_upload(&self, meta: &UploadMeta) -> ApiResult<()> {
+        let p = package_of(meta)?;
+        check_catalog(&*self.world.read().await, &p)?;
+        self.content()?;
+        Ok(())
     }
 
     /// Receives an upload: checks the description before reading the body, streams the content
