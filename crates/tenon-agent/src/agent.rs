@@ -16,6 +16,7 @@ use crate::transport::Transport;
 use crate::vault::{LastReport, Vault, VaultError, VaultState};
 use serde_json::{Map, Value};
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tenon_core::api::{envelope_etag, report_text, DeviceReport, EnrollRequest};
 use tenon_core::canonical::canonical_sha256;
 use tenon_core::envelope::{verify, VerifiedEnvelope, VerifyContext, VerifyError};
 use tenon_core::ids::Hostname;
+use tenon_core::packages::PackageReport;
 use tenon_core::trust::{advance_key_list, pin_root, verify_key_list, KeyList, TrustError};
 
 /// The crate's version, or `TENON_AGENT_VERSION` at build time (scripts/build-msi sets it with
@@ -66,6 +68,10 @@ pub enum AgentError {
     Platform(#[from] crate::platform::PlatformError),
     #[error("the configuration was refused: {0}; the agent keeps applying its last known good configuration")]
     Rejected(String),
+    #[error("{0}")]
+    Install(String),
+    #[error("the sync lock: {0}")]
+    Lock(String),
 }
 
 /// How `enroll` treats an existing enrollment and plain HTTP.
@@ -182,6 +188,9 @@ impl<'p> Agent<'p> {
 
     /// [`Agent::sync_once`] with options.
     pub fn sync_once_with(&self, opts: SyncOptions) -> Result<SyncSummary, AgentError> {
+        // One sync at a time per state dir (the service and `tenon-agent install` or `sync` run by
+        // an administrator): never two installers at once, never two writers of the vault.
+        let _lock = self.sync_lock()?;
         let mut status = Status::load(&self.state_dir);
         let now = self.now();
         status.last_attempt = Some(rfc3339(now));
@@ -307,7 +316,7 @@ impl<'p> Agent<'p> {
             }
             persist_if_changed(&vault, &mut st, &mut persisted)?;
 
-            let statuses = self.apply(&client, &trusted, &vault, &mut st, &mut persisted, lkg.as_ref());
+            let (statuses, packages) = self.apply(&client, &trusted, &vault, &mut st, &mut persisted, lkg.as_ref());
             persist_if_changed(&vault, &mut st, &mut persisted)?;
             status.policies = statuses.clone();
             status.config_version = lkg.as_ref().map(|l| l.body.version);
@@ -336,7 +345,7 @@ impl<'p> Agent<'p> {
                 // time), or every sync would report.
                 last_error: (!problems.is_empty()).then(|| report_text(&problems.join("; "))),
                 policies: statuses,
-                packages: Default::default(),
+                packages,
             };
             let sha256 = report_sha256(&report);
             let now = self.now();
@@ -428,9 +437,10 @@ impl<'p> Agent<'p> {
         st: &mut VaultState,
         persisted: &mut VaultState,
         lkg: Option<&VerifiedEnvelope>,
-    ) -> Map<String, Value> {
+    ) -> (Map<String, Value>, BTreeMap<String, PackageReport>) {
         let mut statuses = Map::new();
-        let Some(env) = lkg else { return statuses };
+        let mut packages = BTreeMap::new();
+        let Some(env) = lkg else { return (statuses, packages) };
         let credential = st.credential.clone();
         let escrow = ServerEscrow::new(client, &credential, trusted, &st.device_id, st.escrow_public_key.as_deref());
         let empty = Map::new();
@@ -456,12 +466,105 @@ impl<'p> Agent<'p> {
                 st.policy_state.insert(policy.name().to_string(), state);
             }
         }
+        {
+            let mut state = st.policy_state.remove(policies::packages::NAME).unwrap_or(Value::Null);
+            let (status, reports) = {
+                let store = VaultStore {
+                    vault,
+                    policy: policies::packages::NAME,
+                    st: RefCell::new((&mut *st, &mut *persisted)),
+                };
+                let content = ServerContent { client, credential: &credential };
+                let dir = self.state_dir.join("packages");
+                let mut run = policies::packages::PackagesRun {
+                    platform: self.platform,
+                    machine,
+                    now: self.now(),
+                    state: &mut state,
+                    store: &store,
+                    content: &content,
+                    dir: &dir,
+                };
+                policies::packages::run(&mut run)
+            };
+            statuses.insert(policies::packages::NAME.to_string(), serde_json::to_value(status).unwrap_or(Value::Null));
+            packages = reports;
+            if !state.is_null() {
+                st.policy_state.insert(policies::packages::NAME.to_string(), state);
+            }
+        }
         // The server rotated its escrow key and signed the new one: seal to it from now on.
         if let Some(key) = escrow.adopted_key() {
             tracing::info!("the server's escrow key changed (signed by a trusted key); using the new one");
             st.escrow_public_key = Some(key);
         }
-        statuses
+        (statuses, packages)
+    }
+
+    /// Waits for (up to 30 min: an installer may be running) and takes the state dir's sync lock.
+    fn sync_lock(&self) -> Result<std::fs::File, AgentError> {
+        let path = self.state_dir.join("sync.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| AgentError::Lock(format!("cannot open {}: {e}", path.display())))?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30 * 60);
+        let mut told = false;
+        loop {
+            match f.try_lock() {
+                Ok(()) => return Ok(f),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    if !told {
+                        eprintln!("waiting for the sync in progress (the service, or an installer it runs) to finish");
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(AgentError::Lock(format!(
+                        "another sync has held {} for 30 minutes; try again later",
+                        path.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(AgentError::Lock(format!("cannot lock {}: {e}", path.display())))
+                }
+            }
+        }
+    }
+
+    /// `tenon-agent install NAME`: asks for an available package of the plan now (or a failed one
+    /// again), then syncs, which installs it.
+    pub fn request_install(&self, name: &str) -> Result<SyncSummary, AgentError> {
+        {
+            let _lock = self.sync_lock()?;
+            let vault = self.vault();
+            let mut st = vault.load()?.state;
+            let root = decode_root(&st.root_public_key)?;
+            let trusted = verify_key_list(&st.key_list, &root)?;
+            let env = st
+                .envelope
+                .as_deref()
+                .and_then(|b| {
+                    verify(
+                        b,
+                        &VerifyContext { device_id: &st.device_id, trusted: &trusted, stored: None, now: i64::MIN },
+                    )
+                    .ok()
+                })
+                .ok_or_else(|| {
+                    AgentError::Rejected("no verified configuration yet; run `tenon-agent sync --once` first".into())
+                })?;
+            let empty = Map::new();
+            let machine = env.body.payload.get("machine").and_then(Value::as_object).unwrap_or(&empty);
+            let mut state = st.policy_state.remove(policies::packages::NAME).unwrap_or(Value::Null);
+            policies::packages::request_locally(&mut state, machine, name).map_err(AgentError::Install)?;
+            st.policy_state.insert(policies::packages::NAME.to_string(), state);
+            vault.save(&st)?;
+        }
+        self.sync_once()
     }
 
     /// The service loop: sync at a jittered interval, back off exponentially while the server is
@@ -539,6 +642,23 @@ impl<'p> Agent<'p> {
 /// How far the latest time seen may run ahead of its persisted value before it is written: the
 /// freeze check only needs it roughly current, and writing it every minute would wear the disk.
 const TIME_SEEN_PERSIST_STEP: i64 = 3600;
+
+/// Package content from the server, with the device credential.
+struct ServerContent<'a> {
+    client: &'a ServerClient,
+    credential: &'a str,
+}
+
+impl policies::packages::ContentSource for ServerContent<'_> {
+    fn fetch(
+        &self,
+        sha256: &str,
+        offset: u64,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, crate::client::DownloadError> {
+        self.client.download(self.credential, sha256, offset, out)
+    }
+}
 
 /// A policy's [`StateStore`]: writes the vault with that policy's state as it stands now.
 struct VaultStore<'a, 'v> {

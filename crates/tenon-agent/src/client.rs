@@ -1,8 +1,8 @@
 //! The agent's HTTP client for the device API (blocking: the agent is a small sequential loop).
 
 use crate::transport::Transport;
-use std::io::Read;
 use serde::de::DeserializeOwned;
+use std::io::Read;
 use std::time::Duration;
 use tenon_core::api::{DeviceReport, EnrollRequest, EnrollResponse, Problem, TrustBundle};
 use tenon_core::policy::escrow::{EscrowReceipt, EscrowRetired, EscrowUpload, SignedEscrowKey};
@@ -166,7 +166,11 @@ impl ServerClient {
         let start = match resp.status() {
             206 => offset,
             200 => 0,
-            s => return Err(DownloadError::Client(ClientError::Protocol(format!("unexpected status {s} for package content")))),
+            s => {
+                return Err(DownloadError::Client(ClientError::Protocol(format!(
+                    "unexpected status {s} for package content"
+                ))))
+            }
         };
         let mut reader = resp.into_reader();
         let mut buf = vec![0u8; 256 * 1024];

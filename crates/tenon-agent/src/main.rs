@@ -67,6 +67,9 @@ enum Command {
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         interval: Duration,
     },
+    /// Install a package of this device's plan now (an available one, or a failed one again),
+    /// then sync.
+    Install { name: String },
     /// Show what the agent holds and how the last sync went.
     Status {
         #[arg(long)]
@@ -208,6 +211,16 @@ fn main() -> ExitCode {
                 let v = s.config_version.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
                 let sent = if s.reported { "report sent" } else { "no report (unchanged since the last one)" };
                 println!("sync {}: configuration version {v}; {sent}", s.result);
+                for p in &s.problems {
+                    eprintln!("warning: {p}");
+                }
+            });
+            report_memory();
+            r
+        }
+        Command::Install { name } => {
+            let r = agent.request_install(&name).map(|s| {
+                println!("sync {}: install of {name} requested; `tenon-agent status --json` shows its state", s.result);
                 for p in &s.problems {
                     eprintln!("warning: {p}");
                 }

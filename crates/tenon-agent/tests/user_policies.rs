@@ -1,5 +1,5 @@
-//! End-to-end tests of the user policies (`local_admin`, `password_expiry`, `mandatory_installs`) on
-//! the simulated platform: a device JSON file in a temp dir, policies run as the agent runs them,
+//! End-to-end tests of the user policies (`local_admin`, `password_expiry`) on the
+//! simulated platform: a device JSON file in a temp dir, policies run as the agent runs them,
 //! effects read back from the file.
 
 use serde_json::{json, Map, Value};
@@ -207,27 +207,6 @@ fn membership_removed_by_hand_is_forgotten_when_off() {
     d.set("local_groups", json!({"Administrators": [MANUAL, ANNA]}));
     d.run(&*la, machine(Some(true), Some("bob@x.com")), json!({}), NOW);
     assert_eq!(d.admins(), vec![MANUAL, ANNA, BOB]);
-}
-
-#[test]
-fn mandatory_install_gate_is_reported() {
-    let mut d = device(&["anna@x.com"]);
-    let mi = policy("mandatory_installs");
-    let s = d.run(&*mi, machine(None, Some("anna@x.com")), json!({}), NOW);
-    assert_eq!(
-        (s.details["allowed"].clone(), s.reason.as_deref()),
-        (json!(true), Some("primary user anna@x.com is signed in"))
-    );
-    let s = d.run(&*mi, machine(None, Some("bob@x.com")), json!({}), NOW);
-    assert_eq!(
-        (s.details["allowed"].clone(), s.reason.as_deref()),
-        (json!(false), Some("primary user bob@x.com is not signed in"))
-    );
-    let s = d.run(&*mi, machine(None, None), json!({}), NOW);
-    assert_eq!((s.details["allowed"].clone(), s.reason.as_deref()), (json!(false), Some("no primary user")));
-    let mut m = machine(None, Some("bob@x.com"));
-    m["Client"]["MandatoryInstalls"] = json!({"IgnoreUserRestrictions": true});
-    assert_eq!(d.run(&*mi, m, json!({}), NOW).details["allowed"], json!(true));
 }
 
 /// The FILETIME of a Unix time, as the directory stores it.

@@ -405,6 +405,7 @@ mod tests {
             config_sha256: Some("ab".repeat(32)),
             last_error: Some("vault: repaired\n\tdetail".into()),
             policies: json!({"bitlocker": {"state": "ok"}}).as_object().unwrap().clone(),
+            packages: Default::default(),
         }
     }
 
@@ -439,6 +440,32 @@ mod tests {
                     r.policies.insert("Bit\u{1b}".into(), json!({}));
                 },
                 |e| *e == ReportError::PolicyName,
+            ),
+            (
+                |r| {
+                    let mut p = crate::packages::PackageReport::new(crate::packages::State::Failed, "1.0", None);
+                    p.log_tail = Some("x".repeat(MAX_PACKAGE_LOG_LEN + 1));
+                    r.packages.insert("App".into(), p);
+                },
+                |e| matches!(e, ReportError::Packages(_)),
+            ),
+            (
+                |r| {
+                    let p = crate::packages::PackageReport::new(
+                        crate::packages::State::Failed,
+                        "1.0",
+                        Some("a\u{1b}[31m".into()),
+                    );
+                    r.packages.insert("App".into(), p);
+                },
+                |e| matches!(e, ReportError::Packages(_)),
+            ),
+            (
+                |r| {
+                    let p = crate::packages::PackageReport::new(crate::packages::State::Installed, "1.0", None);
+                    r.packages.insert("bad/name".into(), p);
+                },
+                |e| matches!(e, ReportError::Packages(_)),
             ),
         ];
         for (i, (edit, expected)) in cases.iter().enumerate() {

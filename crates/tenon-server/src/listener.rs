@@ -420,7 +420,8 @@ async fn serve_connection<S>(
         req.extensions_mut().insert(ConnectInfo(remote));
         // A package upload may take many minutes: it must keep arriving (no pause longer than the
         // body timeout) instead of arriving whole within it.
-        let rolling = (req.method() == hyper::Method::POST && req.uri().path() == UPLOAD_PATH).then_some(body_read_timeout);
+        let rolling =
+            (req.method() == hyper::Method::POST && req.uri().path() == UPLOAD_PATH).then_some(body_read_timeout);
         let req = req.map(|body| {
             if hyper::body::Body::is_end_stream(&body) {
                 Body::new(body)

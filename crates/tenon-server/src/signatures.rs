@@ -263,7 +263,8 @@ fn oversized_device(world: &World, ids: &BTreeSet<String>) -> Option<(String, us
     let limit = MAX_ENVELOPE_BYTES - ENVELOPE_OVERHEAD;
     ids.iter().find_map(|id| {
         let meta = world.devices.get(id).filter(|m| m.active)?;
-        let payload = world.directory.device_payload_with(meta.primary.as_ref(), &meta.users, &meta.package_requests).payload;
+        let payload =
+            world.directory.device_payload_with(meta.primary.as_ref(), &meta.users, &meta.package_requests).payload;
         let bytes = serde_json::to_vec(&payload).map(|v| v.len()).unwrap_or(usize::MAX);
         (bytes > limit).then(|| (id.clone(), bytes))
     })

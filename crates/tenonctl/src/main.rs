@@ -16,8 +16,8 @@ use tenon_core::ids::{DeviceId, GroupName};
 use tenon_core::policy::signatures::DefaultUse;
 use tenon_core::policy::state::common_state;
 
-mod signature_files;
 mod packages;
+mod signature_files;
 mod table;
 
 use table::{cell, print_json, print_table};
@@ -931,7 +931,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Packages(cmd) => packages::run(&c, json_out, wait, cmd)?,
         Command::Devices(DevicesCmd::Install { id, package }) => {
             let id = c.resolve_device(&id)?;
-            let v = c.call("POST", &format!("/devices/{}/install", urlencode(&id)), Some(&json!({"package": package})))?;
+            let v =
+                c.call("POST", &format!("/devices/{}/install", urlencode(&id)), Some(&json!({"package": package})))?;
             if json_out {
                 print_json(&v);
             } else {

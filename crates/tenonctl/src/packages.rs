@@ -338,12 +338,8 @@ pub fn run(c: &Client, json_out: bool, wait: bool, cmd: PackagesCmd) -> anyhow::
             if json_out {
                 print_json(&v);
             } else {
-                let counts: Vec<String> = v["counts"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, n)| format!("{k} {n}"))
-                    .collect();
+                let counts: Vec<String> =
+                    v["counts"].as_object().into_iter().flatten().map(|(k, n)| format!("{k} {n}")).collect();
                 println!(
                     "package {} {}: {}",
                     cell(&v["name"]),

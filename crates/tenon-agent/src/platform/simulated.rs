@@ -97,7 +97,11 @@ impl SimulatedPlatform {
 /// The key a 32-bit program sees for `key` (`HKLM\SOFTWARE\X` -> `HKLM\SOFTWARE\WOW6432Node\X`).
 fn registry_view(key: &str, view32: bool) -> String {
     let prefix = "HKLM\\SOFTWARE\\";
-    if view32 && key.len() > prefix.len() && key.is_char_boundary(prefix.len()) && key[..prefix.len()].eq_ignore_ascii_case(prefix) {
+    if view32
+        && key.len() > prefix.len()
+        && key.is_char_boundary(prefix.len())
+        && key[..prefix.len()].eq_ignore_ascii_case(prefix)
+    {
         format!("{prefix}WOW6432Node\\{}", &key[prefix.len()..])
     } else {
         key.to_string()
@@ -583,11 +587,10 @@ impl Platform for SimulatedPlatform {
     fn detect(&self, rule: &DetectRule) -> PResult<bool> {
         let dev = self.load()?;
         Ok(match rule {
-            DetectRule::Msi { product_code } => {
-                dev.get("msi_products").and_then(Value::as_object).is_some_and(|m| {
-                    m.keys().any(|k| k.eq_ignore_ascii_case(product_code))
-                })
-            }
+            DetectRule::Msi { product_code } => dev
+                .get("msi_products")
+                .and_then(Value::as_object)
+                .is_some_and(|m| m.keys().any(|k| k.eq_ignore_ascii_case(product_code))),
             DetectRule::File { path, min_version } => {
                 let file = dev
                     .get("files")

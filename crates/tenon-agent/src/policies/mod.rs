@@ -10,7 +10,7 @@ pub mod bitlocker;
 pub mod delivery_optimization;
 pub mod escrow;
 pub mod local_admin;
-pub mod mandatory_installs;
+pub mod packages;
 pub mod password_expiry;
 pub mod signatures;
 
@@ -122,13 +122,13 @@ pub trait Policy {
     fn apply(&self, ctx: &mut PolicyContext<'_>) -> PolicyStatus;
 }
 
-/// Every policy the agent runs, in the order it runs them.
+/// Every policy the agent runs, in the order it runs them. Software packages
+/// ([`packages::run`]) run after these: they need the content source and report per package.
 pub fn all() -> Vec<Box<dyn Policy>> {
     vec![
         Box::new(bitlocker::Bitlocker),
         Box::new(delivery_optimization::DeliveryOptimization),
         Box::new(local_admin::LocalAdmin),
-        Box::new(mandatory_installs::MandatoryInstalls),
         Box::new(password_expiry::PasswordExpiryWarnings),
         Box::new(signatures::Signatures),
     ]

@@ -173,6 +173,6 @@ pub async fn download(
     let mut serve = tower_http::services::ServeFile::new(&path);
     let resp = tower_service::Service::call(&mut serve, req)
         .await
-    .map_err(|e| ApiError::Internal(anyhow::anyhow!("serving package content failed: {e}")))?;
+        .map_err(|e| ApiError::Internal(anyhow::anyhow!("serving package content failed: {e}")))?;
     Ok(resp.map(Body::new))
 }

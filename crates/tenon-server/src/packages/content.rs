@@ -8,8 +8,8 @@
 use crate::error::ApiError;
 use axum::body::Body;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
 
 /// The largest upload accepted: large Office or CAD installers are a few GB.
 pub const MAX_CONTENT_BYTES: u64 = 16 * 1024 * 1024 * 1024;
@@ -145,13 +145,14 @@ pub struct MsiFacts {
 /// file is not a usable MSI.
 pub fn read_msi(path: &Path) -> Result<MsiFacts, String> {
     let mut pkg = msi::open(path).map_err(|e| format!("it is not an MSI database ({e})"))?;
-    let usable =
-        pkg.get_table("Property").is_some_and(|t| t.has_column("Property") && t.has_column("Value"));
+    let usable = pkg.get_table("Property").is_some_and(|t| t.has_column("Property") && t.has_column("Value"));
     if !usable {
         return Err("it has no Property table, so it is not an installable MSI".into());
     }
     let mut facts = MsiFacts::default();
-    let rows = pkg.select_rows(msi::Select::table("Property")).map_err(|e| format!("its Property table cannot be read ({e})"))?;
+    let rows = pkg
+        .select_rows(msi::Select::table("Property"))
+        .map_err(|e| format!("its Property table cannot be read ({e})"))?;
     for row in rows {
         let (Some(k), Some(v)) = (row["Property"].as_str(), row["Value"].as_str()) else { continue };
         let v = v.chars().filter(|c| !c.is_control()).take(256).collect::<String>();

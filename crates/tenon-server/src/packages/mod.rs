@@ -153,10 +153,7 @@ fn package_of(meta: &UploadMeta) -> ApiResult<Package> {
     }
     let timeout_secs = meta.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
     if !(1..=MAX_TIMEOUT_SECS).contains(&timeout_secs) {
-        return Err(ApiError::BadRequest(format!(
-            "--timeout must be between 1 s and {} h",
-            MAX_TIMEOUT_SECS / 3600
-        )));
+        return Err(ApiError::BadRequest(format!("--timeout must be between 1 s and {} h", MAX_TIMEOUT_SECS / 3600)));
     }
     let name = check_name(&meta.name).map_err(bad)?;
     if depends_on.contains(&name) {
@@ -282,9 +279,9 @@ fn not_found(name: &str) -> ApiError {
 
 impl AppState {
     fn content(&self) -> ApiResult<&content::ContentStore> {
-        self.content.as_deref().ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!("this server was started without a package directory"))
-        })
+        self.content
+            .as_deref()
+            .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("this server was started without a package directory")))
     }
 
     /// Checks an upload's description as [`AppState::upload_package`] will, before any content is
@@ -444,8 +441,15 @@ impl AppState {
         let now = self.now();
         let mut tx = self.begin_write(&mut world).await?;
         sqlx::query("DELETE FROM packages WHERE name = $1").bind(&p.name).execute(&mut *tx).await?;
-        audit(&mut tx, now, &actor.label(), "packages.remove", Some(&p.name), json!({"version": p.version, "sha256": p.sha256}))
-            .await?;
+        audit(
+            &mut tx,
+            now,
+            &actor.label(),
+            "packages.remove",
+            Some(&p.name),
+            json!({"version": p.version, "sha256": p.sha256}),
+        )
+        .await?;
         self.note(&mut tx, ChangeKind::Directory, [""]).await?;
         tx.commit().await?;
         world.directory_mut().packages.remove(&p.name);
@@ -473,15 +477,10 @@ impl AppState {
         let mut world = self.world.write().await;
         let p = world.directory.packages.get(name.trim()).cloned().ok_or_else(|| not_found(name))?;
         let target = check_target(&world, target)?;
-        check_dependencies(&world.directory.packages).map_err(|e| {
-            ApiError::BadRequest(format!("package {:?} cannot be assigned: {e}", p.name))
-        })?;
-        let previous = world
-            .directory
-            .package_assignments
-            .iter()
-            .find(|a| a.package == p.name && a.target == target)
-            .cloned();
+        check_dependencies(&world.directory.packages)
+            .map_err(|e| ApiError::BadRequest(format!("package {:?} cannot be assigned: {e}", p.name)))?;
+        let previous =
+            world.directory.package_assignments.iter().find(|a| a.package == p.name && a.target == target).cloned();
         let now = self.now();
         let (kind, tname) = target_parts(&target);
         let mut tx = self.begin_write(&mut world).await?;
@@ -750,9 +749,18 @@ fn effective(e: &PlanEntry, reported: Option<&Value>) -> PackageReport {
         Some(r) => PackageReport::new(
             State::Pending,
             &e.package.version,
-            Some(format!("the device reported version {} {}; version {} is on its way", r.version, r.state.as_str(), e.package.version)),
+            Some(format!(
+                "the device reported version {} {}; version {} is on its way",
+                r.version,
+                r.state.as_str(),
+                e.package.version
+            )),
         ),
-        None => PackageReport::new(State::Pending, &e.package.version, Some("the device has not reported this package yet".to_string())),
+        None => PackageReport::new(
+            State::Pending,
+            &e.package.version,
+            Some("the device has not reported this package yet".to_string()),
+        ),
     }
 }
 

@@ -112,10 +112,7 @@ fn device_row(row: &sqlx::any::AnyRow) -> anyhow::Result<DeviceRow> {
         has_reported: row.get::<Option<i64>, _>(9).is_some(),
         signed_in,
         users: BTreeSet::new(),
-        package_requests: row
-            .get::<Option<&str>, _>(11)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or_default(),
+        package_requests: row.get::<Option<&str>, _>(11).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default(),
         id,
     })
 }
