@@ -375,7 +375,14 @@ pub struct Package {
     #[serde(default)]
     pub order: i64,
     pub timeout_secs: u64,
+    /// The Tenon agent's own MSI (its UpgradeCode is [`AGENT_UPGRADE_CODE`]): the install is
+    /// handed to a detached msiexec, because the upgrade stops and replaces the agent running it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_update: bool,
 }
+
+/// The UpgradeCode of the tenon-agent MSI (crates/tenon-agent/msi/tenon-agent.wxs).
+pub const AGENT_UPGRADE_CODE: &str = "{85F23B7A-2D4F-42CC-A0A3-0EC4C2C07268}";
 
 /// Where an assignment applies.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -838,6 +845,9 @@ pub fn backoff_secs(attempts: u32) -> i64 {
 pub enum RunEnd {
     Exited(i64),
     TimedOut,
+    /// Started detached (the agent's own upgrade): its end is not awaited; detection at the
+    /// next sync (by the new agent) tells whether it worked.
+    HandedOff,
 }
 
 /// What a run means, from its end and detection afterwards (Intune's default exit codes: 0 and
@@ -870,6 +880,21 @@ pub fn run_outcome(
             )
         }
         RunEnd::Exited(c) => *c,
+        RunEnd::HandedOff => {
+            // Counted: an upgrade that never lands stops after the retry budget.
+            mem.attempts += 1;
+            mem.not_before = now + backoff_secs(mem.attempts);
+            return PackageReport {
+                state: State::Installing,
+                version: v.clone(),
+                detail: Some(
+                    "handed to a detached msiexec: the upgrade replaces the running agent, and the new version reports in"
+                        .into(),
+                ),
+                exit_code: None,
+                log_tail: None,
+            };
+        }
     };
     let ok = |state: State, detail: Option<String>| PackageReport {
         state,

@@ -162,6 +162,9 @@ pub struct InstallerRun<'a> {
     pub output: &'a Path,
     /// The whole process tree is killed once this passes.
     pub timeout: Duration,
+    /// Start it outside the agent's job and do not wait ([`RunEnd::HandedOff`]): the agent's own
+    /// upgrade, which stops the service running the agent.
+    pub detached: bool,
 }
 
 /// Everything the agent needs from the operating system.

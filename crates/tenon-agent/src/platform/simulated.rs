@@ -643,6 +643,7 @@ impl Platform for SimulatedPlatform {
                 .and_then(Value::as_array_mut)
                 .and_then(|codes| (!codes.is_empty()).then(|| codes.remove(0)));
             let end = match next {
+                None if run.detached => RunEnd::HandedOff,
                 None => RunEnd::Exited(0),
                 Some(Value::Number(n)) => RunEnd::Exited(n.as_i64().unwrap_or(1)),
                 Some(Value::String(s)) if s == "hang" => RunEnd::TimedOut,
@@ -656,6 +657,7 @@ impl Platform for SimulatedPlatform {
             let code = match end {
                 RunEnd::Exited(c) => json!(c),
                 RunEnd::TimedOut => json!("timed_out"),
+                RunEnd::HandedOff => json!("detached"),
             };
             let runs = dev.entry("installer_runs").or_insert_with(|| json!([]));
             if !runs.is_array() {
@@ -665,7 +667,7 @@ impl Platform for SimulatedPlatform {
                 "package": run.package, "version": run.version, "command": run.command.display(),
                 "uninstall": run.uninstall, "exit_code": code,
             }));
-            if matches!(end, RunEnd::Exited(0 | 1707 | 3010 | 1641)) {
+            if matches!(end, RunEnd::Exited(0 | 1707 | 3010 | 1641) | RunEnd::HandedOff) {
                 simulate_effect(dev, run);
             }
             Ok(end)

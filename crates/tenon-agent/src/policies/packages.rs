@@ -254,6 +254,7 @@ fn one(
         command: &command,
         output: &output,
         timeout: Duration::from_secs(p.timeout_secs),
+        detached: p.self_update && !uninstall,
     };
     let end = match r.platform.run_installer(&run) {
         Ok(end) => end,

@@ -4,6 +4,7 @@ const PC: &str = "{12345678-1234-1234-1234-123456789ABC}";
 
 fn pkg(name: &str, deps: &[&str], order: i64) -> Package {
     Package {
+        self_update: false,
         name: name.into(),
         version: "1.0".into(),
         kind: Kind::Msi,

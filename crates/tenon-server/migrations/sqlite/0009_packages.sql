@@ -17,7 +17,8 @@ CREATE TABLE packages (
     msi_product_name    TEXT,
     msi_product_version TEXT,
     uploaded_at    INTEGER NOT NULL,
-    uploaded_by    TEXT NOT NULL
+    uploaded_by    TEXT NOT NULL,
+    self_update    INTEGER NOT NULL DEFAULT 0  -- the Tenon agent's own MSI (by its UpgradeCode)
 );
 
 CREATE TABLE package_assignments (

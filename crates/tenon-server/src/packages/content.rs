@@ -139,6 +139,8 @@ pub struct MsiFacts {
     pub product_code: String,
     pub product_version: String,
     pub product_name: String,
+    /// Empty when the MSI has none.
+    pub upgrade_code: String,
 }
 
 /// Reads ProductCode, ProductVersion and ProductName from an MSI database; an error says why the
@@ -160,6 +162,7 @@ pub fn read_msi(path: &Path) -> Result<MsiFacts, String> {
             "ProductCode" => facts.product_code = v,
             "ProductVersion" => facts.product_version = v,
             "ProductName" => facts.product_name = v,
+            "UpgradeCode" => facts.upgrade_code = v,
             _ => {}
         }
     }

@@ -72,6 +72,8 @@ pub struct PackageView {
     pub assignments: Vec<AssignmentView>,
     /// The content is on this server's disk.
     pub content_present: bool,
+    /// The Tenon agent's own MSI: installed through a detached msiexec.
+    pub self_update: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -173,6 +175,7 @@ fn package_of(meta: &UploadMeta) -> ApiResult<Package> {
         depends_on,
         order: meta.order,
         timeout_secs,
+        self_update: false,
     })
 }
 
@@ -319,6 +322,7 @@ impl AppState {
                             p.file_name
                         ))
                     })?;
+                p.self_update = facts.upgrade_code.eq_ignore_ascii_case(tenon_core::packages::AGENT_UPGRADE_CODE);
                 if matches!(&p.detect, DetectRule::Msi { product_code } if product_code.is_empty()) {
                     p.detect = DetectRule::Msi { product_code: facts.product_code.clone() };
                 }
@@ -349,14 +353,14 @@ impl AppState {
         sqlx::query(
             "INSERT INTO packages (name, version, kind, sha256, size, file_name, install_args, uninstall_args, detect,
                                    depends_on, sort_order, timeout_secs, msi_product_name, msi_product_version,
-                                   uploaded_at, uploaded_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                                   uploaded_at, uploaded_by, self_update)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT (name) DO UPDATE SET version = excluded.version, kind = excluded.kind, sha256 = excluded.sha256,
                  size = excluded.size, file_name = excluded.file_name, install_args = excluded.install_args,
                  uninstall_args = excluded.uninstall_args, detect = excluded.detect, depends_on = excluded.depends_on,
                  sort_order = excluded.sort_order, timeout_secs = excluded.timeout_secs,
                  msi_product_name = excluded.msi_product_name, msi_product_version = excluded.msi_product_version,
-                 uploaded_at = excluded.uploaded_at, uploaded_by = excluded.uploaded_by",
+                 uploaded_at = excluded.uploaded_at, uploaded_by = excluded.uploaded_by, self_update = excluded.self_update",
         )
         .bind(&p.name)
         .bind(&p.version)
@@ -374,6 +378,7 @@ impl AppState {
         .bind(msi.as_ref().map(|m| m.product_version.clone()))
         .bind(now)
         .bind(actor.label())
+        .bind(i64::from(p.self_update))
         .execute(&mut *tx)
         .await?;
         audit(
@@ -399,7 +404,7 @@ impl AppState {
         let ids = devices_reached(&world, &with_dependents(&world, &p.name), &[]);
         let resign = self.resign.enqueue(ids);
         let body = json!({"name": p.name, "version": p.version, "kind": p.kind, "sha256": p.sha256, "size": p.size,
-                          "detect": p.detect.to_string(), "created": previous.is_none(),
+                          "detect": p.detect.to_string(), "created": previous.is_none(), "self_update": p.self_update,
                           "previous_version": previous.map(|o| o.version), "msi": msi});
         Ok(PackageChange { body, resign })
     }
@@ -645,6 +650,7 @@ impl AppState {
                     product_code: p.detect.product_code().unwrap_or_default().to_string(),
                     product_name: r.get::<Option<String>, _>(1).unwrap_or_default(),
                     product_version: r.get::<Option<String>, _>(2).unwrap_or_default(),
+                    ..Default::default()
                 }),
                 _ => None,
             };
@@ -672,6 +678,7 @@ impl AppState {
                     .map(|a| AssignmentView { target: a.target.clone(), intent: a.intent, users: a.users })
                     .collect(),
                 content_present: store.is_some_and(|s| s.has(&p.sha256)),
+                self_update: p.self_update,
             });
         }
         Ok(out)

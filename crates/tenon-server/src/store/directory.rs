@@ -75,7 +75,7 @@ pub async fn load(conn: &mut Conn) -> anyhow::Result<Directory> {
     }
     for row in sqlx::query(
         "SELECT name, version, kind, sha256, size, file_name, install_args, uninstall_args, detect, depends_on,
-                sort_order, timeout_secs FROM packages",
+                sort_order, timeout_secs, self_update FROM packages",
     )
     .fetch_all(&mut *conn)
     .await?
@@ -94,6 +94,7 @@ pub async fn load(conn: &mut Conn) -> anyhow::Result<Directory> {
             depends_on: serde_json::from_str(row.get::<&str, _>(9)).with_context(what)?,
             order: row.get(10),
             timeout_secs: row.get::<i64, _>(11) as u64,
+            self_update: row.get::<i64, _>(12) != 0,
             name: name.clone(),
         };
         directory.packages.insert(name, p);
