@@ -442,3 +442,69 @@ fn exit_codes_retries_requests_dependencies_and_bad_content() {
         .call();
     assert!(matches!(body, Err(ureq::Error::Status(401, _))));
 }
+
+fn credential(agent: &SimAgent) -> String {
+    let platform = tenon_agent::platform::simulated::SimulatedPlatform::open(&agent.device_file).unwrap();
+    tenon_agent::vault::Vault::new(&agent.state_dir, &platform).load().unwrap().state.credential
+}
+
+#[test]
+fn content_is_served_by_range_and_only_to_devices_whose_plan_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = setup(tmp.path());
+    let file = tmp.path().join("setup.exe");
+    let mut bytes = b"MZ".to_vec();
+    bytes.extend((0..2_000_000u32).map(|i| (i % 253) as u8));
+    std::fs::write(&file, &bytes).unwrap();
+    let up = server.ctl_json(&[
+        "packages",
+        "upload",
+        file.to_str().unwrap(),
+        "--name",
+        "Tool",
+        "--version",
+        "1",
+        "--detect",
+        r"file:C:\T\t.exe",
+    ]);
+    let sha = up["sha256"].as_str().unwrap().to_string();
+    // A: Anna's device, which gets Tool; B: Ben's, which does not.
+    let a = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-A", "signed_in_users": [ANNA]}));
+    let b = SimAgent::new(tmp.path(), "b", json!({"hostname": "PC-B", "signed_in_users": [BEN]}));
+    let token = server.enroll_token(2);
+    a.enroll(&server, &token);
+    b.enroll(&server, &token);
+    sync(&a);
+    sync(&b);
+    server.ctl_ok(&["packages", "assign", "Tool", "--user", ANNA, "--intent", "available", "--wait"]);
+    let url = format!("{}/api/v1/device/packages/{sha}", server.url);
+    let get = |cred: &str, range: Option<&str>| {
+        let mut req = server.http().get(&url).set("Authorization", &format!("Bearer {cred}"));
+        if let Some(r) = range {
+            req = req.set("Range", r);
+        }
+        req.call()
+    };
+    // B's credential is refused for content outside its plan, like unknown content.
+    match get(&credential(&b), None) {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("B must get 404, got {other:?}"),
+    }
+    // A stops after the first 700,000 bytes, then asks for the rest: nothing is sent twice.
+    let cred = credential(&a);
+    let mut first = vec![0u8; 700_000];
+    std::io::Read::read_exact(&mut get(&cred, None).unwrap().into_reader(), &mut first).unwrap();
+    let rest = get(&cred, Some("bytes=700000-")).unwrap();
+    assert_eq!(rest.status(), 206);
+    assert_eq!(rest.header("Content-Range").unwrap(), format!("bytes 700000-{}/{}", bytes.len() - 1, bytes.len()));
+    let mut tail = Vec::new();
+    std::io::Read::read_to_end(&mut rest.into_reader(), &mut tail).unwrap();
+    println!(
+        "resumed download over HTTP: {} bytes content, {} fetched, {} fetched twice",
+        bytes.len(),
+        first.len() + tail.len(),
+        first.len() + tail.len() - bytes.len()
+    );
+    first.extend(tail);
+    assert_eq!(first, bytes);
+}
