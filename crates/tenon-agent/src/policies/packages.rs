@@ -29,6 +29,9 @@ use tenon_core::policy::primary_user;
 /// The name of the package status in `policies` and of its state in the vault.
 pub const NAME: &str = "packages";
 
+/// The most log-tail text one report carries, over all packages.
+pub const MAX_LOG_TAILS_BYTES: usize = 24 * 1024;
+
 /// Where content comes from (the agent: the server, with the device credential).
 pub trait ContentSource {
     /// Writes the content from byte `offset` on into `out`; returns where what it wrote starts
@@ -157,6 +160,18 @@ pub fn run(r: &mut PackagesRun<'_>) -> (PolicyStatus, BTreeMap<String, PackageRe
         mem.insert(name, m);
         store_remembered(r.state, &mem);
         let _ = r.store.persist(r.state);
+    }
+    // The report stays far below the server's 64 KiB limit: log tails beyond this budget are left
+    // out (the logs stay in STATE_DIR/packages/logs).
+    let mut budget = MAX_LOG_TAILS_BYTES;
+    for rep in reports.values_mut() {
+        if let Some(t) = &rep.log_tail {
+            if t.len() > budget {
+                rep.log_tail = None;
+            } else {
+                budget -= t.len();
+            }
+        }
     }
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
     for rep in reports.values() {

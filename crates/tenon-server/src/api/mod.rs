@@ -20,9 +20,9 @@ const IMPORT_LIMIT: usize = 32 * 1024 * 1024;
 /// Signature templates carry their images; the domain answers a too-large template with a
 /// message that says what to shrink, so the transport limit sits well above that.
 const SIGNATURE_LIMIT: usize = 16 * 1024 * 1024;
-/// A real report is a few KB (one status per policy); 256 KiB leaves room for a long error text
-/// and the log tails of failed packages (4 KiB each).
-pub const REPORT_LIMIT: usize = 256 * 1024;
+/// A real report is a few KB (one status per policy); 64 KiB leaves room for a long error text
+/// and the log tails of failed packages (the agent sends at most 24 KiB of them).
+pub const REPORT_LIMIT: usize = 64 * 1024;
 /// An enrollment is a token, a hostname and a version.
 const ENROLL_LIMIT: usize = 16 * 1024;
 
