@@ -910,6 +910,19 @@ impl Platform for WindowsPlatform {
         }
         Ok(changed)
     }
+
+    // Software packages: in windows_software.rs.
+    fn detect(&self, rule: &DetectRule) -> PResult<bool> {
+        super::windows_software::detect(rule)
+    }
+
+    fn run_installer(&self, run: &InstallerRun<'_>) -> PResult<RunEnd> {
+        super::windows_software::run_installer(run)
+    }
+
+    fn free_disk_bytes(&self, path: &Path) -> PResult<Option<u64>> {
+        super::windows_software::free_disk_bytes(path)
+    }
 }
 
 /// Set by the IP Helper callbacks, waited on by `wait_network_change`.

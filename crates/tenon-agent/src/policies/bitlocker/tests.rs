@@ -213,6 +213,13 @@ impl Platform for Journaled<'_> {
     fn wait_network_change(&self, timeout: Duration) -> PResult<bool> {
         self.inner.wait_network_change(timeout)
     }
+    fn detect(&self, rule: &tenon_core::packages::DetectRule) -> PResult<bool> {
+        self.inner.detect(rule)
+    }
+    fn run_installer(&self, run: &InstallerRun<'_>) -> PResult<tenon_core::packages::RunEnd> {
+        self.log(format!("run_installer {}", run.package));
+        self.effect(self.inner.run_installer(run))
+    }
     fn recovery_password(&self, mount: &str, protector_id: &str) -> PResult<String> {
         self.log(format!("recovery_password {protector_id}"));
         self.inner.recovery_password(mount, protector_id)
