@@ -63,6 +63,7 @@ fn work(name: &str) -> PathBuf {
 
 fn package(name: &str, version: &str, kind: Kind, file: &str, detect: DetectRule) -> Package {
     Package {
+        self_update: false,
         name: name.into(),
         version: version.into(),
         kind,
@@ -89,6 +90,7 @@ fn run(pkg: &Package, command: &Command, uninstall: bool, output: &Path, timeout
         command,
         output,
         timeout,
+        detached: false,
     };
     p().run_installer(&run).unwrap_or_else(|e| panic!("{}: {e}", command.display()))
 }
@@ -481,6 +483,7 @@ fn a_program_that_cannot_start_is_an_error_not_a_panic() {
             command: &cmd,
             output,
             timeout: Duration::from_secs(10),
+            detached: false,
         };
         p().run_installer(&run)
     };

@@ -478,6 +478,7 @@ fn content_is_served_by_range_and_only_to_devices_whose_plan_names_it() {
     sync(&b);
     server.ctl_ok(&["packages", "assign", "Tool", "--user", ANNA, "--intent", "available", "--wait"]);
     let url = format!("{}/api/v1/device/packages/{sha}", server.url);
+    #[allow(clippy::result_large_err)]
     let get = |cred: &str, range: Option<&str>| {
         let mut req = server.http().get(&url).set("Authorization", &format!("Bearer {cred}"));
         if let Some(r) = range {

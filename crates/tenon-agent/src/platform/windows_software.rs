@@ -40,7 +40,8 @@ use ::windows::Win32::System::JobObjects::{
 };
 use ::windows::Win32::System::SystemInformation::GetSystemDirectoryW;
 use ::windows::Win32::System::Threading::{
-    OpenThread, ResumeThread, WaitForSingleObject, CREATE_NO_WINDOW, CREATE_SUSPENDED, THREAD_SUSPEND_RESUME,
+    OpenThread, ResumeThread, WaitForSingleObject, CREATE_BREAKAWAY_FROM_JOB, CREATE_NO_WINDOW, CREATE_SUSPENDED,
+    DETACHED_PROCESS, THREAD_SUSPEND_RESUME,
 };
 use winreg::enums::{RegType, HKEY_LOCAL_MACHINE, KEY_QUERY_VALUE, KEY_WOW64_32KEY, KEY_WOW64_64KEY};
 use winreg::types::FromRegValue;
@@ -316,6 +317,13 @@ pub fn run_installer(run: &InstallerRun<'_>) -> PResult<RunEnd> {
         .stderr(err)
         .creation_flags((CREATE_NO_WINDOW | CREATE_SUSPENDED).0);
 
+    if run.detached {
+        // The agent's own upgrade: outside the agent's job (which dies with the service msiexec
+        // stops) and not awaited; detection by the new agent tells how it went.
+        cmd.creation_flags((CREATE_NO_WINDOW | DETACHED_PROCESS | CREATE_BREAKAWAY_FROM_JOB).0);
+        cmd.spawn().map_err(|e| spawn_err(&program, e))?;
+        return Ok(RunEnd::HandedOff);
+    }
     let job = Job::new()?;
     // The arguments may carry secrets (license keys): errors name the program only.
     let mut child = cmd.spawn().map_err(|e| spawn_err(&program, e))?;

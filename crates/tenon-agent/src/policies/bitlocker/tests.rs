@@ -224,12 +224,6 @@ impl Platform for Journaled<'_> {
         self.log(format!("recovery_password {protector_id}"));
         self.inner.recovery_password(mount, protector_id)
     }
-    fn detect(&self, rule: &tenon_core::packages::DetectRule) -> PResult<bool> {
-        self.inner.detect(rule)
-    }
-    fn run_installer(&self, run: &crate::platform::InstallerRun<'_>) -> PResult<tenon_core::packages::RunEnd> {
-        self.inner.run_installer(run)
-    }
 }
 
 /// A healthy physical laptop with an unencrypted C:, merged with `overrides` (top-level keys).
