@@ -177,13 +177,15 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                     ca.display()
                 );
             }
-            tokio::spawn(t.clone().maintain(clock.clone()));
+            tokio::spawn(t.clone().maintain(clock.clone(), tls::Hangups::new()));
         }
         None => {
             // `systemctl reload` sends SIGHUP; without TLS there is nothing to reload, and it must
             // not end the process.
-            tokio::spawn(async {
-                let mut hangup = tls::Hangups::new();
+            // Registered before the task is spawned: a SIGHUP that arrives before the task first
+            // runs must not end the process (the default action).
+            let mut hangup = tls::Hangups::new();
+            tokio::spawn(async move {
                 loop {
                     hangup.next().await;
                     tracing::info!("SIGHUP: nothing to reload (no TLS certificate files)");

@@ -105,8 +105,9 @@ impl Tls {
 
     /// Keeps the served certificate current: reloads the files on SIGHUP or change, renews the
     /// self-signed certificate before it expires. Runs until the process stops.
-    pub async fn maintain(self: Arc<Self>, clock: crate::state::Clock) {
-        let mut hangup = Hangups::new();
+    /// `hangup` is registered by the caller before this task is spawned, so that an early SIGHUP
+    /// never ends the process.
+    pub async fn maintain(self: Arc<Self>, clock: crate::state::Clock, mut hangup: Hangups) {
         match self.source.clone() {
             TlsSource::Files { cert, key } => {
                 let mut stamp = file_stamps(&cert, &key);
