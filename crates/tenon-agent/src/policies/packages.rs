@@ -159,7 +159,7 @@ pub fn run(r: &mut PackagesRun<'_>) -> (PolicyStatus, BTreeMap<String, PackageRe
         reports.insert(name.clone(), report);
         mem.insert(name, m);
         store_remembered(r.state, &mem);
-        let _ = r.store.persist(r.state);
+        persist(r);
     }
     // The report stays far below the server's 64 KiB limit: log tails beyond this budget are left
     // out (the logs stay in STATE_DIR/packages/logs).
@@ -294,12 +294,20 @@ fn one(
     rep
 }
 
+/// Writes the state durably now; a failure is logged (the vault is written again at the end of
+/// the sync), never fatal to the run.
+fn persist(r: &PackagesRun<'_>) {
+    if let Err(e) = r.store.persist(r.state) {
+        tracing::warn!(error = %e, "could not save the package state before continuing");
+    }
+}
+
 /// Persists `m` (under `name`) with the others, so a kill now leaves the truth behind.
 fn save(r: &mut PackagesRun<'_>, m: &Remembered, name: &str, others: &BTreeMap<String, Remembered>) {
     let mut all = others.clone();
     all.insert(name.to_string(), m.clone());
     store_remembered(r.state, &all);
-    let _ = r.store.persist(r.state);
+    persist(r);
 }
 
 struct Failure {

@@ -31,7 +31,7 @@ impl ContentStore {
         use anyhow::Context;
         for dir in [root.to_path_buf(), root.join("content"), root.join("tmp")] {
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            restrict(&dir).with_context(|| format!("cannot restrict {} to this user", dir.display()))?;
+            crate::datadir::restrict_dir(&dir)?;
         }
         if let Ok(entries) = std::fs::read_dir(root.join("tmp")) {
             for e in entries.flatten() {
@@ -120,17 +120,6 @@ fn write_error(e: &std::io::Error) -> ApiError {
 
 pub fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-#[cfg(unix)]
-fn restrict(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-}
-
-#[cfg(not(unix))]
-fn restrict(_dir: &Path) -> std::io::Result<()> {
-    Ok(())
 }
 
 /// What an MSI says about itself (its `Property` table).

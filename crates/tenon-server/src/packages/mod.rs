@@ -621,7 +621,7 @@ impl AppState {
             json!({"package": p.name, "version": p.version, "request": n}),
         )
         .await?;
-        self.note(&mut tx, crate::store::changes::Kind::Device, [device_id]).await?;
+        self.note(&mut tx, ChangeKind::Device, [device_id]).await?;
         tx.commit().await?;
         if let Some(m) = world.devices.get_mut(device_id) {
             m.package_requests = requests;
