@@ -5,6 +5,7 @@
 pub mod api;
 pub mod canonical;
 pub mod directory;
+pub mod dirsync;
 pub mod envelope;
 pub mod ids;
 pub mod packages;
