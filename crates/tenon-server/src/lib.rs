@@ -10,6 +10,7 @@ pub mod backup;
 pub mod client_policy;
 pub mod datadir;
 pub mod devices;
+pub mod directory;
 pub mod error;
 pub mod escrow;
 pub mod follow;
