@@ -4,6 +4,8 @@
 //! applying a batch (deletion guard, UPN ownership, the projection the compiler sees) is pure and
 //! lives in tenon-core.
 
+pub mod graph;
+
 use tenon_core::dirsync::SyncProgress;
 
 /// Called by a reader after every page it read, with the running totals.
