@@ -163,6 +163,13 @@ fn an_interrupted_download_resumes_without_fetching_a_byte_twice() {
     assert_eq!(fetched, content.len());
     let held = d.packages_dir().join("packages").join(hex::encode(Sha256::digest(&content))).join("app-setup.exe");
     assert_eq!(std::fs::read(held).unwrap(), content);
+    // What runs as SYSTEM (root) lies where only it may write.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.packages_dir().join("packages")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "STATE_DIR/packages is owner-only: {mode:o}");
+    }
 }
 
 #[test]

@@ -214,6 +214,9 @@ fn one(
         Step::Uninstall => true,
     };
     let log_dir = r.dir.join("logs");
+    if let Err(e) = restricted_root(r.dir) {
+        tracing::warn!(error = %e, dir = %r.dir.display(), "cannot restrict the packages directory");
+    }
     let _ = std::fs::create_dir_all(&log_dir);
     let stem = safe_stem(&p.name);
     let log = log_dir.join(format!("{stem}.log"));
@@ -310,6 +313,14 @@ fn save(r: &mut PackagesRun<'_>, m: &Remembered, name: &str, others: &BTreeMap<S
     persist(r);
 }
 
+/// `STATE_DIR/packages`, created if missing and restricted to SYSTEM and Administrators (root
+/// elsewhere) whatever it inherited: what lies in it runs as SYSTEM, so nobody else may put or
+/// change a file there between the hash check and the run.
+fn restricted_root(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    crate::vault::restrict_dir(dir)
+}
+
 struct Failure {
     detail: String,
     /// Counts against the retry budget (a content mismatch); a network or disk problem does not.
@@ -337,6 +348,8 @@ fn ensure_content(r: &PackagesRun<'_>, e: &PlanEntry) -> Result<PathBuf, Failure
         }
         let _ = std::fs::remove_file(&file);
     }
+    restricted_root(r.dir)
+        .map_err(|e| fail(format!("cannot create or restrict {}: {e}", r.dir.display()), false))?;
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), false))?;
     let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     let have = if have > p.size {
