@@ -1213,7 +1213,8 @@ mod tests {
     #[test]
     fn urls() {
         let t = |url: &str| Target::parse(url).map(|t| (t.tls, t.host, t.port)).ok();
-        let cases: &[(&str, Option<(bool, &str, u16)>)] = &[
+        type Want = Option<(bool, &'static str, u16)>;
+        let cases: &[(&str, Want)] = &[
             ("ldaps://dc1.example.com", Some((true, "dc1.example.com", 636))),
             ("LDAPS://dc1.example.com:3269/", Some((true, "dc1.example.com", 3269))),
             ("ldap://10.0.0.5", Some((false, "10.0.0.5", 389))),
