@@ -531,8 +531,21 @@ fn unreachable(url: &str, why: &dyn fmt::Display) -> SourceError {
     )
 }
 
+/// ldap3's connection task ended under an operation: the DC closed the connection, or sent bytes
+/// ldap3 could not decode (it panics in that task, which only ends it).
+fn connection_ended(url: &str) -> SourceError {
+    SourceError::new(
+        SourceErrorKind::Unreachable,
+        format!(
+            "the connection to the domain controller at {url} ended: it closed it or answered something that is not \
+             LDAP; check that --url names an LDAP port (636 for ldaps://, 389 for ldap://)"
+        ),
+    )
+}
+
 fn connect_error(url: &str, e: LdapError) -> SourceError {
     match &e {
+        LdapError::ResultRecv { .. } | LdapError::OpSend { .. } | LdapError::EndOfStream => connection_ended(url),
         LdapError::Io { source } => match tls_cause(source) {
             Some(tls) => tls_error(url, tls),
             None => unreachable(url, source),
@@ -563,11 +576,8 @@ fn op_error(url: &str, e: LdapError) -> SourceError {
             SourceErrorKind::Other,
             format!("the domain controller at {url} refused an operation: {}", dc_text(result)),
         ),
-        // The connection task ended (the DC closed the connection, or sent something undecodable).
-        _ => SourceError::new(
-            SourceErrorKind::Unreachable,
-            format!("the connection to the domain controller at {url} was lost: {e}"),
-        ),
+        LdapError::ResultRecv { .. } | LdapError::OpSend { .. } | LdapError::EndOfStream => connection_ended(url),
+        _ => SourceError::new(SourceErrorKind::Other, format!("an LDAP operation on {url} failed: {e}")),
     }
 }
 
@@ -1004,7 +1014,7 @@ impl<'a> Reader<'a> {
         let mut ids = Vec::new();
         loop {
             let attr = match step {
-                Some(step) => format!("member;range={start}-{}", start + step.max(1) - 1),
+                Some(step) => format!("member;range={start}-{}", start.saturating_add(step.max(1) - 1)),
                 None => format!("member;range={start}-*"),
             };
             let extended_dn = vec![RawControl { ctype: EXTENDED_DN_OID.into(), crit: true, val: None }];
@@ -1101,7 +1111,10 @@ impl<'a> Reader<'a> {
         if !base.ends_with(&normalize_dn(nc)) {
             return (Vec::new(), Vec::new());
         }
-        let filter = format!("(&(isDeleted=TRUE)(uSNChanged>={})(|(objectClass=user)(objectClass=group)))", usn + 1);
+        let filter = format!(
+            "(&(isDeleted=TRUE)(uSNChanged>={})(|(objectClass=user)(objectClass=group)))",
+            usn.saturating_add(1)
+        );
         let attrs: Vec<String> = vec!["objectGUID".into(), "objectClass".into(), "lastKnownParent".into()];
         let show_deleted = [RawControl { ctype: SHOW_DELETED_OID.into(), crit: true, val: None }];
         let (mut users, mut groups) = (Vec::new(), Vec::new());
@@ -1191,7 +1204,7 @@ fn parse_range(range: &str, dn: &str) -> Result<Option<u64>, SourceError> {
     if hi < lo {
         return Err(bad());
     }
-    Ok(Some(hi + 1))
+    hi.checked_add(1).map(Some).ok_or_else(bad)
 }
 
 /// A DN compared loosely: lower case, no spaces around separators.
@@ -1300,6 +1313,7 @@ mod tests {
         assert_eq!(parse_range("1500-*", "g").unwrap(), None);
         assert!(parse_range("10-2", "g").is_err());
         assert!(parse_range("x-*", "g").is_err());
+        assert!(parse_range(&format!("0-{}", u64::MAX), "g").is_err());
     }
 
     #[test]
@@ -1331,6 +1345,52 @@ mod tests {
             assert!(e.message.contains(want), "{text}: {e}");
         }
         assert_eq!(bind_error(dn, &r(8, "")).kind, SourceErrorKind::Other);
+    }
+
+    #[test]
+    fn a_read_can_run_on_a_spawned_task() {
+        fn send<T: Send>(_: &T) {}
+        let config = LdapConfig {
+            url: "ldaps://dc1.example.com".into(),
+            bind_dn: None,
+            base_dn: "DC=example,DC=com".into(),
+            ca_pem: None,
+            allow_plain_ldap: false,
+        };
+        let progress = |_: SyncProgress| {};
+        send(&read(&config, None, None, &progress));
+    }
+
+    /// A "DC" that answers every request with bytes that are not LDAP: the read ends with an
+    /// error, never a panic or a hang.
+    #[tokio::test]
+    async fn garbage_from_the_dc_is_an_error() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for answer in [&b"\x30\x03\x02\x01\x01"[..], b"\x30\x84\xff\xff\xff\xff", b"HTTP/1.1 400 Bad Request\r\n\r\n"] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let server = tokio::spawn(async move {
+                if let Ok((mut s, _)) = listener.accept().await {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(answer).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+            let config = LdapConfig {
+                url: format!("ldap://127.0.0.1:{port}"),
+                bind_dn: Some("CN=svc,DC=example,DC=com".into()),
+                base_dn: "DC=example,DC=com".into(),
+                ca_pem: None,
+                allow_plain_ldap: true,
+            };
+            let progress = |_: SyncProgress| {};
+            let read = read(&config, Some("secret-password"), None, &progress);
+            let e = tokio::time::timeout(Duration::from_secs(30), read).await.expect("no hang").unwrap_err();
+            assert!(matches!(e.kind, SourceErrorKind::Unreachable | SourceErrorKind::Malformed), "{e:?}");
+            assert!(!e.message.contains("secret-password"));
+            server.abort();
+        }
     }
 
     #[test]
