@@ -25,7 +25,7 @@ struct Dc {
 }
 
 fn dc(test: &str) -> Option<Dc> {
-    let Ok(spec) = std::env::var("TENON_TEST_SAMBA") else {
+    let Some(spec) = std::env::var("TENON_TEST_SAMBA").ok().filter(|s| !s.trim().is_empty()) else {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED {test}: TENON_TEST_SAMBA is not set (scripts/samba-ad start DIR, then run the test binary in its \
