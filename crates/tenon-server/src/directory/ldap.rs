@@ -1393,6 +1393,63 @@ mod tests {
         }
     }
 
+    /// A DC that refuses StartTLS (an ExtendedResponse with protocolError): with
+    /// --allow-plain-ldap the reader reconnects and binds in plain LDAP. This fake DC stops after
+    /// the bind; what matters is the second connection and what arrives on it.
+    #[tokio::test]
+    async fn starttls_refused_falls_back_to_plain_when_allowed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        /// The request's message ID as its INTEGER TLV (short-form lengths: these requests are small).
+        fn message_id(request: &[u8]) -> Vec<u8> {
+            let at = if request[1] & 0x80 == 0 { 2 } else { 2 + usize::from(request[1] & 0x7f) };
+            request[at..at + 2 + usize::from(request[at + 1])].to_vec()
+        }
+        fn response(id: &[u8], op: u8) -> Vec<u8> {
+            // resultCode, matchedDN "", diagnosticMessage "".
+            let result_code = if op == 0x78 { 2 } else { 0 };
+            let body = [0x0a, 0x01, result_code, 0x04, 0x00, 0x04, 0x00];
+            let mut inner = id.to_vec();
+            inner.extend([op, body.len() as u8]);
+            inner.extend(body);
+            let mut out = vec![0x30, inner.len() as u8];
+            out.extend(inner);
+            out
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let mut first_ops = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap();
+                let id = message_id(&buf[..n]);
+                let op = buf[2 + id.len()];
+                first_ops.push(op);
+                // 0x77: ExtendedRequest (StartTLS) -> 0x78 refused; 0x60: BindRequest -> 0x61 success.
+                let reply = if op == 0x77 { 0x78 } else { 0x61 };
+                s.write_all(&response(&id, reply)).await.unwrap();
+                if op == 0x60 {
+                    let _ = s.read(&mut buf).await;
+                }
+            }
+            first_ops
+        });
+        let config = LdapConfig {
+            url: format!("ldap://127.0.0.1:{port}"),
+            bind_dn: Some("CN=svc,DC=example,DC=com".into()),
+            base_dn: "DC=example,DC=com".into(),
+            ca_pem: None,
+            allow_plain_ldap: true,
+        };
+        let progress = |_: SyncProgress| {};
+        let read = read(&config, Some("secret-password"), None, &progress);
+        let e = tokio::time::timeout(Duration::from_secs(30), read).await.expect("no hang").unwrap_err();
+        assert_eq!(e.kind, SourceErrorKind::Unreachable, "{e}");
+        let first_ops = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        assert_eq!(first_ops, vec![0x77, 0x60], "StartTLS first, then a plain connection that binds");
+    }
+
     #[test]
     fn dn_normalization() {
         assert_eq!(normalize_dn("OU=Staff, DC=Example,DC=COM"), "ou=staff,dc=example,dc=com");
