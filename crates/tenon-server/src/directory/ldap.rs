@@ -67,6 +67,8 @@ pub const MAX_VALUE_BYTES: usize = 4096;
 pub const MAX_ENTRIES: usize = 2_000_000;
 /// Member values over all groups of one read.
 pub const MAX_MEMBER_VALUES: usize = 10_000_000;
+/// Pages in a row without an entry before a search is given up.
+const MAX_EMPTY_PAGES: u32 = 10_000;
 /// GUIDs per lookup filter when a delta read classifies members it did not read.
 const GUID_LOOKUP_CHUNK: usize = 100;
 
@@ -470,24 +472,41 @@ impl Session {
         Ok(DcIdentity { usn, invocation_id, dc, default_nc: root.text("defaultNamingContext") })
     }
 
+    /// A base-scope search: one entry, or none when it is not visible. Read as a stream and cut
+    /// off after a few, since a DC could otherwise send any number.
     async fn base_search(
         &mut self,
         base: &str,
         attrs: &[&str],
         controls: Vec<RawControl>,
     ) -> Result<Vec<Entry>, SourceError> {
-        let res = self
+        const MAX_BASE_ENTRIES: usize = 4;
+        let url = self.url.clone();
+        let mut stream = self
             .ldap
             .with_controls(controls)
             .with_timeout(TIMEOUT)
-            .search(base, Scope::Base, "(objectClass=*)", attrs.to_vec())
+            .streaming_search(base, Scope::Base, "(objectClass=*)", attrs.to_vec())
             .await
-            .map_err(|e| op_error(&self.url, e))?;
-        let (entries, result) = (res.0, res.1);
-        if result.rc != 0 {
-            return Err(search_error(&self.url, base, &result));
+            .map_err(|e| op_error(&url, e))?;
+        let mut entries = Vec::new();
+        while let Some(re) = stream.next().await.map_err(|e| op_error(&url, e))? {
+            if re.is_ref() || re.is_intermediate() {
+                continue;
+            }
+            if entries.len() == MAX_BASE_ENTRIES {
+                return Err(SourceError::new(
+                    SourceErrorKind::Malformed,
+                    format!("{url} answered a search for the one entry {base:?} with more than {MAX_BASE_ENTRIES}"),
+                ));
+            }
+            entries.push(Entry::from(re));
         }
-        Ok(entries.into_iter().filter(|e| !e.is_ref() && !e.is_intermediate()).map(Entry::from).collect())
+        let result = stream.finish().await;
+        if result.rc != 0 {
+            return Err(search_error(&url, base, &result));
+        }
+        Ok(entries)
     }
 }
 
@@ -847,6 +866,9 @@ impl<'a> Reader<'a> {
         each: &mut (dyn FnMut(&mut Self, Entry) -> Result<(), SourceError> + Send),
     ) -> Result<(), SourceError> {
         let mut cookie: Vec<u8> = Vec::new();
+        // AD may answer a page with no entries while it scans (a filter on an unindexed
+        // attribute), but not forever: a DC that keeps handing back cookies alone is cut off.
+        let mut empty_pages = 0u32;
         loop {
             let mut ctrls = controls.to_vec();
             ctrls.push(PagedResults { size: PAGE_SIZE, cookie: std::mem::take(&mut cookie) }.into());
@@ -859,6 +881,7 @@ impl<'a> Reader<'a> {
                 .streaming_search(base, Scope::Subtree, filter, attrs.to_vec())
                 .await
                 .map_err(|e| op_error(&url, e))?;
+            let entries_before = self.entries;
             loop {
                 let next = stream.next().await.map_err(|e| op_error(&url, e))?;
                 let Some(re) = next else { break };
@@ -885,6 +908,13 @@ impl<'a> Reader<'a> {
                 .unwrap_or_default();
             if cookie.is_empty() {
                 return Ok(());
+            }
+            empty_pages = if self.entries == entries_before { empty_pages + 1 } else { 0 };
+            if empty_pages > MAX_EMPTY_PAGES {
+                return Err(SourceError::new(
+                    SourceErrorKind::Malformed,
+                    format!("{url} answered {MAX_EMPTY_PAGES} pages in a row with no entries; the read was stopped"),
+                ));
             }
         }
     }
