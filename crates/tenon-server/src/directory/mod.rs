@@ -10,3 +10,5 @@ use tenon_core::dirsync::SyncProgress;
 
 /// Called by a reader after every page it read, with the running totals.
 pub type Progress<'a> = &'a (dyn Fn(SyncProgress) + Send + Sync);
+
+pub mod ldap;
