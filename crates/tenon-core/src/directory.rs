@@ -30,6 +30,9 @@ pub struct User {
     pub record: Value,
     pub groups: BTreeSet<GroupName>,
     pub settings: ScopeSettings,
+    /// The directory source that owns the user (`tenonctl directory list`); `None`: imported
+    /// from a file, or known only by its settings.
+    pub source: Option<String>,
 }
 
 /// Everything the compiler reads.
@@ -219,6 +222,7 @@ mod tests {
                 record: json!({"msDS-UserPasswordExpiryTimeComputed": 9223372036854775807u64}),
                 groups: ["Sales", "Eng"].iter().map(|g| GroupName::parse(g).unwrap()).collect(),
                 settings: scope(&[("SoftwarePackageOverrides.IgnoreUserRestrictions", json!(true))]),
+                source: None,
             },
         );
         d.users.insert(
@@ -228,6 +232,7 @@ mod tests {
                 record: json!({}),
                 groups: [GroupName::parse("Sales").unwrap()].into(),
                 settings: ScopeSettings::new(),
+                source: None,
             },
         );
         d

@@ -2,8 +2,10 @@
 //! server against a generated Entra tenant:
 //! `cargo run --release -p tenon-server --example graph_fake_server -- --users 100000 --groups 500
 //! --listen 127.0.0.1:8901 [--page-size 100] [--secret-file FILE]`. Prints one JSON line with the
-//! URL (authority and Graph URL), tenant id, client id and secret, then serves until Ctrl-C and
-//! prints the request counts.
+//! URL (authority and Graph URL), tenant id, client id and secret, then serves until Ctrl-C (or
+//! the end of its standard input) and prints the request counts. A line `change N` on standard
+//! input changes the department of users 0..N (the next delta round reports them) and answers
+//! `changed N`.
 
 #[path = "../tests/common/graph_fake.rs"]
 mod graph_fake;
@@ -57,7 +59,32 @@ async fn main() {
             "groups": groups,
         })
     );
-    let _ = tokio::signal::ctrl_c().await;
+    let fake = std::sync::Arc::new(fake);
+    let control = fake.clone();
+    let stdin = tokio::task::spawn_blocking(move || {
+        let mut round = 0u64;
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            let Some(n) = line.trim().strip_prefix("change ").and_then(|n| n.trim().parse::<u64>().ok()) else {
+                eprintln!("unknown command {line:?}; say `change N`");
+                continue;
+            };
+            round += 1;
+            let n = n.min(users);
+            for i in 0..n {
+                control.set_user_field(
+                    &graph_fake::user_id(i),
+                    "department",
+                    serde_json::json!(format!("Changed {round}")),
+                );
+            }
+            println!("changed {n}");
+        }
+    });
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = stdin => {}
+    }
     let counts: Vec<String> = [Target::Token, Target::Users, Target::Groups, Target::Domains, Target::Other]
         .iter()
         .map(|t| format!("{t:?}={}", fake.requests(*t)))

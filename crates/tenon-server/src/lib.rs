@@ -197,6 +197,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 
     let background = tokio::spawn(state.clone().run_jobs(opts.auth_failure_log_interval));
     tokio::spawn(state.clone().probe_database());
+    tokio::spawn(state.clone().run_directory_sync());
     if let store::Location::Postgres(url) = &location {
         tokio::spawn(state.clone().run_follower(url.clone()));
     }

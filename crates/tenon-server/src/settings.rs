@@ -206,6 +206,22 @@ impl AppState {
             parsed.push((upn, id, Value::Object(obj), groups));
         }
         let mut world = self.world.write().await;
+        // A user a directory source owns changes there, not through a file.
+        let owned: Vec<String> = parsed
+            .iter()
+            .filter_map(|(upn, ..)| {
+                let source = world.directory.users.get(upn)?.source.as_deref()?;
+                Some(format!("{upn} ({source})"))
+            })
+            .collect();
+        if !owned.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "{} user(s) in the file belong to a directory source, where they change: {}{}; leave them out of the file",
+                owned.len(),
+                owned.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                if owned.len() > 5 { ", ..." } else { "" }
+            )));
+        }
         let now = self.now();
         let mut tx = self.begin_write(&mut world).await?;
         let (mut created, mut updated) = (0, 0);

@@ -126,6 +126,12 @@ pub struct AppState {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// Package content by SHA-256 (`with_content`; `DATA_DIR/packages` by default).
     pub content: Option<Arc<crate::packages::content::ContentStore>>,
+    /// One directory sync at a time on this server (`directory::sync`).
+    pub directory_sync: tokio::sync::Mutex<()>,
+    /// Wakes the directory scheduler (a source was added or changed).
+    pub directory_wake: tokio::sync::Notify,
+    /// Graph readers by source, kept between syncs for their cached access token.
+    pub graph_readers: crate::directory::GraphReaders,
 }
 
 /// Roles an admin token may hold.
@@ -175,6 +181,9 @@ impl AppState {
             client: Default::default(),
             tls: None,
             content: None,
+            directory_sync: Default::default(),
+            directory_wake: Default::default(),
+            graph_readers: Default::default(),
         };
         Ok(state)
     }

@@ -16,6 +16,7 @@ use tenon_core::ids::{DeviceId, GroupName};
 use tenon_core::policy::signatures::DefaultUse;
 use tenon_core::policy::state::common_state;
 
+mod directory;
 mod packages;
 mod signature_files;
 mod table;
@@ -97,6 +98,9 @@ enum Command {
     /// Software packages: upload, assign, follow their state on the devices.
     #[command(subcommand)]
     Packages(packages::PackagesCmd),
+    /// Directory sources: users and groups from Microsoft Graph (Entra ID) or Active Directory.
+    #[command(subcommand)]
+    Directory(directory::DirectoryCmd),
 }
 
 #[derive(Subcommand)]
@@ -728,7 +732,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Users(UsersCmd::List) => {
             let v = c.call("GET", "/users", None)?;
-            print_table(json_out, &v, &[("UPN", "upn"), ("NAME", "display_name"), ("GROUPS", "groups"), ("ID", "id")]);
+            print_table(
+                json_out,
+                &v,
+                &[("UPN", "upn"), ("NAME", "display_name"), ("GROUPS", "groups"), ("SOURCE", "source"), ("ID", "id")],
+            );
         }
         Command::Settings(SettingsCmd::Set { scope, key, value }) => {
             let body = if value.trim() == "undefined" {
@@ -929,6 +937,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Signatures(cmd) => signatures(&c, json_out, wait, cmd)?,
         Command::Packages(cmd) => packages::run(&c, json_out, wait, cmd)?,
+        Command::Directory(cmd) => directory::run(&c, json_out, wait, cmd)?,
         Command::Devices(DevicesCmd::Install { id, package }) => {
             let id = c.resolve_device(&id)?;
             let v =

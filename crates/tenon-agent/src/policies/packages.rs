@@ -348,8 +348,7 @@ fn ensure_content(r: &PackagesRun<'_>, e: &PlanEntry) -> Result<PathBuf, Failure
         }
         let _ = std::fs::remove_file(&file);
     }
-    restricted_root(r.dir)
-        .map_err(|e| fail(format!("cannot create or restrict {}: {e}", r.dir.display()), false))?;
+    restricted_root(r.dir).map_err(|e| fail(format!("cannot create or restrict {}: {e}", r.dir.display()), false))?;
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("cannot create {}: {e}", dir.display()), false))?;
     let have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     let have = if have > p.size {

@@ -93,6 +93,9 @@ pub async fn import_users(
     Ok(resign_answer(&state, resigned, json!({"created": created, "updated": updated})).await)
 }
 
+/// The directory's users: each record's Graph fields, with `upn` and `userPrincipalName`, `id`,
+/// `groups` (names), `source` (the directory source, or `file` for imported users) and
+/// `passwordExpiresAt` (RFC 3339; null for never or unknown, `passwordNeverExpires` tells which).
 pub async fn list_users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> ApiResult<Json<Value>> {
     let world = state.world.read().await;
     let mut users: Vec<Value> = world
@@ -101,16 +104,40 @@ pub async fn list_users(State(state): State<Arc<AppState>>, Admin(_): Admin) -> 
         .iter()
         .filter(|(_, u)| u.id.is_some() || !u.record.is_null())
         .map(|(upn, u)| {
-            json!({
-                "upn": upn,
-                "id": u.id,
-                "display_name": u.record.get("displayName"),
-                "groups": u.groups,
-            })
+            let mut v = match &u.record {
+                Value::Object(m) => m.clone(),
+                _ => serde_json::Map::new(),
+            };
+            let expiry = password_expiry(&u.record);
+            v.insert("upn".into(), json!(upn));
+            v.insert("userPrincipalName".into(), json!(upn));
+            v.insert("id".into(), json!(u.id));
+            v.insert("display_name".into(), u.record.get("displayName").cloned().unwrap_or(Value::Null));
+            v.insert("groups".into(), json!(u.groups));
+            v.insert("source".into(), json!(u.source.as_deref().unwrap_or(crate::directory::sources::FILE_SOURCE)));
+            v.insert("passwordExpiresAt".into(), json!(expiry.and_then(|e| e.map(rfc3339))));
+            v.insert("passwordNeverExpires".into(), json!(expiry == Some(None)));
+            Value::Object(v)
         })
         .collect();
     users.sort_by(|a, b| a["upn"].as_str().cmp(&b["upn"].as_str()));
     Ok(Json(Value::Array(users)))
+}
+
+/// `None`: unknown; `Some(None)`: never expires; `Some(Some(t))`: expires at Unix time `t` (a
+/// password that must change now expired at the start of the FILETIME epoch).
+fn password_expiry(record: &Value) -> Option<Option<i64>> {
+    let raw = record.get(tenon_core::directory::PASSWORD_EXPIRY_ATTRIBUTE)?;
+    let ft = match raw {
+        Value::String(s) => s.parse::<i64>().ok()?,
+        Value::Number(n) => n.as_i64().or_else(|| n.as_u64().map(|_| i64::MAX))?,
+        _ => return None,
+    };
+    Some(match ft {
+        tenon_core::dirsync::FILETIME_NEVER => None,
+        0 => Some(-11_644_473_600),
+        ft => tenon_core::dirsync::filetime_to_unix(ft),
+    })
 }
 
 pub async fn set_setting(

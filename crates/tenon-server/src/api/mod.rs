@@ -3,6 +3,7 @@
 mod admin;
 pub use admin::rfc3339;
 mod device;
+mod directory;
 pub mod extract;
 mod packages;
 mod signatures;
@@ -83,6 +84,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/packages/{name}/unassign", post(packages::unassign))
         .route("/packages/{name}/status", get(packages::status))
         .route("/devices/{id}/install", post(packages::install))
+        .route("/directory/sources", post(directory::add).get(directory::list))
+        .route("/directory/sources/{name}", axum::routing::delete(directory::remove))
+        .route("/directory/sources/{name}/sync", post(directory::sync))
+        .route("/directory/status", get(directory::status))
         .route("/audit", get(admin::audit_list))
         .route("/resign", get(admin::resign_status))
         .route("/server", get(admin::server_status))

@@ -40,11 +40,12 @@ pub async fn load(conn: &mut Conn) -> anyhow::Result<Directory> {
         let g = GroupName::parse(row.get::<&str, _>(0))?;
         directory.groups.entry(g).or_default().priority = row.get(1);
     }
-    for row in sqlx::query("SELECT upn, id, record FROM users").fetch_all(&mut *conn).await? {
+    for row in sqlx::query("SELECT upn, id, record, source FROM users").fetch_all(&mut *conn).await? {
         let u = Upn::parse(row.get::<&str, _>(0))?;
         let entry = directory.users.entry(u).or_default();
         entry.id = row.get(1);
         entry.record = serde_json::from_str(row.get::<&str, _>(2)).context("stored user record")?;
+        entry.source = row.get(3);
     }
     for row in sqlx::query("SELECT upn, group_name FROM user_groups").fetch_all(&mut *conn).await? {
         let u = Upn::parse(row.get::<&str, _>(0))?;
