@@ -2,8 +2,10 @@
 # The Active Directory reader against a throwaway Samba AD DC (scripts/samba-ad): USERS users
 # (default 5,000, added in bulk as LDIF, each with a department and a title) in 50 groups of
 # USERS/50, then a full read, ROUNDS times CHANGED users' departments changed (default 100) and a
-# delta read after each, both through crates/tenon-server/examples/ldap_read.rs over LDAPS. Prints
-# the figures; nothing is asserted.
+# delta read after each, both through crates/tenon-server/examples/ldap_read.rs over LDAPS; then the
+# same through the real server: `tenonctl directory add ldap` and a timed `directory sync` (the full
+# sync), CHANGED users changed and a timed incremental sync. Prints the figures; nothing is
+# asserted.
 #
 #   bench/directory-ldap.sh [USERS] [CHANGED]
 #
@@ -17,17 +19,21 @@ CHANGED=${2:-100}
 PROFILE=${BENCH_PROFILE:-release}
 TARGET=${CARGO_TARGET_DIR:-target}
 if [ "$PROFILE" = release ]; then
-  [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p tenon-server --example ldap_read
-  READER=$TARGET/release/examples/ldap_read
+  [ -n "${SKIP_BUILD:-}" ] || cargo build --release -q -p tenon-server -p tenonctl --example ldap_read
+  BIN_DIR=$TARGET/release
 else
-  [ -n "${SKIP_BUILD:-}" ] || cargo build -q -p tenon-server --example ldap_read
-  READER=$TARGET/debug/examples/ldap_read
+  [ -n "${SKIP_BUILD:-}" ] || cargo build -q -p tenon-server -p tenonctl --example ldap_read
+  BIN_DIR=$TARGET/debug
 fi
+READER=$BIN_DIR/examples/ldap_read
+BIN_DIR=$(cd "$BIN_DIR" && pwd)
 READER=$(cd "$(dirname "$READER")" && pwd)/$(basename "$READER")
 
 work=$(mktemp -d)
 dc=$work/dc
+server=
 cleanup() {
+  [ -n "$server" ] && { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
   scripts/samba-ad stop "$dc" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -85,3 +91,31 @@ PY
   printf '  after changing %s users: ' "$CHANGED"
   read_dc --cursor-in "$work/cursor"
 done
+
+# The same through the real server, inside the DC's namespace (its loopback is the only network).
+echo "through tenon-server (full sync, then an incremental sync after $CHANGED users changed):"
+ip netns exec "$SAMBA_NETNS" "$BIN_DIR/tenon-server" serve --listen 127.0.0.1:0 --data-dir "$work/data" \
+  >"$work/server.out" 2>"$work/server.err" &
+server=$!
+for _ in $(seq 300); do grep -q 'listening on' "$work/server.out" 2>/dev/null && break; sleep 0.1; done
+url=$(grep -o 'http://[0-9.:]*' "$work/server.out" | head -1)
+ctl() { ip netns exec "$SAMBA_NETNS" "$BIN_DIR/tenonctl" --server "$url" --token-file "$work/data/admin.token" "$@"; }
+ctl directory add ldap bench --url "$SAMBA_LDAPS_URL" --base-dn "$ou" --bind-dn "$SAMBA_ADMIN_DN" \
+  --password-file "$SAMBA_ADMIN_PASSWORD_FILE" --ca-file "$SAMBA_CA_FILE" --interval 24h >/dev/null
+start=$(date +%s%N)
+# The server starts the first (full) read when the source is added; `directory sync` waits for it
+# and then reads the (empty) delta: the time covers the full sync.
+ctl --json directory sync bench >"$work/full.json" 2>/dev/null
+echo "  full sync: $(since "$start") s ($(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["users"], "users,", r["groups"], "groups")' "$work/full.json"))"
+python3 - "$USERS" "$CHANGED" "$ou" server >"$work/change.ldif" <<'PY'
+import sys
+n, k, ou, r = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+step = max(1, n // k)
+for i in range(0, min(n, k * step), step):
+    print(f"dn: CN=bench{i:06d},{ou}\nchangetype: modify\nreplace: department\ndepartment: Changed-{r}\n")
+PY
+ldbmodify -H "$SAMBA_SAM_LDB" "$work/change.ldif" >/dev/null
+start=$(date +%s%N)
+ctl --json directory sync bench >"$work/delta.json" 2>/dev/null
+echo "  incremental sync: $(since "$start") s ($(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["read"], "read,", r["users_changed"], "users changed")' "$work/delta.json"))"
+echo "  server peak RSS: $(awk '/VmHWM/ {print $2 " " $3}' "/proc/$server/status")"

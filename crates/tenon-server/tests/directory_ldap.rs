@@ -6,6 +6,8 @@
 //! Tests share one DC and run in parallel, so each works in an OU of its own (the reader's base DN)
 //! and creates its objects there with samba-tool and ldbadd/ldbmodify on the DC's sam.ldb.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::process::Command;
@@ -435,4 +437,120 @@ async fn anonymous_or_unknown_base_fails_clearly() {
     let missing = dc.admin(&format!("OU=does-not-exist,{}", dc.base_dn));
     let e = read_as(&missing, &dc.admin_password, None).await.unwrap_err();
     assert!(e.message.contains("--base-dn"), "{e}");
+}
+
+/// The whole path against the DC: tenonctl adds the source (LDAPS with the domain's CA), the real
+/// server syncs it, a simulated device of one of its users gets the user's directory data, and a
+/// change in AD reaches that device alone through an incremental sync.
+#[test]
+fn tenonctl_adds_an_ad_source_whose_changes_reach_the_device() {
+    let Some(dc) = dc("tenonctl_adds_an_ad_source_whose_changes_reach_the_device") else { return };
+    let ou = dc.ou("e2e");
+    let (anna, ben) = (unique("anna"), unique("ben"));
+    let anna_dn = dc.samba_user(&ou, &anna, "Pa55word!e2e", &["--department=Sales", "--given-name=Anna"]);
+    dc.samba_user(&ou, &ben, "Pa55word!e2e", &[]);
+    run("samba-tool", &["user", "setexpiry", &ben, "--noexpiry", "-H", &dc.sam_ldb]);
+    let (team, staff) = (unique("team"), unique("staff"));
+    dc.ldif("ldbadd", &format!("dn: CN={team},{ou}\nobjectClass: group\nsAMAccountName: {team}\nmember: {anna_dn}\n"));
+    dc.ldif(
+        "ldbadd",
+        &format!("dn: CN={staff},{ou}\nobjectClass: group\nsAMAccountName: {staff}\nmember: CN={team},{ou}\n"),
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let server = common::Server::start(&tmp.path().join("data"), "127.0.0.1:0");
+    let pw = tmp.path().join("bind.password");
+    std::fs::write(&pw, format!("{}\n", dc.admin_password)).unwrap();
+    let ca = tmp.path().join("ca.pem");
+    std::fs::write(&ca, &dc.ca_pem).unwrap();
+    let add = |name: &str, password_file: &std::path::Path| {
+        server.ctl(&[
+            "directory",
+            "add",
+            "ldap",
+            name,
+            "--url",
+            &dc.ldaps_url,
+            "--base-dn",
+            &ou,
+            "--bind-dn",
+            &dc.admin_dn,
+            "--password-file",
+            password_file.to_str().unwrap(),
+            "--ca-file",
+            ca.to_str().unwrap(),
+        ])
+    };
+    let out = add("ad", &pw);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sync = |name: &str| {
+        let out = server.ctl(&["directory", "sync", name, "--json", "--wait"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.success(), v, String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (ok, _, stderr) = sync("ad");
+    assert!(ok, "{stderr}\n{}", server.log_tail());
+
+    let users = server.ctl_json(&["users", "list"]);
+    let find = |upn: &str| users.as_array().unwrap().iter().find(|u| u["userPrincipalName"] == upn).cloned();
+    let a = find(&format!("{anna}@tenon.test")).expect("anna listed");
+    assert_eq!(a["source"], "ad");
+    assert_eq!(a["department"], "Sales");
+    let mut groups: Vec<String> = serde_json::from_value(a["groups"].clone()).unwrap();
+    groups.sort();
+    let mut want = vec![staff.clone(), team.clone()];
+    want.sort();
+    assert_eq!(groups, want, "nested: {staff} holds {team}");
+    assert!(a["passwordExpiresAt"].is_string(), "{a}");
+    let b = find(&format!("{ben}@tenon.test")).expect("ben listed");
+    assert_eq!(b["passwordNeverExpires"], true);
+
+    // Anna's device: the group setting, her password expiry and a signature with her department.
+    server.ctl_ok(&["settings", "set", "--group", &staff, "Custom.FromAd", "true"]);
+    let html = tmp.path().join("sig.htm");
+    std::fs::write(&html, "<p>{{Graph_User_GivenName}}, {{Graph_User_Department}}</p>").unwrap();
+    server.ctl_ok(&["signatures", "set", "Corp", "--html", html.to_str().unwrap()]);
+    let token = server.enroll_token(1);
+    let anna_upn = format!("{anna}@tenon.test");
+    let agent = common::SimAgent::new(
+        tmp.path(),
+        "PC-ANNA",
+        serde_json::json!({"hostname": "PC-ANNA", "signed_in_users": [anna_upn]}),
+    );
+    agent.enroll(&server, &token);
+    agent.ok(&["sync", "--once"]);
+    agent.ok(&["sync", "--once"]);
+    let payload = agent.held_payload();
+    assert_eq!(payload["machine"]["Custom"]["FromAd"], true);
+    assert!(payload["users"][&anna_upn]["Signatures"].to_string().contains("Sales"), "{payload}");
+    assert!(payload["users"][&anna_upn]["Client"]["PasswordExpiry"]["filetime"].is_string(), "{payload}");
+    let before = agent.status()["config_version"].as_u64().unwrap();
+
+    // A department change in AD: an incremental read, one user changed, one device re-signed.
+    dc.modify(&anna_dn, "department", "Finance");
+    let (ok, report, stderr) = sync("ad");
+    assert!(ok, "{stderr}");
+    assert_eq!(report["read"], "delta", "{report}");
+    assert_eq!(report["users_changed"], 1, "{report}");
+    assert_eq!(report["devices_resigned"], 1, "{report}");
+    agent.ok(&["sync", "--once"]);
+    assert!(agent.status()["config_version"].as_u64().unwrap() > before);
+    assert!(agent.held_payload()["users"][&anna_upn]["Signatures"].to_string().contains("Finance"));
+    let users = server.ctl_json(&["users", "list"]);
+    assert!(users
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|u| u["userPrincipalName"] == anna_upn && u["department"] == "Finance"));
+
+    // A wrong bind password: the sync fails with AD's reason and changes nothing.
+    let bad = tmp.path().join("bad.password");
+    std::fs::write(&bad, "not-the-password\n").unwrap();
+    let out = add("ad-wrong", &bad);
+    assert!(out.status.success());
+    let (ok, _, stderr) = sync("ad-wrong");
+    assert!(!ok && stderr.contains("52e"), "{stderr}");
+    assert!(!stderr.contains("not-the-password") && !stderr.contains(&dc.admin_password));
+    let log = std::fs::read_to_string(&server.stderr_log).unwrap_or_default();
+    assert!(!log.contains(&dc.admin_password), "the bind password is in the server's log");
 }
