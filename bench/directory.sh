@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 USERS=${1:-100000}
-GROUPS=${2:-1000}
+NGROUPS=${2:-1000}
 CHANGED=${3:-100}
 DEVICES=${4:-1000}
 # shellcheck source=bench/lib.sh
@@ -37,9 +37,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== the Graph fake: $USERS users in $GROUPS groups"
+echo "== the Graph fake: $USERS users in $NGROUPS groups"
 mkfifo "$work/fake.in"
-"$FAKE_BIN" --users "$USERS" --groups "$GROUPS" --listen 127.0.0.1:0 --secret-file "$work/entra.secret" \
+"$FAKE_BIN" --users "$USERS" --groups "$NGROUPS" --listen 127.0.0.1:0 --secret-file "$work/entra.secret" \
   <"$work/fake.in" >"$work/fake.out" 2>"$work/fake.err" &
 fake=$!
 exec 3>"$work/fake.in"
@@ -62,7 +62,7 @@ ctl directory add graph entra --tenant-id "$(field tenant_id)" --client-id "$(fi
 start=$(date +%s.%N)
 # The server starts its first read when the source is added; `directory sync` waits for it to end
 # and then reads the (empty) delta, so the time below covers the whole full read.
-ctl --json directory sync entra >"$work/sync1.json" 2>"$work/sync1.err"
+ctl --json directory sync entra >"$work/sync1.json" 2>"$work/sync1.err" || { cat "$work/sync1.err" >&2; tail -5 "$work/server.err" >&2; exit 1; }
 end=$(date +%s.%N)
 full_s=$(echo "$end - $start" | bc)
 peak=$(awk '/VmHWM/ {print $2 " " $3}' "/proc/$server/status")
@@ -82,14 +82,14 @@ echo "== 3. $CHANGED users change department; incremental sync"
 echo "change $CHANGED" >&3
 for _ in $(seq 300); do grep -q '^changed' "$work/fake.out" && break; sleep 0.1; done
 start=$(date +%s.%N)
-ctl --json directory sync entra >"$work/sync2.json" 2>"$work/sync2.err"
+ctl --json directory sync entra >"$work/sync2.json" 2>"$work/sync2.err" || { cat "$work/sync2.err" >&2; exit 1; }
 end=$(date +%s.%N)
 delta_s=$(echo "$end - $start" | bc)
 read -r changed resigned kind < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r["users_changed"], r["devices_resigned"], r["read"])' "$work/sync2.json")
 
 echo
 echo "directory sync from Graph (fake on loopback, release build, $(nproc) cores)"
-printf '  full sync of %s users in %s groups: %.1f s\n' "$users" "$GROUPS" "$full_s"
+printf '  full sync of %s users in %s groups: %.1f s\n' "$users" "$NGROUPS" "$full_s"
 echo "  server RSS: idle $idle, peak $peak (VmHWM), after the sync $after"
 printf '  incremental sync (%s read) after %s users changed: %.2f s, %s users changed, %s devices re-signed (of %s)\n' \
   "$kind" "$CHANGED" "$delta_s" "$changed" "$resigned" "$DEVICES"

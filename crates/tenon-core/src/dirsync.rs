@@ -427,12 +427,6 @@ pub fn graph_password_expiry(
     Some(unix_to_filetime(last_change_unix?.saturating_add(i64::from(days) * 86_400)))
 }
 
-/// One source as the projection reads it, in the order sources were added.
-pub struct SourceView<'a> {
-    pub name: &'a str,
-    pub state: &'a SourceState,
-}
-
 /// A directory user as the compiler sees it, with the source that owns it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProjectedUser {
@@ -468,15 +462,16 @@ const GRAPH_LAST_PASSWORD_CHANGE: &str = "lastPasswordChangeDateTime";
 const GRAPH_PASSWORD_POLICIES: &str = "passwordPolicies";
 const GRAPH_SYNC_ENABLED: &str = "onPremisesSyncEnabled";
 
-/// Merges the sources (first added first). `parse_rfc3339` turns Graph's
-/// `lastPasswordChangeDateTime` into Unix seconds (time parsing is the caller's: tenon-core keeps
-/// to no clock and no date library).
-pub fn project(sources: &[SourceView<'_>], parse_rfc3339: &dyn Fn(&str) -> Option<i64>) -> Projection {
+/// Merges the sources, given by name in the order they were added (the first owns a UPN). Takes
+/// them by value: each record moves into the projection, so a large directory is held once, not
+/// twice. `parse_rfc3339` turns Graph's `lastPasswordChangeDateTime` into Unix seconds (time
+/// parsing is the caller's: tenon-core keeps to no clock and no date library).
+pub fn project(sources: Vec<(String, SourceState)>, parse_rfc3339: &dyn Fn(&str) -> Option<i64>) -> Projection {
     let mut out = Projection::default();
     // AD's expiry of each UPN, for users synced from AD whose cloud copy cannot know it.
     let mut on_premises_expiry: BTreeMap<Upn, Value> = BTreeMap::new();
-    for src in sources {
-        for u in src.state.users.values() {
+    for (_, state) in &sources {
+        for u in state.users.values() {
             if let (Some(upn), Some(v)) = (u.upn.as_deref(), u.record.get(PASSWORD_EXPIRY_ATTRIBUTE)) {
                 if let Ok(upn) = Upn::parse(upn) {
                     on_premises_expiry.entry(upn).or_insert_with(|| v.clone());
@@ -484,18 +479,19 @@ pub fn project(sources: &[SourceView<'_>], parse_rfc3339: &dyn Fn(&str) -> Optio
             }
         }
     }
-    for src in sources {
+    for (name, mut state) in sources {
+        let users = std::mem::take(&mut state.users);
         let mut skipped_groups = 0u64;
         let group_names: BTreeMap<&str, Option<GroupName>> =
-            src.state.groups.values().map(|g| (g.name.as_str(), GroupName::parse(&g.name).ok())).collect();
+            state.groups.values().map(|g| (g.name.as_str(), GroupName::parse(&g.name).ok())).collect();
         for parsed in group_names.values() {
             if parsed.is_none() {
                 skipped_groups += 1;
             }
         }
-        let memberships = src.state.groups_of_users();
+        let memberships = state.groups_of_users();
         let mut skipped = 0u64;
-        for (id, u) in &src.state.users {
+        for (id, u) in users {
             let Some(upn) = u.upn.as_deref().and_then(|s| Upn::parse(s).ok()) else {
                 skipped += 1;
                 continue;
@@ -504,11 +500,11 @@ pub fn project(sources: &[SourceView<'_>], parse_rfc3339: &dyn Fn(&str) -> Optio
                 out.collisions.push(Collision {
                     upn: upn.to_string(),
                     owner: owner.source.clone(),
-                    other: src.name.to_string(),
+                    other: name.clone(),
                 });
                 continue;
             }
-            let mut record = u.record.clone();
+            let mut record = u.record;
             record.insert("accountEnabled".into(), Value::Bool(u.enabled));
             if !record.contains_key(PASSWORD_EXPIRY_ATTRIBUTE) {
                 let synced = record.get(GRAPH_SYNC_ENABLED).and_then(Value::as_bool) == Some(true);
@@ -518,7 +514,7 @@ pub fn project(sources: &[SourceView<'_>], parse_rfc3339: &dyn Fn(&str) -> Optio
                     let last = record.get(GRAPH_LAST_PASSWORD_CHANGE).and_then(Value::as_str).and_then(parse_rfc3339);
                     let policies = record.get(GRAPH_PASSWORD_POLICIES).and_then(Value::as_str);
                     let domain = upn.as_str().rsplit_once('@').map(|(_, d)| d).unwrap_or_default();
-                    let days = src.state.password_validity_days.get(domain).copied();
+                    let days = state.password_validity_days.get(domain).copied();
                     graph_password_expiry(last, policies, days).map(|ft| Value::String(ft.to_string()))
                 };
                 if let Some(e) = expiry {
@@ -531,14 +527,13 @@ pub fn project(sources: &[SourceView<'_>], parse_rfc3339: &dyn Fn(&str) -> Optio
                 .flatten()
                 .filter_map(|name| group_names.get(name).cloned().flatten())
                 .collect();
-            out.users
-                .insert(upn, ProjectedUser { source: src.name.to_string(), external_id: id.clone(), record, groups });
+            out.users.insert(upn, ProjectedUser { source: name.clone(), external_id: id, record, groups });
         }
         if skipped > 0 {
-            out.skipped.insert(src.name.to_string(), skipped);
+            out.skipped.insert(name.clone(), skipped);
         }
         if skipped_groups > 0 {
-            out.skipped_groups.insert(src.name.to_string(), skipped_groups);
+            out.skipped_groups.insert(name, skipped_groups);
         }
     }
     out
@@ -699,9 +694,7 @@ mod tests {
             vec![group("ag", Some("bad\u{7}name"), MemberChange::Whole(members(&["a1"], &[])))],
         ))
         .unwrap();
-        let p = project(&[SourceView { name: "entra", state: &graph }, SourceView { name: "ad", state: &ad }], &|s| {
-            (s == "T").then_some(1_000_000)
-        });
+        let p = project(vec![("entra".into(), graph), ("ad".into(), ad)], &|s| (s == "T").then_some(1_000_000));
         let anna = &p.users[&Upn::parse("anna@x.com").unwrap()];
         assert_eq!(anna.source, "entra");
         assert_eq!(anna.record["department"], json!("Cloud"));

@@ -268,7 +268,7 @@ async fn a_rejected_secret_says_what_to_do_and_never_shows_the_secret() {
     assert_eq!(e.kind, SourceErrorKind::Credentials);
     assert_eq!(
         e.message,
-        "client secret rejected by Entra (AADSTS7000215): create a new secret and run `tenonctl directory add graph ... --client-secret-file FILE`"
+        "client secret rejected by Entra (AADSTS7000215): create a new secret and run `tenonctl directory add graph ... --client-secret-file FILE --replace`"
     );
     assert_eq!(fake.requests(Target::Users), 0);
 

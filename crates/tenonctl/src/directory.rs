@@ -257,7 +257,9 @@ pub fn run(c: &Client, json_out: bool, wait: bool, cmd: DirectoryCmd) -> anyhow:
                         "{name}: {} pages read, {} users and {} groups seen",
                         p["pages"], p["users"], p["groups"]
                     );
-                } else {
+                } else if let Some(w) = v.get("waiting").and_then(Value::as_str) {
+                    eprintln!("{name}: {}", visible(w));
+                } else if v.get("result").is_some() || v.get("error").is_some() {
                     end = Some(v);
                 }
             }

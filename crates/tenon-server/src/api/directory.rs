@@ -1,5 +1,6 @@
 //! Directory source endpoints: thin handlers over `crate::directory`. A sync answers as it goes:
-//! one JSON line per page read (`{"progress": ...}`), then `{"result": ...}` or `{"error": ...}`.
+//! one JSON line per page read (`{"progress": ...}`), `{"waiting": ...}` while another sync runs,
+//! `{"heartbeat": SECONDS}` every 10 s, then `{"result": ...}` or `{"error": ...}`.
 
 use super::admin::rfc3339;
 use super::extract::{Admin, ApiJson, ApiQuery};
@@ -94,6 +95,9 @@ pub struct SyncQuery {
     accept_deletions: bool,
 }
 
+/// How often a running sync's answer says it is alive (well under the listener's idle timeout).
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The lines of a sync's answer, as they are produced.
 struct Lines(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
 
@@ -127,11 +131,30 @@ pub async fn sync(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let label = actor.label();
     tokio::spawn(async move {
+        if state.directory_sync.try_lock().is_err() {
+            let _ = tx.send(line(
+                json!({"waiting": "another directory sync is running on this server; this one starts when it ends"}),
+            ));
+        }
         let progress_tx = tx.clone();
         let progress = move |p: tenon_core::dirsync::SyncProgress| {
             let _ = progress_tx.send(line(json!({"progress": p})));
         };
-        let end = match state.sync_source(&label, &name, q.accept_deletions, &progress).await {
+        let sync = state.sync_source(&label, &name, q.accept_deletions, &progress);
+        tokio::pin!(sync);
+        // A line now and then while nothing else moves (waiting for another sync, a slow page,
+        // applying a large batch): the listener closes connections on which no byte moves.
+        let started = std::time::Instant::now();
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+        let end = loop {
+            tokio::select! {
+                r = &mut sync => break r,
+                _ = heartbeat.tick() => {
+                    let _ = tx.send(line(json!({"heartbeat": started.elapsed().as_secs()})));
+                }
+            }
+        };
+        let end = match end {
             Ok(report) => json!({"result": report}),
             Err(failure) => json!({"error": failure}),
         };

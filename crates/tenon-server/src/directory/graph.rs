@@ -748,7 +748,7 @@ fn classify_token_error(status: u16, body: &[u8], config: &GraphConfig, host: &s
         .or_else(|| aadsts_code(description));
     let tenant = clean(&config.tenant_id, 100);
     let client = clean(&config.client_id, 100);
-    let rerun = "create a new secret and run `tenonctl directory add graph ... --client-secret-file FILE`";
+    let rerun = "create a new secret and run `tenonctl directory add graph ... --client-secret-file FILE --replace`";
     match code {
         Some(7000215) => {
             err(SourceErrorKind::Credentials, format!("client secret rejected by Entra (AADSTS7000215): {rerun}"))
@@ -1480,7 +1480,7 @@ mod tests {
         use SourceErrorKind::*;
         #[rustfmt::skip]
         let cases: Vec<(u16, &str, SourceErrorKind, &str)> = vec![
-            (401, r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: x","error_codes":[7000215]}"#, Credentials, "client secret rejected by Entra (AADSTS7000215): create a new secret and run `tenonctl directory add graph ... --client-secret-file FILE`"),
+            (401, r#"{"error":"invalid_client","error_description":"AADSTS7000215: Invalid client secret provided.\r\nTrace ID: x","error_codes":[7000215]}"#, Credentials, "client secret rejected by Entra (AADSTS7000215): create a new secret and run `tenonctl directory add graph ... --client-secret-file FILE --replace`"),
             (401, r#"{"error":"invalid_client","error_description":"AADSTS7000222: The provided client secret keys are expired."}"#, Credentials, "client secret expired (AADSTS7000222)"),
             (400, r#"{"error":"unauthorized_client","error_description":"AADSTS700016: Application not found","error_codes":[700016]}"#, Credentials, "AADSTS700016"),
             (400, r#"{"error":"invalid_request","error_description":"AADSTS90002: Tenant not found","error_codes":[90002]}"#, Other, "check --tenant-id"),

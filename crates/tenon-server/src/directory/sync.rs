@@ -16,7 +16,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use tenon_core::directory::{Directory, User};
 use tenon_core::dirsync::{
     project, DeletionGuard, HeldGroup, HeldUser, Projection, SourceBatch, SourceError, SourceErrorKind, SourceState,
-    SourceView,
 };
 use tenon_core::ids::{GroupName, Upn};
 
@@ -150,7 +149,10 @@ impl AppState {
                 return Err(e.into());
             }
         };
-        match self.apply_batch(actor, &source, batch, accept_deletions).await {
+        let applied = self.apply_batch(actor, &source, batch, accept_deletions).await;
+        // A sync of a large directory allocates as much as it holds, and frees it all.
+        crate::release_free_memory();
+        match applied {
             Ok(mut report) => {
                 report.seconds = started.elapsed().as_secs_f64();
                 tracing::info!(
@@ -295,40 +297,23 @@ impl AppState {
                 }
             }
         }
-        // Rows to write: what changed of this source's state.
         let state = &states[idx].1;
-        let mut user_rows: Vec<(&String, String)> = Vec::new();
-        for id in &applied.users_touched {
-            if let Some(u) = state.users.get(id) {
-                user_rows.push((id, serde_json::to_string(u).map_err(|e| ApiError::Internal(e.into()))?));
-            }
-        }
-        let mut group_rows: Vec<(&String, String)> = Vec::new();
-        for id in &groups_touched {
-            if let Some(g) = state.groups.get(id) {
-                group_rows.push((id, serde_json::to_string(g).map_err(|e| ApiError::Internal(e.into()))?));
-            }
-        }
         let users_total = state.user_count();
         let groups_total = state.groups.len();
         let meta = serde_json::to_string(&state.password_validity_days).map_err(|e| ApiError::Internal(e.into()))?;
-        let views: Vec<SourceView<'_>> = states.iter().map(|(n, s)| SourceView { name: n, state: s }).collect();
-        let mut projection = project(&views, &parse_rfc3339);
-        // Users imported from a file were there first: they keep their UPN.
-        let mut file_collisions = Vec::new();
-        projection.users.retain(|upn, p| {
-            let file_owned = world.directory.users.get(upn).is_some_and(|u| u.source.is_none() && !u.record.is_null());
-            if file_owned {
-                file_collisions.push(json!({"upn": upn, "owner": super::sources::FILE_SOURCE, "other": p.source}));
+        // What changed of this source's state, each row serialized as it is written (a first
+        // read of a large directory touches every object).
+        for id in &applied.users_touched {
+            if let Some(u) = state.users.get(id) {
+                let data = serde_json::to_string(u).map_err(|e| ApiError::Internal(e.into()))?;
+                upsert_object(&mut tx, name, "user", id, &data).await?;
             }
-            !file_owned
-        });
-        let changes = diff(&world.directory, &projection);
-        for (id, data) in &user_rows {
-            upsert_object(&mut tx, name, "user", id, data).await?;
         }
-        for (id, data) in &group_rows {
-            upsert_object(&mut tx, name, "group", id, data).await?;
+        for id in &groups_touched {
+            if let Some(g) = state.groups.get(id) {
+                let data = serde_json::to_string(g).map_err(|e| ApiError::Internal(e.into()))?;
+                upsert_object(&mut tx, name, "group", id, &data).await?;
+            }
         }
         upsert_object(&mut tx, name, "meta", "password_validity_days", &meta).await?;
         for id in removed.keys() {
@@ -345,6 +330,18 @@ impl AppState {
                 .execute(&mut *tx)
                 .await?;
         }
+        let source_names: Vec<String> = states.iter().map(|(n, _)| n.clone()).collect();
+        let mut projection = project(states, &parse_rfc3339);
+        // Users imported from a file were there first: they keep their UPN.
+        let mut file_collisions = Vec::new();
+        projection.users.retain(|upn, p| {
+            let file_owned = world.directory.users.get(upn).is_some_and(|u| u.source.is_none() && !u.record.is_null());
+            if file_owned {
+                file_collisions.push(json!({"upn": upn, "owner": super::sources::FILE_SOURCE, "other": p.source}));
+            }
+            !file_owned
+        });
+        let changes = diff(&world.directory, &projection);
         for upn in &changes.removed {
             sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM users WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
@@ -390,7 +387,7 @@ impl AppState {
                 collisions.entry(other).or_default().push(c.clone());
             }
         }
-        for (n, _) in &states {
+        for n in &source_names {
             let list = collisions.get(n.as_str()).cloned().unwrap_or_default();
             sqlx::query("UPDATE directory_sources SET collisions = $1 WHERE name = $2")
                 .bind(Value::Array(list).to_string())
