@@ -55,7 +55,7 @@ enum Command {
         #[command(flatten)]
         limits: Box<ClientLimitArgs>,
         #[command(flatten)]
-        portal: PortalArgs,
+        portal: Box<PortalArgs>,
     },
     /// Generate a new escrow key and re-seal every stored recovery key to it (offline: stop the
     /// server first; this takes the data-dir lock).

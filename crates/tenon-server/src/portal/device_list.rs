@@ -252,13 +252,8 @@ mod tests {
     #[test]
     fn query_strings_parse_leniently() {
         let check = |q: &str, expected: (&str, Filter, SortKey, bool, usize, usize)| {
-            let lq = ListQuery::from_pairs(
-                url::form_urlencoded::parse(q.as_bytes())
-                    .map(|(k, v)| (k, v))
-                    .collect::<Vec<_>>()
-                    .iter()
-                    .map(|(k, v)| (k.as_ref(), v.as_ref())),
-            );
+            let pairs: Vec<_> = url::form_urlencoded::parse(q.as_bytes()).collect();
+            let lq = ListQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())));
             assert_eq!((lq.q.as_str(), lq.filter, lq.sort, lq.descending, lq.page, lq.per_page), expected, "{q}");
         };
         check("", ("", Filter::Active, SortKey::Hostname, false, 1, 50));

@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn same_origin_table() {
-        let check = |pairs: &[(&str, &str)]| {
+        let check = |pairs: &[(&'static str, &str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
                 h.insert(*k, HeaderValue::from_str(v).unwrap());
