@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod listener;
 pub mod metrics;
 pub mod packages;
+pub mod portal;
 pub mod ratelimit;
 pub mod report_history;
 pub mod resign;
@@ -61,6 +62,8 @@ pub struct ServeOptions {
     pub tls: Option<tls::TlsSource>,
     /// Plain HTTP on a non-loopback address (`--insecure-http`).
     pub insecure_http: bool,
+    /// The web portal's session expiry and sign-in rate (`--portal-*`).
+    pub portal: portal::PortalOptions,
 }
 
 impl ServeOptions {
@@ -79,6 +82,7 @@ impl ServeOptions {
             metrics_listen: None,
             tls: None,
             insecure_http: false,
+            portal: Default::default(),
         }
     }
 
@@ -202,7 +206,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         tokio::spawn(state.clone().run_follower(url.clone()));
     }
 
-    let mut router = api::router(state.clone());
+    // The portal's pages sit beside the API on the same listener (`/` and `/api/v1`).
+    let mut router = api::router(state.clone()).merge(portal::router(state.clone(), opts.portal.clone()));
     if let Some(addr) = opts.metrics_listen {
         let handle = metrics::install()?;
         let metrics_listener = tokio::net::TcpListener::bind(addr)

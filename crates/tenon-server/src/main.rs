@@ -54,6 +54,8 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         limits: Box<ClientLimitArgs>,
+        #[command(flatten)]
+        portal: Box<PortalArgs>,
     },
     /// Generate a new escrow key and re-seal every stored recovery key to it (offline: stop the
     /// server first; this takes the data-dir lock).
@@ -286,6 +288,29 @@ struct ClientLimitArgs {
     auth_failure_log_interval: Duration,
 }
 
+/// The web portal (`/`): how long its sessions last and how often an address may try to sign in.
+#[derive(clap::Args)]
+struct PortalArgs {
+    /// A portal session not used for this long ends (sign in again).
+    #[arg(long, default_value = "30m", value_parser = parse_session_duration)]
+    portal_session_idle: Duration,
+    /// A portal session ends this long after sign-in, however much it is used.
+    #[arg(long, default_value = "12h", value_parser = parse_session_duration)]
+    portal_session_max: Duration,
+    /// Portal sign-in attempts per source address: COUNT/DURATION or `off`.
+    #[arg(long, default_value = "10/1m", value_parser = parse_rate)]
+    portal_signin_rate: RateArg,
+}
+
+/// A session of at least a second (the store counts whole seconds) and at most 30 days.
+fn parse_session_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e}; use a duration such as 30m or 12h"))?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(30 * 24 * 3600) {
+        return Err("must be between 1s and 30 days".into());
+    }
+    Ok(d)
+}
+
 #[derive(Clone, Copy)]
 struct RateArg(Option<Rate>);
 
@@ -352,6 +377,7 @@ fn main() -> ExitCode {
             log_format: _,
             config: _,
             tls,
+            portal,
         } => {
             let opts = tenon_server::ServeOptions {
                 database,
@@ -377,6 +403,11 @@ fn main() -> ExitCode {
                 metrics_listen,
                 tls: tls.source(),
                 insecure_http: tls.insecure_http,
+                portal: tenon_server::portal::PortalOptions {
+                    session_idle: portal.portal_session_idle,
+                    session_max: portal.portal_session_max,
+                    signin_rate: portal.portal_signin_rate.0,
+                },
                 ..tenon_server::ServeOptions::new(listen, data_dir)
             };
             runtime.block_on(tenon_server::serve(opts))

@@ -52,6 +52,9 @@ impl Actor {
 /// What the server remembers about a device between compiles.
 #[derive(Clone, Debug)]
 pub struct DeviceMeta {
+    /// As enrolled, then as the last report said: the portal lists and searches devices from
+    /// memory (a table scan per page view would not stay fast at 100,000 devices).
+    pub hostname: String,
     pub primary: Option<Upn>,
     pub users: BTreeSet<Upn>,
     /// Who the last report said is signed in (a user not in it who appears next starts a session).
@@ -198,6 +201,7 @@ impl AppState {
                 world.devices.insert(
                     d.id,
                     DeviceMeta {
+                        hostname: d.hostname,
                         primary: d.primary,
                         users: d.users,
                         signed_in: d.signed_in,
@@ -216,6 +220,7 @@ impl AppState {
                 );
             }
             Some(meta) => {
+                meta.hostname = d.hostname;
                 meta.primary = d.primary;
                 meta.users = d.users;
                 meta.signed_in = d.signed_in;

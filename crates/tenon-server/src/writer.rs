@@ -99,6 +99,7 @@ impl WriteQueue {
 
 /// What a stored report changes in memory once committed.
 struct ReportChange {
+    hostname: String,
     report_sha: [u8; 32],
     signed_in: BTreeSet<Upn>,
     new_primary: Option<Upn>,
@@ -109,6 +110,7 @@ struct ReportChange {
 /// What a stored enrollment adds to memory once committed.
 struct Enrolled {
     device_id: DeviceId,
+    hostname: String,
     credential: String,
     cred_digest: [u8; 32],
     issued: IssuedEnvelope,
@@ -315,6 +317,7 @@ impl AppState {
                     world.devices.insert(
                         e.device_id.to_string(),
                         DeviceMeta {
+                            hostname: e.hostname,
                             primary: None,
                             users: BTreeSet::new(),
                             signed_in: BTreeSet::new(),
@@ -338,6 +341,7 @@ impl AppState {
                         slot.touch(now);
                     }
                     if let Some(meta) = world.devices.get_mut(&device_id) {
+                        meta.hostname = r.hostname;
                         meta.has_reported = true;
                         meta.last_report_sha = Some(r.report_sha);
                         let before = meta.users.len();
@@ -491,7 +495,14 @@ impl AppState {
             )
             .await?;
         }
-        Ok(ReportChange { report_sha, signed_in, new_primary, ignored_claim, audit_claim })
+        Ok(ReportChange {
+            hostname: hostname.as_str().to_string(),
+            report_sha,
+            signed_in,
+            new_primary,
+            ignored_claim,
+            audit_claim,
+        })
     }
 
     /// One enrollment's rows, inside the batch's transaction.
@@ -600,7 +611,7 @@ impl AppState {
         .await?;
         let cred_digest: [u8; 32] =
             hex::decode(&cred.secret_sha256).ok().and_then(|b| b.try_into().ok()).context("hash")?;
-        Ok(Enrolled { device_id, credential: cred.token, cred_digest, issued })
+        Ok(Enrolled { device_id, hostname: hostname.to_string(), credential: cred.token, cred_digest, issued })
     }
 }
 

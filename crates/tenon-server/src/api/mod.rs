@@ -32,7 +32,10 @@ const ENROLL_LIMIT: usize = 16 * 1024;
 /// a database call, it can leave a transaction open on a pooled connection (holding SQLite's write
 /// lock) or half-done work behind. On its own task the handler always runs to its end; only the
 /// answer is lost.
-async fn run_to_completion(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+pub(crate) async fn run_to_completion(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     match tokio::spawn(next.run(req)).await {
         Ok(resp) => resp,

@@ -11,6 +11,8 @@ use tenon_core::ids::Upn;
 /// One device as loaded.
 pub struct DeviceRow {
     pub id: String,
+    /// As enrolled, then as the last report said (kept in memory for the portal's device list).
+    pub hostname: String,
     pub credential_sha256: [u8; 32],
     pub active: bool,
     pub primary: Option<Upn>,
@@ -29,7 +31,7 @@ pub struct DeviceRow {
 
 const COLUMNS: &str =
     "SELECT id, credential_sha256, status, primary_user, e.config_version, e.config_sha256, e.envelope,
-            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users, package_requests
+            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users, package_requests, hostname
      FROM devices JOIN device_envelopes e ON e.device_id = devices.id";
 
 /// Ids per `IN (...)` list.
@@ -113,6 +115,7 @@ fn device_row(row: &sqlx::any::AnyRow) -> anyhow::Result<DeviceRow> {
         signed_in,
         users: BTreeSet::new(),
         package_requests: row.get::<Option<&str>, _>(11).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default(),
+        hostname: row.get(12),
         id,
     })
 }

@@ -1,0 +1,283 @@
+//! The device list and the overview's numbers, from memory: the world's device metadata (host
+//! name, primary user, users seen, configuration version) and the check-in index's last-seen
+//! times. No database read per page view, so a search over 100,000 devices is a scan of a
+//! `HashMap` under a short read lock, and only the page shown is copied out.
+
+use crate::index::CheckinIndex;
+use crate::state::{DeviceMeta, World};
+use std::cmp::Ordering;
+
+/// Rows per page unless the query says otherwise, and the most it may say.
+pub const DEFAULT_PER_PAGE: usize = 50;
+pub const MAX_PER_PAGE: usize = 200;
+/// A device not seen for this long is stale (the overview and `filter=stale`).
+pub const STALE_SECS: i64 = 7 * 24 * 3600;
+pub const RECENT_SECS: i64 = 24 * 3600;
+/// Longer searches are cut (a search box is for a name, not a document).
+const MAX_QUERY: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    Hostname,
+    User,
+    LastSeen,
+    Version,
+}
+
+impl SortKey {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "hostname" => Self::Hostname,
+            "user" => Self::User,
+            "last_seen" => Self::LastSeen,
+            "version" => Self::Version,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Hostname => "hostname",
+            Self::User => "user",
+            Self::LastSeen => "last_seen",
+            Self::Version => "version",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Active devices.
+    Active,
+    SeenRecently,
+    Stale,
+    WithoutPrimary,
+    Decommissioned,
+}
+
+impl Filter {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "" | "active" => Self::Active,
+            "seen-24h" => Self::SeenRecently,
+            "stale" => Self::Stale,
+            "without-primary" => Self::WithoutPrimary,
+            "decommissioned" => Self::Decommissioned,
+            _ => return None,
+        })
+    }
+
+    pub fn word(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::SeenRecently => "seen-24h",
+            Self::Stale => "stale",
+            Self::WithoutPrimary => "without-primary",
+            Self::Decommissioned => "decommissioned",
+        }
+    }
+
+    fn admits(self, m: &DeviceMeta, last_seen: Option<i64>, now: i64) -> bool {
+        match self {
+            Self::Active => m.active,
+            Self::SeenRecently => m.active && last_seen.is_some_and(|t| now - t <= RECENT_SECS),
+            Self::Stale => m.active && last_seen.is_none_or(|t| now - t > STALE_SECS),
+            Self::WithoutPrimary => m.active && m.primary.is_none(),
+            Self::Decommissioned => !m.active,
+        }
+    }
+}
+
+/// What the list shows: from the query string, every part optional and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListQuery {
+    /// Lower-cased search text (host name, user or id); empty: everything.
+    pub q: String,
+    pub filter: Filter,
+    pub sort: SortKey,
+    pub descending: bool,
+    /// 1-based.
+    pub page: usize,
+    pub per_page: usize,
+}
+
+impl ListQuery {
+    /// From `q`, `filter`, `sort`, `dir`, `page`, `per`; a value that does not parse falls back to
+    /// its default (a hand-edited URL still shows a list).
+    pub fn from_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut lq = ListQuery {
+            q: String::new(),
+            filter: Filter::Active,
+            sort: SortKey::Hostname,
+            descending: false,
+            page: 1,
+            per_page: DEFAULT_PER_PAGE,
+        };
+        for (k, v) in pairs {
+            match k {
+                "q" => lq.q = v.trim().chars().take(MAX_QUERY).collect::<String>().to_lowercase(),
+                "filter" => lq.filter = Filter::parse(v).unwrap_or(Filter::Active),
+                "sort" => lq.sort = SortKey::parse(v).unwrap_or(SortKey::Hostname),
+                "dir" => lq.descending = v == "desc",
+                "page" => lq.page = v.parse().ok().filter(|p| *p >= 1).unwrap_or(1),
+                "per" => {
+                    lq.per_page = v.parse().ok().map(|p: usize| p.clamp(1, MAX_PER_PAGE)).unwrap_or(DEFAULT_PER_PAGE)
+                }
+                _ => {}
+            }
+        }
+        lq
+    }
+}
+
+/// One row of the list, copied out of the world.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub id: String,
+    pub hostname: String,
+    pub primary: Option<String>,
+    pub primary_name: Option<String>,
+    pub last_seen: Option<i64>,
+    pub version: u64,
+    pub active: bool,
+}
+
+pub struct Listing {
+    pub rows: Vec<Row>,
+    /// Devices that match, over all pages.
+    pub total: usize,
+    pub page: usize,
+    pub pages: usize,
+}
+
+/// ASCII-case-insensitive substring test; `needle` is already lower-case.
+fn contains_ci(hay: &str, needle: &str) -> bool {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    n.is_empty() || h.windows(n.len()).any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
+}
+
+fn cmp_ci(a: &str, b: &str) -> Ordering {
+    a.bytes().map(|c| c.to_ascii_lowercase()).cmp(b.bytes().map(|c| c.to_ascii_lowercase()))
+}
+
+/// The primary user's display name, from the directory record.
+pub fn display_name(world: &World, upn: &tenon_core::ids::Upn) -> Option<String> {
+    world
+        .directory
+        .users
+        .get(upn)
+        .and_then(|u| u.record.get("displayName"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+}
+
+fn matches(world: &World, id: &str, m: &DeviceMeta, q: &str) -> bool {
+    q.is_empty()
+        || id.starts_with(q)
+        || contains_ci(&m.hostname, q)
+        || m.primary.as_ref().is_some_and(|p| contains_ci(p.as_str(), q))
+        || m.users.iter().any(|u| contains_ci(u.as_str(), q))
+        || m.primary.as_ref().and_then(|p| display_name(world, p)).is_some_and(|n| n.to_lowercase().contains(q))
+}
+
+/// Filters, searches, sorts (ties by id, so pages are stable) and cuts out one page.
+pub fn list(world: &World, index: &CheckinIndex, lq: &ListQuery, now: i64) -> Listing {
+    let mut hits: Vec<(&str, &DeviceMeta, Option<i64>)> = world
+        .devices
+        .iter()
+        .filter_map(|(id, m)| {
+            let seen = index.last_seen(id);
+            (lq.filter.admits(m, seen, now) && matches(world, id, m, &lq.q)).then_some((id.as_str(), m, seen))
+        })
+        .collect();
+    let by_key = |a: &(&str, &DeviceMeta, Option<i64>), b: &(&str, &DeviceMeta, Option<i64>)| match lq.sort {
+        SortKey::Hostname => cmp_ci(&a.1.hostname, &b.1.hostname),
+        SortKey::User => a.1.primary.as_ref().map(|u| u.as_str()).cmp(&b.1.primary.as_ref().map(|u| u.as_str())),
+        SortKey::LastSeen => a.2.cmp(&b.2),
+        SortKey::Version => a.1.version.cmp(&b.1.version),
+    };
+    hits.sort_unstable_by(|a, b| {
+        let o = by_key(a, b);
+        let o = if lq.descending { o.reverse() } else { o };
+        o.then_with(|| a.0.cmp(b.0))
+    });
+    let total = hits.len();
+    let pages = total.div_ceil(lq.per_page).max(1);
+    let page = lq.page.min(pages);
+    let rows = hits
+        .iter()
+        .skip((page - 1) * lq.per_page)
+        .take(lq.per_page)
+        .map(|(id, m, seen)| Row {
+            id: id.to_string(),
+            hostname: m.hostname.clone(),
+            primary: m.primary.as_ref().map(|u| u.as_str().to_string()),
+            primary_name: m.primary.as_ref().and_then(|u| display_name(world, u)),
+            last_seen: *seen,
+            version: m.version,
+            active: m.active,
+        })
+        .collect();
+    Listing { rows, total, page, pages }
+}
+
+/// The overview's numbers.
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub active: usize,
+    pub seen_recently: usize,
+    pub stale: usize,
+    pub without_primary: usize,
+    pub decommissioned: usize,
+}
+
+pub fn counts(world: &World, index: &CheckinIndex, now: i64) -> Counts {
+    let mut c = Counts::default();
+    for (id, m) in &world.devices {
+        let seen = index.last_seen(id);
+        let admits = |f: Filter| f.admits(m, seen, now) as usize;
+        c.active += admits(Filter::Active);
+        c.seen_recently += admits(Filter::SeenRecently);
+        c.stale += admits(Filter::Stale);
+        c.without_primary += admits(Filter::WithoutPrimary);
+        c.decommissioned += admits(Filter::Decommissioned);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_parse_leniently() {
+        let check = |q: &str, expected: (&str, Filter, SortKey, bool, usize, usize)| {
+            let pairs: Vec<_> = url::form_urlencoded::parse(q.as_bytes()).collect();
+            let lq = ListQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())));
+            assert_eq!((lq.q.as_str(), lq.filter, lq.sort, lq.descending, lq.page, lq.per_page), expected, "{q}");
+        };
+        check("", ("", Filter::Active, SortKey::Hostname, false, 1, 50));
+        check(
+            "q=+PC-1+&sort=last_seen&dir=desc&page=3&per=10",
+            ("pc-1", Filter::Active, SortKey::LastSeen, true, 3, 10),
+        );
+        check(
+            "filter=stale&sort=bogus&page=0&per=100000",
+            ("", Filter::Stale, SortKey::Hostname, false, 1, MAX_PER_PAGE),
+        );
+        check("filter=nope&page=x&per=-1", ("", Filter::Active, SortKey::Hostname, false, 1, 50));
+    }
+
+    #[test]
+    fn contains_ci_table() {
+        for (hay, needle, expected) in [
+            ("PC-Alpha", "alpha", true),
+            ("pc", "", true),
+            ("PC", "pcx", false),
+            ("Ärger", "ärger", false),
+            ("ab", "b", true),
+        ] {
+            assert_eq!(contains_ci(hay, needle), expected, "{hay} {needle}");
+        }
+    }
+}
