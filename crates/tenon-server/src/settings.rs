@@ -242,18 +242,7 @@ impl AppState {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
-            for g in groups {
-                sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
-                    .bind(g.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("INSERT INTO user_groups (upn, group_name) VALUES ($1, $2)")
-                    .bind(upn.as_str())
-                    .bind(g.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            crate::store::directory::write_memberships(&mut tx, upn.as_str(), groups, |_| true).await?;
             touched.insert(upn.clone());
         }
         audit(&mut tx, now, &actor.label(), "users.import", None, json!({"created": created, "updated": updated}))

@@ -346,7 +346,7 @@ impl AppState {
             sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM users WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
         }
-        let mut new_groups: BTreeSet<&GroupName> = BTreeSet::new();
+        let mut new_groups: BTreeSet<GroupName> = BTreeSet::new();
         for upn in &changes.changed {
             let p = &projection.users[upn];
             let record = Value::Object(p.record.clone()).to_string();
@@ -362,20 +362,11 @@ impl AppState {
             .bind(&p.source)
             .execute(&mut *tx)
             .await?;
-            sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn.as_str()).execute(&mut *tx).await?;
-            for g in &p.groups {
-                if !world.directory.groups.contains_key(g) && new_groups.insert(g) {
-                    sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
-                        .bind(g.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                sqlx::query("INSERT INTO user_groups (upn, group_name) VALUES ($1, $2)")
-                    .bind(upn.as_str())
-                    .bind(g.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            let known = &world.directory.groups;
+            crate::store::directory::write_memberships(&mut tx, upn.as_str(), &p.groups, |g| {
+                !known.contains_key(g) && new_groups.insert(g.clone())
+            })
+            .await?;
         }
         // Each source's status: its own counts, and the UPNs another source owns.
         let mut collisions: BTreeMap<&str, Vec<Value>> = BTreeMap::new();

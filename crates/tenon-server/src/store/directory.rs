@@ -123,3 +123,28 @@ pub async fn load(conn: &mut Conn) -> anyhow::Result<Directory> {
     }
     Ok(directory)
 }
+
+/// Replaces a user's group memberships. `is_new` says which groups may have no row yet (they are
+/// created); a group the caller knows is stored is not written again.
+pub async fn write_memberships<'g>(
+    conn: &mut Conn,
+    upn: &str,
+    groups: impl IntoIterator<Item = &'g GroupName>,
+    mut is_new: impl FnMut(&GroupName) -> bool,
+) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM user_groups WHERE upn = $1").bind(upn).execute(&mut *conn).await?;
+    for g in groups {
+        if is_new(g) {
+            sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+                .bind(g.as_str())
+                .execute(&mut *conn)
+                .await?;
+        }
+        sqlx::query("INSERT INTO user_groups (upn, group_name) VALUES ($1, $2)")
+            .bind(upn)
+            .bind(g.as_str())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
