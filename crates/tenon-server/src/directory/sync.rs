@@ -168,8 +168,12 @@ impl AppState {
                 Ok(report)
             }
             Err(e) => {
+                // Another server's sync of the same source got there first: not the source's fault.
+                let raced = matches!(e, ApiError::Conflict(_));
                 let failure = SyncFailure::from(e);
-                self.record_failure(name, &failure.message).await;
+                if !raced {
+                    self.record_failure(name, &failure.message).await;
+                }
                 Err(failure)
             }
         }
