@@ -388,6 +388,18 @@ impl AppState {
     /// to rotate every current key it returns, and writes the audit row (who, when, which device
     /// and protectors; never a key); the keys leave only after that commit.
     pub async fn read_recovery_keys(&self, actor: &Actor, device_id: &str, all: bool) -> ApiResult<Vec<Value>> {
+        self.read_recovery_keys_because(actor, device_id, all, None).await
+    }
+
+    /// [`Self::read_recovery_keys`] with the reason the administrator typed (the portal asks for
+    /// one), recorded in the audit row.
+    pub async fn read_recovery_keys_because(
+        &self,
+        actor: &Actor,
+        device_id: &str,
+        all: bool,
+        reason: Option<&str>,
+    ) -> ApiResult<Vec<Value>> {
         if !actor.has_role(ROLE_RECOVERY_KEYS) {
             self.audit_recovery_denial(actor, device_id).await?;
             return Err(ApiError::Forbidden(format!(
@@ -407,7 +419,7 @@ impl AppState {
                 &actor.label(),
                 "recovery_key.read",
                 Some(device_id),
-                json!({"keys": [], "device_known": false, "include_superseded": all}),
+                json!({"keys": [], "device_known": false, "include_superseded": all, "reason": reason}),
             )
             .await?;
             tx.commit().await?;
@@ -513,7 +525,7 @@ impl AppState {
             "recovery_key.read",
             Some(device_id),
             json!({"keys": protectors, "rotation_requested": rotate, "include_superseded": all,
-                   "conflicts": conflicted}),
+                   "conflicts": conflicted, "reason": reason}),
         )
         .await?;
         if !rotate.is_empty() {

@@ -9,6 +9,7 @@ pub mod auth_failures;
 pub mod backup;
 pub mod client_policy;
 pub mod datadir;
+pub mod device_health;
 pub mod devices;
 pub mod directory;
 pub mod error;

@@ -79,6 +79,11 @@ pub struct DeviceMeta {
     /// Install requests (`tenonctl devices install ID NAME`): package name -> request number,
     /// compiled into the device's package plan.
     pub package_requests: BTreeMap<String, u64>,
+    /// What the last report said about BitLocker, Delivery Optimization and failures, for the
+    /// portal's overview (see `device_health`).
+    pub health: crate::device_health::DeviceHealth,
+    /// The user signed in most often, with their sightings (see `store::devices::note_sightings`).
+    pub top_user: Option<(i64, Upn)>,
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -216,6 +221,8 @@ impl AppState {
                         last_report_sha: None,
                         dir_gen,
                         package_requests: d.package_requests,
+                        health: d.health,
+                        top_user: d.top_user,
                     },
                 );
             }
@@ -226,6 +233,8 @@ impl AppState {
                 meta.signed_in = d.signed_in;
                 meta.has_reported = d.has_reported;
                 meta.package_requests = d.package_requests;
+                meta.health = d.health;
+                meta.top_user = d.top_user;
                 if d.version > meta.version {
                     meta.version = d.version;
                     meta.sha256 = d.sha256.clone();

@@ -105,6 +105,9 @@ struct ReportChange {
     new_primary: Option<Upn>,
     ignored_claim: Option<u64>,
     audit_claim: bool,
+    health: crate::device_health::DeviceHealth,
+    /// Each signed-in user's sightings after this report.
+    sightings: Vec<(Upn, i64)>,
 }
 
 /// What a stored enrollment adds to memory once committed.
@@ -332,6 +335,8 @@ impl AppState {
                             last_report_sha: None,
                             dir_gen,
                             package_requests: Default::default(),
+                            health: Default::default(),
+                            top_user: None,
                         },
                     );
                     let _ = reply.send(Ok((e.device_id, e.credential)));
@@ -344,6 +349,10 @@ impl AppState {
                         meta.hostname = r.hostname;
                         meta.has_reported = true;
                         meta.last_report_sha = Some(r.report_sha);
+                        meta.health = r.health;
+                        for (upn, n) in &r.sightings {
+                            crate::store::devices::note_sightings(&mut meta.top_user, upn, *n);
+                        }
                         let before = meta.users.len();
                         meta.users.extend(r.signed_in.iter().cloned());
                         meta.signed_in = r.signed_in;
@@ -438,21 +447,24 @@ impl AppState {
         .await?;
         // A sighting is a sign-in session (the user was not signed in at the previous report) or
         // a day the user was seen signed in: how often the agent reports does not change it.
+        let mut sightings = Vec::with_capacity(signed_in.len());
         for upn in &signed_in {
             let new_session = !meta.signed_in.contains(upn);
-            sqlx::query(
+            let n: i64 = sqlx::query_scalar(
                 "INSERT INTO device_users (device_id, upn, first_seen, last_seen, sightings) VALUES ($1, $2, $3, $4, 1)
                  ON CONFLICT (device_id, upn) DO UPDATE SET
                      sightings = device_users.sightings + (CASE WHEN $5 OR device_users.last_seen / 86400 < excluded.last_seen / 86400 THEN 1 ELSE 0 END),
-                     last_seen = excluded.last_seen",
+                     last_seen = excluded.last_seen
+                 RETURNING sightings",
             )
             .bind(device_id)
             .bind(upn.as_str())
             .bind(now)
             .bind(now)
             .bind(new_session)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            sightings.push((upn.clone(), n));
         }
         // The server never believes a version it did not issue: a report claiming more (a forged
         // or broken report) would otherwise make the server re-issue above it and could push the
@@ -502,6 +514,8 @@ impl AppState {
             new_primary,
             ignored_claim,
             audit_claim,
+            health: crate::device_health::DeviceHealth::from_report(&report.policies, report.last_error.as_deref()),
+            sightings,
         })
     }
 

@@ -3,6 +3,7 @@
 //! times. No database read per page view, so a search over 100,000 devices is a scan of a
 //! `HashMap` under a short read lock, and only the page shown is copied out.
 
+use crate::device_health::BitlockerBucket;
 use crate::index::CheckinIndex;
 use crate::state::{DeviceMeta, World};
 use std::cmp::Ordering;
@@ -53,6 +54,27 @@ pub enum Filter {
     Stale,
     WithoutPrimary,
     Decommissioned,
+    /// Active devices whose primary user is not the user seen most often (as
+    /// `tenonctl devices list --primary-mismatch`).
+    PrimaryMismatch,
+    /// Active devices whose last report puts BitLocker in this bucket.
+    Bitlocker(BitlockerBucket),
+    /// Active devices whose last sync reported an error or a failed policy.
+    Failing,
+    EntraPending,
+    EntraFailed,
+}
+
+/// `filter=bitlocker-...` words, one per bucket.
+fn bitlocker_word(b: BitlockerBucket) -> &'static str {
+    match b {
+        BitlockerBucket::EncryptedEscrowed => "bitlocker-encrypted",
+        BitlockerBucket::Encrypting => "bitlocker-encrypting",
+        BitlockerBucket::ActionRequired => "bitlocker-action-required",
+        BitlockerBucket::NotCapable => "bitlocker-not-capable",
+        BitlockerBucket::Failed => "bitlocker-failed",
+        BitlockerBucket::NotRequired => "bitlocker-not-required",
+    }
 }
 
 impl Filter {
@@ -63,7 +85,13 @@ impl Filter {
             "stale" => Self::Stale,
             "without-primary" => Self::WithoutPrimary,
             "decommissioned" => Self::Decommissioned,
-            _ => return None,
+            "primary-mismatch" => Self::PrimaryMismatch,
+            "failing" => Self::Failing,
+            "entra-pending" => Self::EntraPending,
+            "entra-failed" => Self::EntraFailed,
+            other => {
+                return BitlockerBucket::ALL.into_iter().find(|b| bitlocker_word(*b) == other).map(Self::Bitlocker)
+            }
         })
     }
 
@@ -74,6 +102,11 @@ impl Filter {
             Self::Stale => "stale",
             Self::WithoutPrimary => "without-primary",
             Self::Decommissioned => "decommissioned",
+            Self::PrimaryMismatch => "primary-mismatch",
+            Self::Bitlocker(b) => bitlocker_word(b),
+            Self::Failing => "failing",
+            Self::EntraPending => "entra-pending",
+            Self::EntraFailed => "entra-failed",
         }
     }
 
@@ -84,6 +117,13 @@ impl Filter {
             Self::Stale => m.active && last_seen.is_none_or(|t| now - t > STALE_SECS),
             Self::WithoutPrimary => m.active && m.primary.is_none(),
             Self::Decommissioned => !m.active,
+            Self::PrimaryMismatch => {
+                m.active && m.top_user.as_ref().is_some_and(|(_, top)| m.primary.as_ref() != Some(top))
+            }
+            Self::Bitlocker(b) => m.active && m.health.bitlocker == Some(b),
+            Self::Failing => m.active && m.health.failing,
+            Self::EntraPending => m.active && m.health.entra_pending,
+            Self::EntraFailed => m.active && m.health.entra_failed,
         }
     }
 }
@@ -228,11 +268,21 @@ pub struct Counts {
     pub seen_recently: usize,
     pub stale: usize,
     pub without_primary: usize,
+    pub primary_mismatch: usize,
     pub decommissioned: usize,
+    /// Per bucket, in [`BitlockerBucket::ALL`]'s order.
+    pub bitlocker: [usize; BitlockerBucket::ALL.len()],
+    /// Distinct Delivery Optimization groups reported by active devices.
+    pub do_groups: usize,
+    pub failing: usize,
+    pub entra_pending: usize,
+    pub entra_failed: usize,
 }
 
+/// One pass over the devices: the overview at 100,000 devices costs one scan of memory.
 pub fn counts(world: &World, index: &CheckinIndex, now: i64) -> Counts {
     let mut c = Counts::default();
+    let mut groups = std::collections::HashSet::new();
     for (id, m) in &world.devices {
         let seen = index.last_seen(id);
         let admits = |f: Filter| f.admits(m, seen, now) as usize;
@@ -240,9 +290,47 @@ pub fn counts(world: &World, index: &CheckinIndex, now: i64) -> Counts {
         c.seen_recently += admits(Filter::SeenRecently);
         c.stale += admits(Filter::Stale);
         c.without_primary += admits(Filter::WithoutPrimary);
+        c.primary_mismatch += admits(Filter::PrimaryMismatch);
         c.decommissioned += admits(Filter::Decommissioned);
+        c.failing += admits(Filter::Failing);
+        c.entra_pending += admits(Filter::EntraPending);
+        c.entra_failed += admits(Filter::EntraFailed);
+        if m.active {
+            if let Some(i) = m.health.bitlocker.and_then(|b| BitlockerBucket::ALL.iter().position(|x| *x == b)) {
+                c.bitlocker[i] += 1;
+            }
+            if let Some(g) = &m.health.delivery_optimization {
+                groups.insert(g.group_id.as_str());
+            }
+        }
     }
+    c.do_groups = groups.len();
     c
+}
+
+/// The overview's BitLocker line: (filter word, label, count) per bucket.
+pub fn bitlocker_cards(c: &Counts) -> Vec<(&'static str, &'static str, usize)> {
+    BitlockerBucket::ALL.iter().zip(c.bitlocker).map(|(b, n)| (bitlocker_word(*b), b.label(), n)).collect()
+}
+
+/// Delivery Optimization groups from memory: group id -> (gateway MAC, gateway IP, devices as
+/// (id, host name) sorted by host name). Active devices only, as `tenonctl networks list`.
+pub type Networks = std::collections::BTreeMap<String, (Option<String>, Option<String>, Vec<(String, String)>)>;
+
+pub fn networks(world: &World) -> Networks {
+    let mut out = Networks::new();
+    for (id, m) in world.devices.iter().filter(|(_, m)| m.active) {
+        let Some(g) = &m.health.delivery_optimization else { continue };
+        let e = out.entry(g.group_id.clone()).or_default();
+        // As the API: the gateway is what a member of the group last said.
+        e.0 = g.gateway_mac.clone().or(e.0.take());
+        e.1 = g.gateway_ip.clone().or(e.1.take());
+        e.2.push((id.clone(), m.hostname.clone()));
+    }
+    for (_, _, devices) in out.values_mut() {
+        devices.sort_by(|a, b| cmp_ci(&a.1, &b.1).then_with(|| a.0.cmp(&b.0)));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -266,6 +354,11 @@ mod tests {
             ("", Filter::Stale, SortKey::Hostname, false, 1, MAX_PER_PAGE),
         );
         check("filter=nope&page=x&per=-1", ("", Filter::Active, SortKey::Hostname, false, 1, 50));
+        check(
+            "filter=bitlocker-action-required",
+            ("", Filter::Bitlocker(BitlockerBucket::ActionRequired), SortKey::Hostname, false, 1, 50),
+        );
+        check("filter=primary-mismatch", ("", Filter::PrimaryMismatch, SortKey::Hostname, false, 1, 50));
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //!   POST, and the per-session CSRF token.
 //! - `pages.rs`: the handlers; they gather data and hand it to a template (`templates/portal/`).
 //! - `device_list.rs`: searching, filtering, sorting and paging the fleet from memory.
+//! - `device_actions.rs`: decommission, report history, revealing recovery keys.
+//! - `fleet_pages.rs`: the audit log, networks and packages pages.
 //! - `assets.rs`: the stylesheet and htmx, embedded, under content-hashed names.
 //!
 //! Every page works without JavaScript; htmx only updates the device table while searching.
 
 mod assets;
+mod device_actions;
 mod device_list;
+mod fleet_pages;
 mod pages;
 mod security;
 mod sessions;
@@ -86,6 +90,13 @@ pub fn router(app: Arc<AppState>, opts: PortalOptions) -> Router {
         .route("/devices", get(pages::devices))
         .route("/devices/{id}", get(pages::device))
         .route("/devices/{id}/primary", post(pages::reassign_primary))
+        .route("/devices/{id}/decommission", post(device_actions::decommission))
+        .route("/devices/{id}/reports", get(device_actions::reports))
+        .route("/devices/{id}/recovery-keys", post(device_actions::reveal))
+        .route("/audit", get(fleet_pages::audit))
+        .route("/networks", get(fleet_pages::networks))
+        .route("/packages", get(fleet_pages::packages))
+        .route("/packages/{name}", get(fleet_pages::package))
         // Like the API's: a browser that navigates away must not cancel a write half-way.
         .route_layer(axum::middleware::from_fn(crate::api::run_to_completion))
         .route("/assets/{file}", get(assets::serve))

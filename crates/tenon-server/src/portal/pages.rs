@@ -11,7 +11,7 @@ use super::Portal;
 use crate::api::extract::ClientAddr;
 use crate::api::rfc3339;
 use crate::error::ApiError;
-use crate::state::ROLE_ADMIN;
+use crate::state::{ROLE_ADMIN, ROLE_RECOVERY_KEYS};
 use askama::Template;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub struct Form(HashMap<String, String>);
 
 impl Form {
-    fn parse(body: &[u8]) -> Form {
+    pub(super) fn parse(body: &[u8]) -> Form {
         Form(url::form_urlencoded::parse(body).into_owned().collect())
     }
 
@@ -49,21 +49,27 @@ pub struct Layout {
 pub struct SessionView {
     pub name: String,
     pub csrf: String,
+    /// The token has the `admin` role: the nav shows only the pages the session may open.
+    pub admin: bool,
 }
 
 impl Layout {
-    fn new(title: impl Into<String>, session: Option<&Session>) -> Self {
+    pub(super) fn new(title: impl Into<String>, session: Option<&Session>) -> Self {
         Layout {
             title: title.into(),
             assets: urls(),
-            session: session.map(|s| SessionView { name: s.actor.name.clone(), csrf: s.csrf() }),
+            session: session.map(|s| SessionView {
+                name: s.actor.name.clone(),
+                csrf: s.csrf(),
+                admin: s.actor.has_role(ROLE_ADMIN),
+            }),
         }
     }
 }
 
 /// Renders a template as a page with a status. A template that fails to render (it cannot,
 /// short of a bug) is an error page, never a half page.
-fn page(status: StatusCode, t: &impl Template) -> Response {
+pub(super) fn page(status: StatusCode, t: &impl Template) -> Response {
     match t.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => error_page(ApiError::Internal(anyhow::anyhow!("template: {e}"))),
@@ -80,7 +86,7 @@ struct MessagePage {
     link: Option<(String, String)>,
 }
 
-fn message(
+pub(super) fn message(
     status: StatusCode,
     session: Option<&Session>,
     heading: &str,
@@ -125,7 +131,7 @@ pub fn refused_cross_site() -> Response {
 }
 
 /// `2026-12-07T10:00:00Z (3 min ago)`, or `never`.
-fn when(now: i64, t: Option<i64>) -> String {
+pub(super) fn when(now: i64, t: Option<i64>) -> String {
     let Some(t) = t else { return "never".into() };
     let age = now - t;
     let ago = match age {
@@ -138,11 +144,11 @@ fn when(now: i64, t: Option<i64>) -> String {
     format!("{} ({ago})", rfc3339(t))
 }
 
-fn encode(s: &str) -> String {
+pub(super) fn encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn device_href(id: &str) -> String {
+pub(super) fn device_href(id: &str) -> String {
     format!("/devices/{}", encode(id))
 }
 
@@ -223,11 +229,13 @@ pub async fn signin(State(p): State<Arc<Portal>>, ClientAddr(addr): ClientAddr, 
         }
         Err(e) => return error_page(e),
     };
-    if !actor.has_role(ROLE_ADMIN) {
+    // A `recovery-keys`-only token signs in too: it sees devices and reveals keys, nothing else
+    // (see `sessions::allowed_without_admin`).
+    if !actor.has_role(ROLE_ADMIN) && !actor.has_role(ROLE_RECOVERY_KEYS) {
         return refused(
             StatusCode::FORBIDDEN,
-            "token lacks the admin role",
-            "This admin token lacks the admin role, which the portal needs. Sign in with a token created with `--role admin`.",
+            "token has neither the admin nor the recovery-keys role",
+            "This admin token has neither the admin nor the recovery-keys role, one of which the portal needs. Sign in with a token created with `--role admin` or `--role recovery-keys`.",
         )
         .await;
     }
@@ -255,9 +263,20 @@ pub async fn signout(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn, header
     resp
 }
 
-const CSRF_REFUSED: &str =
+pub(super) const CSRF_REFUSED: &str =
     "This form's security token does not belong to your current session (the page may be from an \
      earlier session, or the form came from somewhere else). Nothing was changed. Check the form and send it again.";
+
+/// What a session without the `admin` role gets on a page or write that needs it.
+pub fn needs_admin(s: &Session) -> Response {
+    message(
+        StatusCode::FORBIDDEN,
+        Some(s),
+        "Not allowed",
+        "This needs an admin token with the admin role; yours has only the recovery-keys role, which shows devices and reveals recovery keys. Nothing was changed.".into(),
+        Some(("/devices", "Go to the devices")),
+    )
+}
 
 fn csrf_refused_message(s: &Session) -> Response {
     message(
@@ -276,6 +295,8 @@ fn csrf_refused_message(s: &Session) -> Response {
 struct OverviewPage {
     layout: Layout,
     counts: Counts,
+    /// (filter word, label, count) per BitLocker bucket.
+    bitlocker: Vec<(&'static str, &'static str, usize)>,
 }
 
 /// `GET /`: the fleet at a glance; each number links to the devices it counts.
@@ -284,7 +305,8 @@ pub async fn overview(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn) -> Re
         let world = p.app.world.read().await;
         device_list::counts(&world, &p.app.index, p.app.now())
     };
-    page(StatusCode::OK, &OverviewPage { layout: Layout::new("Overview", Some(&s)), counts })
+    let bitlocker = device_list::bitlocker_cards(&counts);
+    page(StatusCode::OK, &OverviewPage { layout: Layout::new("Overview", Some(&s)), counts, bitlocker })
 }
 
 // ---- devices ------------------------------------------------------------------------------
@@ -420,6 +442,16 @@ pub async fn devices(
             ("stale", "Not seen in 7 days"),
             ("without-primary", "Without a primary user"),
             ("decommissioned", "Decommissioned"),
+            ("primary-mismatch", "Primary user mismatch"),
+            ("failing", "Sync or a policy failed"),
+            ("entra-pending", "Entra escrow pending"),
+            ("entra-failed", "Entra escrow failed"),
+            ("bitlocker-encrypted", "BitLocker: encrypted and escrowed"),
+            ("bitlocker-encrypting", "BitLocker: encrypting"),
+            ("bitlocker-action-required", "BitLocker: action required"),
+            ("bitlocker-not-capable", "BitLocker: not capable"),
+            ("bitlocker-failed", "BitLocker: failed"),
+            ("bitlocker-not-required", "BitLocker: not required"),
         ]
         .into_iter()
         .map(|(w, l)| (w, l, w == lq.filter.word()))
@@ -478,12 +510,16 @@ pub struct DeviceDetail {
     pub users: Vec<UserSeen>,
 }
 
-/// The reassign form as the administrator left it, with what the server said about it.
+/// The device page's forms as the administrator left them, with what the server said about them
+/// (reassign, decommission, reveal recovery keys).
 #[derive(Default)]
 pub struct ReassignForm {
     pub upn: String,
     pub error: Option<String>,
     pub done: Option<String>,
+    pub decommission_error: Option<String>,
+    pub reveal_error: Option<String>,
+    pub reason: String,
 }
 
 #[derive(Template)]
@@ -493,10 +529,13 @@ struct DevicePage {
     csrf: String,
     d: DeviceDetail,
     form: ReassignForm,
+    /// The session's token has `admin` (reassign, decommission) / `recovery-keys` (reveal).
+    can_write: bool,
+    can_reveal: bool,
 }
 
 /// A JSON value as one line of text (strings without their quotes).
-fn text_of(v: &Value) -> String {
+pub(super) fn text_of(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -599,11 +638,18 @@ async fn device_detail(p: &Portal, id: &str) -> Result<Option<DeviceDetail>, Api
     }))
 }
 
-async fn device_page(p: &Portal, s: &Session, id: &str, status: StatusCode, form: ReassignForm) -> Response {
+pub(super) async fn device_page(p: &Portal, s: &Session, id: &str, status: StatusCode, form: ReassignForm) -> Response {
     match device_detail(p, id).await {
         Ok(Some(d)) => page(
             status,
-            &DevicePage { layout: Layout::new(format!("Device {}", d.hostname), Some(s)), csrf: s.csrf(), d, form },
+            &DevicePage {
+                layout: Layout::new(format!("Device {}", d.hostname), Some(s)),
+                csrf: s.csrf(),
+                d,
+                form,
+                can_write: s.actor.has_role(ROLE_ADMIN),
+                can_reveal: s.actor.has_role(ROLE_RECOVERY_KEYS),
+            },
         ),
         Ok(None) => message(
             StatusCode::NOT_FOUND,
@@ -624,8 +670,14 @@ pub async fn device(
     RawQuery(q): RawQuery,
 ) -> Response {
     // After a successful reassignment (post/redirect/get): say so once.
-    let done = q.as_deref().is_some_and(|q| q.split('&').any(|kv| kv == "done=primary"));
-    let form = ReassignForm { done: done.then(|| "The primary user was reassigned.".into()), ..Default::default() };
+    let done = q.as_deref().and_then(|q| {
+        q.split('&').find_map(|kv| match kv {
+            "done=primary" => Some("The primary user was reassigned."),
+            "done=decommissioned" => Some("The device was decommissioned."),
+            _ => None,
+        })
+    });
+    let form = ReassignForm { done: done.map(str::to_string), ..Default::default() };
     device_page(&p, &s, &id.to_lowercase(), StatusCode::OK, form).await
 }
 
@@ -643,7 +695,7 @@ pub async fn reassign_primary(
     let form = Form::parse(&body);
     let upn = form.get("upn").map(str::trim).unwrap_or_default().to_string();
     let refuse = |status: StatusCode, error: String| {
-        let form = ReassignForm { upn: upn.clone(), error: Some(error), done: None };
+        let form = ReassignForm { upn: upn.clone(), error: Some(error), ..Default::default() };
         let (p, s, id) = (&p, &s, &id);
         async move { device_page(p, s, id, status, form).await }
     };

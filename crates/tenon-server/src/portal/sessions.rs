@@ -12,7 +12,7 @@
 use super::security::csrf_token;
 use super::Portal;
 use crate::error::ApiError;
-use crate::state::Actor;
+use crate::state::{Actor, ROLE_ADMIN};
 use crate::store::audit;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -225,10 +225,29 @@ impl FromRequestParts<Arc<Portal>> for SignedIn {
 
     async fn from_request_parts(parts: &mut Parts, portal: &Arc<Portal>) -> Result<Self, Response> {
         match portal.session(&parts.headers).await {
+            Ok(Ok(s)) if !s.actor.has_role(ROLE_ADMIN) && !allowed_without_admin(&parts.method, parts.uri.path()) => {
+                Err(super::pages::needs_admin(&s))
+            }
             Ok(Ok(s)) => Ok(SignedIn(s)),
             Ok(Err(why)) => Err(to_signin(portal, why, parts.headers.contains_key("hx-request"))),
             Err(e) => Err(super::pages::error_page(e)),
         }
+    }
+}
+
+/// What a session whose token lacks the `admin` role (it has `recovery-keys` only: see
+/// `pages::signin`) may do: look at devices, reveal recovery keys, sign out. Checked here, once for
+/// every page, so that a page added later is closed to such a session until it is listed here.
+pub(super) fn allowed_without_admin(method: &axum::http::Method, path: &str) -> bool {
+    let device_page = |p: &str| p == "/devices" || p.strip_prefix("/devices/").is_some_and(|rest| !rest.is_empty());
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        path == "/" || device_page(path)
+    } else {
+        path == "/signout"
+            || path
+                .strip_prefix("/devices/")
+                .and_then(|rest| rest.strip_suffix("/recovery-keys"))
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'))
     }
 }
 
@@ -253,6 +272,27 @@ fn to_signin(portal: &Portal, why: NoSession, htmx: bool) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_without_admin_sees_devices_and_reveals_keys_only() {
+        use axum::http::Method;
+        for (method, path, allowed) in [
+            (Method::GET, "/", true),
+            (Method::GET, "/devices", true),
+            (Method::GET, "/devices/abc", true),
+            (Method::GET, "/devices/abc/reports", true),
+            (Method::GET, "/audit", false),
+            (Method::GET, "/settings", false),
+            (Method::POST, "/signout", true),
+            (Method::POST, "/devices/abc/recovery-keys", true),
+            (Method::POST, "/devices/abc/primary", false),
+            (Method::POST, "/devices/abc/decommission", false),
+            (Method::POST, "/devices//recovery-keys", false),
+            (Method::POST, "/devices/a/b/recovery-keys", false),
+        ] {
+            assert_eq!(allowed_without_admin(&method, path), allowed, "{method} {path}");
+        }
+    }
 
     #[test]
     fn cookie_parsing_takes_only_a_well_formed_id_of_the_right_name() {

@@ -27,11 +27,28 @@ pub struct DeviceRow {
     pub users: BTreeSet<Upn>,
     /// Install requests by package name (`devices.package_requests`).
     pub package_requests: BTreeMap<String, u64>,
+    /// From the last report's policies and error (`devices.policies`, `devices.last_error`).
+    pub health: crate::device_health::DeviceHealth,
+    /// The user seen most often (`device_users.sightings`, ties to the smallest name), with their
+    /// count: the portal's primary-user mismatch, as `tenonctl devices list --primary-mismatch`.
+    pub top_user: Option<(i64, Upn)>,
+}
+
+/// Keeps the user with the most sightings (ties: the smallest name, as the API orders them).
+pub fn note_sightings(top: &mut Option<(i64, Upn)>, upn: &Upn, sightings: i64) {
+    let replace = match top {
+        None => true,
+        Some((n, u)) => u == upn || sightings > *n || (sightings == *n && upn.as_str() < u.as_str()),
+    };
+    if replace {
+        *top = Some((sightings, upn.clone()));
+    }
 }
 
 const COLUMNS: &str =
     "SELECT id, credential_sha256, status, primary_user, e.config_version, e.config_sha256, e.envelope,
-            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users, package_requests, hostname
+            e.envelope_expires_at, enrolled_at, last_report_at, signed_in_users, package_requests, hostname,
+            policies, last_error
      FROM devices JOIN device_envelopes e ON e.device_id = devices.id";
 
 /// Ids per `IN (...)` list.
@@ -40,16 +57,21 @@ const IDS_PER_QUERY: usize = 500;
 /// Every device (`ids` = None) or the given ones.
 pub async fn load(conn: &mut Conn, ids: Option<&[String]>) -> anyhow::Result<Vec<DeviceRow>> {
     let mut out = Vec::new();
-    let mut users: HashMap<String, BTreeSet<Upn>> = HashMap::new();
+    let mut users: HashMap<String, (BTreeSet<Upn>, Option<(i64, Upn)>)> = HashMap::new();
+    let mut add_user = |row: &sqlx::any::AnyRow| {
+        if let Ok(u) = Upn::parse(row.get::<&str, _>(1)) {
+            let e = users.entry(row.get(0)).or_default();
+            note_sightings(&mut e.1, &u, row.get(2));
+            e.0.insert(u);
+        }
+    };
     match ids {
         None => {
             for row in sqlx::query(COLUMNS).fetch_all(&mut *conn).await? {
                 out.push(device_row(&row)?);
             }
-            for row in sqlx::query("SELECT device_id, upn FROM device_users").fetch_all(&mut *conn).await? {
-                if let Ok(u) = Upn::parse(row.get::<&str, _>(1)) {
-                    users.entry(row.get(0)).or_default().insert(u);
-                }
+            for row in sqlx::query("SELECT device_id, upn, sightings FROM device_users").fetch_all(&mut *conn).await? {
+                add_user(&row);
             }
         }
         Some(ids) => {
@@ -63,22 +85,21 @@ pub async fn load(conn: &mut Conn, ids: Option<&[String]>) -> anyhow::Result<Vec
                 for row in q.fetch_all(&mut *conn).await? {
                     out.push(device_row(&row)?);
                 }
-                let sql = format!("SELECT device_id, upn FROM device_users WHERE device_id IN ({list})");
+                let sql = format!("SELECT device_id, upn, sightings FROM device_users WHERE device_id IN ({list})");
                 let mut q = sqlx::query(&sql);
                 for id in part {
                     q = q.bind(id);
                 }
                 for row in q.fetch_all(&mut *conn).await? {
-                    if let Ok(u) = Upn::parse(row.get::<&str, _>(1)) {
-                        users.entry(row.get(0)).or_default().insert(u);
-                    }
+                    add_user(&row);
                 }
             }
         }
     }
     for d in &mut out {
-        if let Some(u) = users.remove(&d.id) {
+        if let Some((u, top)) = users.remove(&d.id) {
             d.users = u;
+            d.top_user = top;
         }
     }
     Ok(out)
@@ -116,6 +137,8 @@ fn device_row(row: &sqlx::any::AnyRow) -> anyhow::Result<DeviceRow> {
         users: BTreeSet::new(),
         package_requests: row.get::<Option<&str>, _>(11).and_then(|s| serde_json::from_str(s).ok()).unwrap_or_default(),
         hostname: row.get(12),
+        health: crate::device_health::DeviceHealth::from_stored(row.get(13), row.get(14)),
+        top_user: None,
         id,
     })
 }
