@@ -3,6 +3,8 @@
 //! a PostgreSQL database of its own, one per data dir, instead of DATA_DIR/tenon.db.
 #![allow(dead_code)]
 
+pub mod portal_client;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
