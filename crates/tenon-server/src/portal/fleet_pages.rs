@@ -235,7 +235,7 @@ pub async fn packages(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn) -> Re
         .into_iter()
         .map(|v| PackageRow {
             href: format!("/packages/{}", encode(&v.name)),
-            kind: serde_json::to_value(&v.kind).ok().map(|k| text_of(&k)).unwrap_or_default(),
+            kind: serde_json::to_value(v.kind).ok().map(|k| text_of(&k)).unwrap_or_default(),
             uploaded: format!("{} by {}", v.uploaded_at, v.uploaded_by),
             assignments: v.assignments.len(),
             name: v.name,
@@ -311,7 +311,7 @@ pub async fn package(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn, Path(n
         ));
     }
     for g in &mut states {
-        g.devices.sort_by(|a, b| a.1.to_lowercase().cmp(&b.1.to_lowercase()));
+        g.devices.sort_by_key(|d| d.1.to_lowercase());
     }
     page(
         StatusCode::OK,

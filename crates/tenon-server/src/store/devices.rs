@@ -34,6 +34,9 @@ pub struct DeviceRow {
     pub top_user: Option<(i64, Upn)>,
 }
 
+/// Everyone seen on a device, and who most often.
+type SeenUsers = (BTreeSet<Upn>, Option<(i64, Upn)>);
+
 /// Keeps the user with the most sightings (ties: the smallest name, as the API orders them).
 pub fn note_sightings(top: &mut Option<(i64, Upn)>, upn: &Upn, sightings: i64) {
     let replace = match top {
@@ -57,7 +60,7 @@ const IDS_PER_QUERY: usize = 500;
 /// Every device (`ids` = None) or the given ones.
 pub async fn load(conn: &mut Conn, ids: Option<&[String]>) -> anyhow::Result<Vec<DeviceRow>> {
     let mut out = Vec::new();
-    let mut users: HashMap<String, (BTreeSet<Upn>, Option<(i64, Upn)>)> = HashMap::new();
+    let mut users: HashMap<String, SeenUsers> = HashMap::new();
     let mut add_user = |row: &sqlx::any::AnyRow| {
         if let Ok(u) = Upn::parse(row.get::<&str, _>(1)) {
             let e = users.entry(row.get(0)).or_default();
@@ -151,4 +154,26 @@ pub async fn last_seen(conn: &mut Conn) -> sqlx::Result<Vec<(String, i64)>> {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_user_seen_most_wins_ties_to_the_smallest_name() {
+        let u = |s: &str| Upn::parse(s).unwrap();
+        let mut top = None;
+        for (upn, n, expected) in [
+            ("ben@x.com", 1, "ben@x.com"),
+            ("anna@x.com", 1, "anna@x.com"),
+            ("ben@x.com", 2, "ben@x.com"),
+            ("anna@x.com", 2, "anna@x.com"),
+            ("cleo@x.com", 1, "anna@x.com"),
+            ("anna@x.com", 3, "anna@x.com"),
+        ] {
+            note_sightings(&mut top, &u(upn), n);
+            assert_eq!(top.as_ref().map(|(_, t)| t.as_str()), Some(expected), "after {upn} {n}");
+        }
+    }
 }
