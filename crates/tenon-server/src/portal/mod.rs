@@ -7,15 +7,19 @@
 //!   POST, and the per-session CSRF token.
 //! - `pages.rs`: the handlers; they gather data and hand it to a template (`templates/portal/`).
 //! - `device_list.rs`: searching, filtering, sorting and paging the fleet from memory.
+//! - `directory_pages.rs`: users and groups, a user's effective configuration and its origins.
+//! - `settings_page.rs`: settings per scope, previewed (devices reached) before saving.
 //! - `assets.rs`: the stylesheet and htmx, embedded, under content-hashed names.
 //!
 //! Every page works without JavaScript; htmx only updates the device table while searching.
 
 mod assets;
 mod device_list;
+mod directory_pages;
 mod pages;
 mod security;
 mod sessions;
+mod settings_page;
 
 use crate::ratelimit::{KeyedLimiter, Rate};
 use crate::state::AppState;
@@ -86,6 +90,11 @@ pub fn router(app: Arc<AppState>, opts: PortalOptions) -> Router {
         .route("/devices", get(pages::devices))
         .route("/devices/{id}", get(pages::device))
         .route("/devices/{id}/primary", post(pages::reassign_primary))
+        .route("/users", get(directory_pages::users))
+        .route("/users/{upn}", get(directory_pages::user))
+        .route("/groups", get(directory_pages::groups))
+        .route("/groups/{name}", get(directory_pages::group))
+        .route("/settings", get(settings_page::settings).post(settings_page::settings_post))
         // Like the API's: a browser that navigates away must not cancel a write half-way.
         .route_layer(axum::middleware::from_fn(crate::api::run_to_completion))
         .route("/assets/{file}", get(assets::serve))

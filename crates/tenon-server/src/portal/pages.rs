@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub struct Form(HashMap<String, String>);
 
 impl Form {
-    fn parse(body: &[u8]) -> Form {
+    pub(super) fn parse(body: &[u8]) -> Form {
         Form(url::form_urlencoded::parse(body).into_owned().collect())
     }
 
@@ -52,7 +52,7 @@ pub struct SessionView {
 }
 
 impl Layout {
-    fn new(title: impl Into<String>, session: Option<&Session>) -> Self {
+    pub(super) fn new(title: impl Into<String>, session: Option<&Session>) -> Self {
         Layout {
             title: title.into(),
             assets: urls(),
@@ -63,7 +63,7 @@ impl Layout {
 
 /// Renders a template as a page with a status. A template that fails to render (it cannot,
 /// short of a bug) is an error page, never a half page.
-fn page(status: StatusCode, t: &impl Template) -> Response {
+pub(super) fn page(status: StatusCode, t: &impl Template) -> Response {
     match t.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => error_page(ApiError::Internal(anyhow::anyhow!("template: {e}"))),
@@ -80,7 +80,7 @@ struct MessagePage {
     link: Option<(String, String)>,
 }
 
-fn message(
+pub(super) fn message(
     status: StatusCode,
     session: Option<&Session>,
     heading: &str,
@@ -125,7 +125,7 @@ pub fn refused_cross_site() -> Response {
 }
 
 /// `2026-12-07T10:00:00Z (3 min ago)`, or `never`.
-fn when(now: i64, t: Option<i64>) -> String {
+pub(super) fn when(now: i64, t: Option<i64>) -> String {
     let Some(t) = t else { return "never".into() };
     let age = now - t;
     let ago = match age {
@@ -138,11 +138,11 @@ fn when(now: i64, t: Option<i64>) -> String {
     format!("{} ({ago})", rfc3339(t))
 }
 
-fn encode(s: &str) -> String {
+pub(super) fn encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-fn device_href(id: &str) -> String {
+pub(super) fn device_href(id: &str) -> String {
     format!("/devices/{}", encode(id))
 }
 
@@ -255,7 +255,7 @@ pub async fn signout(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn, header
     resp
 }
 
-const CSRF_REFUSED: &str =
+pub(super) const CSRF_REFUSED: &str =
     "This form's security token does not belong to your current session (the page may be from an \
      earlier session, or the form came from somewhere else). Nothing was changed. Check the form and send it again.";
 
