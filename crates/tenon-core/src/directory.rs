@@ -67,7 +67,7 @@ impl Directory {
     /// Each leaf of the user's merged settings with the scope it came from (the portal's user
     /// page); see [`crate::settings::origins`].
     pub fn origins_for(&self, upn: Option<&Upn>) -> Vec<KeyOrigin> {
-        self.with_layers(upn, |layers, names| origins(layers, names))
+        self.with_layers(upn, origins)
     }
 
     /// Calls `f` with the user's layers and the names of their groups, weakest first.
