@@ -217,6 +217,8 @@ pub async fn user(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn, Path(upn)
 pub struct GroupRow {
     pub href: String,
     pub name: String,
+    /// "All Users" applies below every other group, whatever its priority says.
+    pub all_users: bool,
     pub priority: i64,
     pub members: usize,
     pub settings: usize,
@@ -246,6 +248,7 @@ pub async fn groups(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn) -> Resp
             .into_iter()
             .map(|g| GroupRow {
                 href: group_href(g.as_str()),
+                all_users: g.is_all_users(),
                 members: dir.users.values().filter(|u| is_member(&g, u)).count(),
                 priority: dir.groups.get(&g).map(|x| x.priority).unwrap_or_default(),
                 settings: dir.groups.get(&g).map(|x| x.settings.len()).unwrap_or_default(),
