@@ -9,7 +9,7 @@
 use crate::ids::{GroupName, SettingKey, Upn};
 use crate::packages::{device_plan, Assignment, Package, PlanEntry};
 use crate::policy::signatures::{user_signature_config, SignatureTemplate};
-use crate::settings::{EffectiveSettings, Layers, ScopeSettings};
+use crate::settings::{origins, EffectiveSettings, KeyOrigin, Layers, ScopeSettings};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -61,6 +61,17 @@ pub const PASSWORD_EXPIRY_ATTRIBUTE: &str = "msDS-UserPasswordExpiryTimeComputed
 impl Directory {
     /// The merged settings for a user (tenant and "All Users" only for `None` or an unknown user).
     pub fn effective_for(&self, upn: Option<&Upn>) -> EffectiveSettings {
+        self.with_layers(upn, |layers, _| EffectiveSettings::merge(layers))
+    }
+
+    /// Each leaf of the user's merged settings with the scope it came from (the portal's user
+    /// page); see [`crate::settings::origins`].
+    pub fn origins_for(&self, upn: Option<&Upn>) -> Vec<KeyOrigin> {
+        self.with_layers(upn, origins)
+    }
+
+    /// Calls `f` with the user's layers and the names of their groups, weakest first.
+    fn with_layers<T>(&self, upn: Option<&Upn>, f: impl FnOnce(&Layers<'_>, &[&str]) -> T) -> T {
         let all_users = self.groups.get(&GroupName::all_users()).map(|g| &g.settings);
         let user = upn.and_then(|u| self.users.get(u));
         let mut groups: Vec<(&GroupName, &Group)> = user
@@ -74,12 +85,10 @@ impl Directory {
             .unwrap_or_default();
         groups.sort_by(|(an, a), (bn, b)| a.priority.cmp(&b.priority).then_with(|| an.cmp(bn)));
         let group_settings: Vec<&ScopeSettings> = groups.iter().map(|(_, g)| &g.settings).collect();
-        EffectiveSettings::merge(&Layers {
-            tenant: Some(&self.tenant),
-            all_users,
-            groups: &group_settings,
-            user: user.map(|u| &u.settings),
-        })
+        let names: Vec<&str> = groups.iter().map(|(n, _)| n.as_str()).collect();
+        let layers =
+            Layers { tenant: Some(&self.tenant), all_users, groups: &group_settings, user: user.map(|u| &u.settings) };
+        f(&layers, &names)
     }
 
     /// The config one user receives on one device. `Signatures` (templates with images, and the

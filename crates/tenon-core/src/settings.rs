@@ -116,6 +116,99 @@ impl EffectiveSettings {
     }
 }
 
+/// Where one value of an effective configuration came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Tenant,
+    AllUsers,
+    /// A directory group, by name.
+    Group(String),
+    User,
+}
+
+/// One leaf of an effective configuration (a scalar, an array or an empty object), at its dotted
+/// path, with the scope whose setting put it there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyOrigin {
+    pub path: String,
+    pub value: Value,
+    pub origin: Origin,
+}
+
+/// The origin of every leaf of `EffectiveSettings::merge(layers)`; `group_names[i]` names
+/// `layers.groups[i]`. Pure, and follows the merge rule exactly:
+/// - a leaf comes from the strongest scope with a set key at the leaf or at an ancestor whose
+///   value reaches the leaf (an object at `A` containing `B` reaches `A.B`). No stronger scope
+///   can have removed or replaced it, or the leaf would not be in the merge;
+/// - an `Allow.*` key that was voted on comes from the strongest scope that cast the deciding
+///   vote (the strongest `false`, or the strongest `true` when nobody said false).
+pub fn origins(layers: &Layers<'_>, group_names: &[&str]) -> Vec<KeyOrigin> {
+    let effective = EffectiveSettings::merge(layers);
+    let mut named: Vec<(Origin, &ScopeSettings)> = Vec::new();
+    named.extend(layers.tenant.map(|s| (Origin::Tenant, s)));
+    named.extend(layers.all_users.map(|s| (Origin::AllUsers, s)));
+    for (i, g) in layers.groups.iter().enumerate() {
+        let name = group_names.get(i).map(|n| n.to_string()).unwrap_or_default();
+        named.push((Origin::Group(name), *g));
+    }
+    named.extend(layers.user.map(|s| (Origin::User, s)));
+    let mut leaves = Vec::new();
+    flatten(&mut Vec::new(), &effective.0, &mut leaves);
+    leaves
+        .into_iter()
+        .filter_map(|(segments, value)| {
+            let path = segments.join(".");
+            let origin = if segments.first().map(String::as_str) == Some("Allow") {
+                allow_origin(&named, &path, &value).or_else(|| leaf_origin(&named, &segments))
+            } else {
+                leaf_origin(&named, &segments)
+            }?;
+            Some(KeyOrigin { path, value, origin })
+        })
+        .collect()
+}
+
+fn flatten(prefix: &mut Vec<String>, tree: &Map<String, Value>, out: &mut Vec<(Vec<String>, Value)>) {
+    for (k, v) in tree {
+        prefix.push(k.clone());
+        match v {
+            Value::Object(o) if !o.is_empty() => flatten(prefix, o, out),
+            leaf => out.push((prefix.clone(), leaf.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+fn leaf_origin(named: &[(Origin, &ScopeSettings)], leaf: &[String]) -> Option<Origin> {
+    named.iter().rev().find_map(|(origin, scope)| {
+        let reaches = scope.iter().any(|(key, value)| {
+            let SettingValue::Set(v) = value else { return false };
+            let segs: Vec<&str> = key.segments().collect();
+            if segs.len() > leaf.len() || segs.iter().zip(leaf).any(|(a, b)| *a != b) {
+                return false;
+            }
+            let mut cur = v;
+            for seg in &leaf[segs.len()..] {
+                match cur.as_object().and_then(|o| o.get(seg)) {
+                    Some(next) => cur = next,
+                    None => return false,
+                }
+            }
+            true
+        });
+        reaches.then(|| origin.clone())
+    })
+}
+
+/// The deciding vote of an `Allow.*` key (the tenant does not vote).
+fn allow_origin(named: &[(Origin, &ScopeSettings)], path: &str, value: &Value) -> Option<Origin> {
+    let decided = value.as_bool()?;
+    named.iter().rev().filter(|(o, _)| *o != Origin::Tenant).find_map(|(origin, scope)| {
+        let voted = scope.iter().any(|(k, v)| k.as_str() == path && *v == SettingValue::Set(Value::Bool(decided)));
+        voted.then(|| origin.clone())
+    })
+}
+
 /// The `Allow.*` combiner: `None` when nobody voted, `Some(false)` when anyone said false,
 /// `Some(true)` when someone said true and nobody said false.
 pub fn combine_allow(votes: impl IntoIterator<Item = bool>) -> Option<bool> {
@@ -287,6 +380,86 @@ mod tests {
         assert_eq!(combine_allow([]), None);
         assert_eq!(combine_allow([true, true]), Some(true));
         assert_eq!(combine_allow([true, false, true]), Some(false));
+    }
+
+    /// One line per case: tenant, all users, groups (named g1, g2, ... weakest first), user =>
+    /// the expected (path, origin) of every leaf.
+    fn check_origins(
+        tenant: &[(&str, &str)],
+        all: &[(&str, &str)],
+        groups: &[&[(&str, &str)]],
+        user: &[(&str, &str)],
+        expected: &[(&str, &str)],
+    ) {
+        let t = scope(tenant);
+        let a = scope(all);
+        let g: Vec<ScopeSettings> = groups.iter().map(|g| scope(g)).collect();
+        let grefs: Vec<&ScopeSettings> = g.iter().collect();
+        let names: Vec<String> = (1..=g.len()).map(|i| format!("g{i}")).collect();
+        let nrefs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let u = scope(user);
+        let layers = Layers { tenant: Some(&t), all_users: Some(&a), groups: &grefs, user: Some(&u) };
+        let got: Vec<(String, String)> = origins(&layers, &nrefs)
+            .into_iter()
+            .map(|o| {
+                let who = match o.origin {
+                    Origin::Tenant => "tenant".to_string(),
+                    Origin::AllUsers => "all".to_string(),
+                    Origin::Group(g) => g,
+                    Origin::User => "user".to_string(),
+                };
+                (o.path, who)
+            })
+            .collect();
+        let want: Vec<(String, String)> = expected.iter().map(|(p, o)| (p.to_string(), o.to_string())).collect();
+        assert_eq!(got, want, "tenant {tenant:?} all {all:?} groups {groups:?} user {user:?}");
+    }
+
+    #[test]
+    fn origins_follow_the_merge_rule() {
+        check_origins(&[("A.B", "1")], &[], &[], &[], &[("A.B", "tenant")]);
+        check_origins(&[("A.B", "1")], &[("A.B", "2")], &[], &[], &[("A.B", "all")]);
+        check_origins(&[("A.B", "1")], &[], &[&[("A.B", "2")], &[("A.B", "3")]], &[], &[("A.B", "g2")]);
+        check_origins(&[("A.B", "1")], &[], &[&[("A.B", "3")]], &[("A.B", "4")], &[("A.B", "user")]);
+        // An object merges: each of its leaves keeps its own origin.
+        check_origins(
+            &[("A", r#"{"x":1,"y":2}"#)],
+            &[],
+            &[],
+            &[("A", r#"{"y":3}"#)],
+            &[("A.x", "tenant"), ("A.y", "user")],
+        );
+        check_origins(&[("A", r#"{"x":1}"#)], &[], &[&[("A.y", "2")]], &[], &[("A.x", "tenant"), ("A.y", "g1")]);
+        // Removed and replaced paths leave no row for the weaker scope.
+        check_origins(&[("A.B", "1"), ("A.C", "2")], &[], &[], &[("A.B", "undefined")], &[("A.C", "tenant")]);
+        check_origins(&[("A.B", "1")], &[], &[], &[("A", "undefined")], &[]);
+        check_origins(&[("A", "5")], &[], &[], &[("A.B", "1")], &[("A.B", "user")]);
+        check_origins(&[("A.B", "1")], &[], &[&[("A", "\"flat\"")]], &[], &[("A", "g1")]);
+        // Arrays and empty objects are leaves.
+        check_origins(
+            &[("A.L", "[1,2]")],
+            &[("A.E", "{}")],
+            &[],
+            &[("A.L", "[3]")],
+            &[("A.E", "all"), ("A.L", "user")],
+        );
+        // A removal in the same scope after its parent was set.
+        check_origins(&[], &[], &[&[("A", r#"{"x":1,"y":2}"#), ("A.x", "undefined")]], &[], &[("A.y", "g1")]);
+    }
+
+    #[test]
+    fn allow_origin_is_the_deciding_vote() {
+        check_origins(&[], &[], &[&[("Allow.X", "true")], &[]], &[], &[("Allow.X", "g1")]);
+        check_origins(
+            &[],
+            &[],
+            &[&[("Allow.X", "false")], &[("Allow.X", "true")]],
+            &[("Allow.X", "true")],
+            &[("Allow.X", "g1")],
+        );
+        check_origins(&[("Allow.X", "false")], &[], &[&[("Allow.X", "true")]], &[], &[("Allow.X", "g1")]);
+        // Nobody but the tenant said anything: the tenant's value stands.
+        check_origins(&[("Allow.X", "true")], &[], &[], &[], &[("Allow.X", "tenant")]);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - `device_list.rs`: searching, filtering, sorting and paging the fleet from memory.
 //! - `device_actions.rs`: decommission, report history, revealing recovery keys.
 //! - `fleet_pages.rs`: the audit log, networks and packages pages.
+//! - `directory_pages.rs`: users and groups, a user's effective configuration and its origins.
+//! - `settings_page.rs`: settings per scope, previewed (devices reached) before saving.
 //! - `assets.rs`: the stylesheet and htmx, embedded, under content-hashed names.
 //!
 //! Every page works without JavaScript; htmx only updates the device table while searching.
@@ -16,10 +18,12 @@
 mod assets;
 mod device_actions;
 mod device_list;
+mod directory_pages;
 mod fleet_pages;
 mod pages;
 mod security;
 mod sessions;
+mod settings_page;
 
 use crate::ratelimit::{KeyedLimiter, Rate};
 use crate::state::AppState;
@@ -97,6 +101,11 @@ pub fn router(app: Arc<AppState>, opts: PortalOptions) -> Router {
         .route("/networks", get(fleet_pages::networks))
         .route("/packages", get(fleet_pages::packages))
         .route("/packages/{name}", get(fleet_pages::package))
+        .route("/users", get(directory_pages::users))
+        .route("/users/{upn}", get(directory_pages::user))
+        .route("/groups", get(directory_pages::groups))
+        .route("/groups/{name}", get(directory_pages::group))
+        .route("/settings", get(settings_page::settings).post(settings_page::settings_post))
         // Like the API's: a browser that navigates away must not cancel a write half-way.
         .route_layer(axum::middleware::from_fn(crate::api::run_to_completion))
         .route("/assets/{file}", get(assets::serve))
