@@ -123,6 +123,8 @@ class Fleet:
         self.ctl("users", "import", users)
         self.ctl("settings", "set", "--tenant", "Custom.Site", '"Berlin"')
         self.ctl("settings", "set", "--group", "Engineering", "Custom.Site", '"Munich"')
+        # BitLocker on PC-ANNA (a TPM, not a VM): its recovery key is escrowed at its first syncs.
+        self.ctl("settings", "set", "--tenant", "Policies.RequireSecurityFeatures.BitlockerEnabled", "true")
         token_file = os.path.join(self.tmp, "enroll.token")
         with open(token_file, "w") as f:
             f.write(self.ctl("enroll-token", "create", "--uses", "2", "--ttl", "1h"))
@@ -131,10 +133,18 @@ class Fleet:
             d = os.path.join(self.tmp, name)
             os.makedirs(d)
             device = os.path.join(d, "device.json")
+            facts = {"hostname": host, "signed_in_users": signed_in}
+            if host == "PC-ANNA":
+                facts.update({
+                    "tpm": {"present": True, "ready": True},
+                    "vm": {"manufacturer": "Dell Inc.", "model": "Latitude 7440"},
+                    "volumes": [{"mount": "C:", "encryption": "none", "protectors": []}],
+                })
             with open(device, "w") as f:
-                json.dump({"hostname": host, "signed_in_users": signed_in}, f)
+                json.dump(facts, f)
             self.agents[name] = (os.path.join(d, "state"), device)
             self.ids[host] = self.agent(name, "enroll", "--server", self.url, "--token-file", token_file)
+            self.agent(name, "sync", "--once")
             self.agent(name, "sync", "--once")
 
     def audit(self):
@@ -318,12 +328,22 @@ def main():
             rows = [a for a in fleet.audit() if a.get("action") == "device.set_primary" and "bootstrap" in a.get("actor", "")]
             assert rows, "the reassignment is audited with the session's token name"
 
+        @check("reveal the device's recovery key with a typed reason, by keyboard; find the audit row")
         def recovery_key():
-            # Not counted until it exists: a TODO must not pass as a check.
-            # Built by the other portal branch (device page extras). The lead wires this step:
-            # open the device page, type a reason, reveal, check the key and the rotation note,
-            # then find `recovery_keys.read` (or its final name) in the audit page.
-            print("skip TODO(recovery-key): reveal a recovery key and find its audit row (not merged yet)", flush=True)
+            p.go("/devices/" + device_id)
+            field = p.tab_to(by_id("reason"))
+            field.send_keys("user locked out at boot (ticket 4711)")
+            p.tab_to(lambda el: el.tag_name == "button" and el.text == "Reveal recovery keys").send_keys(Keys.ENTER)
+            p.wait_for(lambda: p.d.find_elements(By.CSS_SELECTOR, "code.key"), "the revealed key")
+            key = p.d.find_element(By.CSS_SELECTOR, "code.key").text
+            assert re.fullmatch(r"\d{6}(-\d{6}){7}", key), "a 48-digit recovery password"
+            assert "rotation requested" in p.text()
+            assert key not in p.d.current_url
+            p.shot_and_axe("recovery-keys")
+            p.go("/audit?action=recovery_key.read")
+            p.wait_for(lambda: "ticket 4711" in p.text(), "the audit row with the reason")
+            assert key not in p.d.page_source, "the key is not in the audit log"
+            p.shot_and_axe("audit-recovery-key")
 
         @check("users and groups pages: membership, source, origins of the effective configuration")
         def users_groups():
