@@ -11,6 +11,7 @@
 //! - `fleet_pages.rs`: the audit log, networks and packages pages.
 //! - `directory_pages.rs`: users and groups, a user's effective configuration and its origins.
 //! - `settings_page.rs`: settings per scope, previewed (devices reached) before saving.
+//! - `signatures_page.rs`: Outlook signature templates, uploaded, previewed for a user, removed.
 //! - `assets.rs`: the stylesheet and htmx, embedded, under content-hashed names.
 //!
 //! Every page works without JavaScript; htmx only updates the device table while searching.
@@ -24,6 +25,7 @@ mod pages;
 mod security;
 mod sessions;
 mod settings_page;
+mod signatures_page;
 
 use crate::ratelimit::{KeyedLimiter, Rate};
 use crate::state::AppState;
@@ -36,6 +38,9 @@ use std::time::{Duration, Instant};
 
 /// Forms are small: a token, a user name, a CSRF token.
 const FORM_LIMIT: usize = 64 * 1024;
+/// A signature upload carries a template's HTML and text (the domain limits the template to
+/// `signatures::MAX_TEMPLATE_BYTES`; urlencoding may triple it).
+const SIGNATURE_FORM_LIMIT: usize = 4 * crate::signatures::MAX_TEMPLATE_BYTES;
 
 /// How sessions expire and how often an address may try to sign in (`serve --portal-*`).
 #[derive(Clone, Debug)]
@@ -106,6 +111,15 @@ pub fn router(app: Arc<AppState>, opts: PortalOptions) -> Router {
         .route("/groups", get(directory_pages::groups))
         .route("/groups/{name}", get(directory_pages::group))
         .route("/settings", get(settings_page::settings).post(settings_page::settings_post))
+        .route(
+            "/signatures",
+            get(signatures_page::signatures)
+                .post(signatures_page::upload)
+                .layer(DefaultBodyLimit::max(SIGNATURE_FORM_LIMIT)),
+        )
+        .route("/signatures/{name}", get(signatures_page::signature))
+        .route("/signatures/{name}/preview.html", get(signatures_page::preview_html))
+        .route("/signatures/{name}/remove", post(signatures_page::remove))
         // Like the API's: a browser that navigates away must not cancel a write half-way.
         .route_layer(axum::middleware::from_fn(crate::api::run_to_completion))
         .route("/assets/{file}", get(assets::serve))

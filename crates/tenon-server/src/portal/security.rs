@@ -13,6 +13,15 @@ use subtle::ConstantTimeEq;
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
+/// The signature page's policy: the portal's, and it may frame the portal's own preview document.
+pub const SIGNATURES_PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-src 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+/// A signature preview document (`signatures_page::preview_html`): the template's inline style
+/// and `data:` images, nothing else; framed only by the portal.
+pub const PREVIEW_CSP: &str = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; \
+     form-action 'none'; frame-ancestors 'self'; base-uri 'none'; sandbox";
+
 /// The form field and the htmx header that carry the CSRF token.
 pub const CSRF_FIELD: &str = "csrf";
 pub const CSRF_HEADER: &str = "x-csrf-token";
@@ -23,8 +32,14 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 pub async fn headers(req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // A handler may choose one of the two known variants (the signature page and its preview),
+    // no other policy; everything else gets the portal's.
+    let own = h.get(header::CONTENT_SECURITY_POLICY).map(HeaderValue::as_bytes);
+    let preview = own == Some(PREVIEW_CSP.as_bytes());
+    if !preview && own != Some(SIGNATURES_PAGE_CSP.as_bytes()) {
+        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CONTENT_SECURITY_POLICY));
+    }
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static(if preview { "SAMEORIGIN" } else { "DENY" }));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
