@@ -389,6 +389,22 @@ def main():
             p.shot_and_axe("settings-saved")
             assert any(a.get("action") == "settings.set" and "bootstrap" in a.get("actor", "") for a in fleet.audit())
 
+        @check("signatures page: upload a template, preview it for a user in a sandboxed frame")
+        def signatures():
+            p.go("/signatures")
+            p.shot_and_axe("signatures")
+            p.d.find_element(By.ID, "sig-name").send_keys("Corp")
+            p.d.find_element(By.ID, "sig-html").send_keys('<p style="color:#0b5cad"><b>{{Graph_User_DisplayName}}</b><br>{{Graph_User_JobTitle}}</p>')
+            p.d.find_element(By.ID, "sig-groups").send_keys("Sales")
+            p.d.find_element(By.ID, "upload-save").click()
+            p.wait_for(lambda: "/signatures/Corp" in p.d.current_url, "the template's page")
+            p.go("/signatures/Corp?user=ben%40contoso.com")
+            p.d.switch_to.frame(p.d.find_element(By.CSS_SELECTOR, "iframe.signature-preview"))
+            p.wait_for(lambda: "Ben Brown" in p.text(), "the signature rendered in its frame")
+            p.d.switch_to.default_content()
+            p.shot_and_axe("signature-preview-ben")
+            assert any(a.get("action") == "signatures.create" and "bootstrap" in a.get("actor", "") for a in fleet.audit())
+
         @check("the device's config version rises after its agent syncs")
         def version_rises():
             p.go("/devices/" + device_id)
@@ -411,7 +427,7 @@ def main():
             p.wait_for(lambda: "/signin" in p.d.current_url, "the refusal")
             assert "PC-ANNA" not in p.text()
 
-        for step in [signin_page, signin, search, reassign, recovery_key, users_groups, settings, version_rises, signout]:
+        for step in [signin_page, signin, search, reassign, recovery_key, users_groups, settings, signatures, version_rises, signout]:
             step()
     except (WebDriverException, RuntimeError, OSError) as e:
         results.append(("setup", False, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
