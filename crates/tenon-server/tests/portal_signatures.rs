@@ -120,6 +120,8 @@ fn upload_preview_and_remove_through_the_page() {
     assert_eq!(r.status, 303, "{}", r.body);
     assert_eq!(r.location.as_deref(), Some("/signatures/Corp?done=created&users=2"));
     assert_eq!(signature_names(&server), ["Corp", "Logo"]);
+    let r = get(&server, "/signatures/Corp?done=created&users=2", c, &[]);
+    assert!(r.body.contains("Saved (created). It reaches 2 user(s)"), "{}", r.body);
     let row = audit(&server).into_iter().find(|e| e["action"] == "signatures.create").unwrap();
     assert!(row["actor"].as_str().unwrap().starts_with("portal-admin ("), "{row}");
     assert_eq!(row["target"], json!("Corp"));

@@ -90,6 +90,7 @@ struct SignaturePage {
     user_error: Option<String>,
     preview: Option<PreviewView>,
     remove_error: Option<String>,
+    done: Option<String>,
 }
 
 fn kib(bytes: usize) -> String {
@@ -291,6 +292,7 @@ async fn signature_page(
     user: &str,
     status: StatusCode,
     remove_error: Option<String>,
+    done: Option<String>,
 ) -> Response {
     let all = match rows(p).await {
         Ok(r) => r,
@@ -346,6 +348,7 @@ async fn signature_page(
             user_error,
             preview,
             remove_error,
+            done,
         },
     );
     // This page frames its preview (`frame-src 'self'`); the security middleware keeps exactly
@@ -363,7 +366,18 @@ pub async fn signature(
 ) -> Response {
     let pairs = query_pairs(q.as_deref());
     let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or_default();
-    signature_page(&p, &s, &name, get("user"), StatusCode::OK, None).await
+    // After a save (post/redirect/get): say so once, warning like `tenonctl` when no user is reached.
+    let done = match (get("done"), get("users").parse::<usize>()) {
+        ("created" | "updated", Ok(0)) => Some(format!(
+            "Saved ({}). No user is in its groups yet; check the group names on the groups page.",
+            get("done")
+        )),
+        ("created" | "updated", Ok(n)) => {
+            Some(format!("Saved ({}). It reaches {n} user(s); their devices get it at their next sync.", get("done")))
+        }
+        _ => None,
+    };
+    signature_page(&p, &s, &name, get("user"), StatusCode::OK, None, done).await
 }
 
 /// A `data:` URL for an image, typed by its extension.
@@ -464,11 +478,11 @@ pub async fn remove(
 ) -> Response {
     let f = Form::parse(&body);
     if !csrf_matches(s.raw_id(), presented_csrf(&f, &headers)) {
-        return signature_page(&p, &s, &name, "", StatusCode::FORBIDDEN, Some(CSRF_REFUSED.into())).await;
+        return signature_page(&p, &s, &name, "", StatusCode::FORBIDDEN, Some(CSRF_REFUSED.into()), None).await;
     }
     if f.get("confirm") != Some("yes") {
         let why = "Tick the confirmation box to remove the signature; nothing was changed.".to_string();
-        return signature_page(&p, &s, &name, "", StatusCode::UNPROCESSABLE_ENTITY, Some(why)).await;
+        return signature_page(&p, &s, &name, "", StatusCode::UNPROCESSABLE_ENTITY, Some(why), None).await;
     }
     match p.app.remove_signature(&s.actor, &name).await {
         Ok(change) => {
