@@ -157,6 +157,7 @@ impl FleetArgs {
             report_connections: self.report_connections,
             user_change_rate,
             user_change_connections: self.user_change_connections,
+            users: 1,
             watch_change: self.watch_change,
             stop_when_changed: self.stop_when_changed,
             enroll_rate: Load::Off,

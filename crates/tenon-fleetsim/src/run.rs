@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Connections for the user changes.
     #[arg(long, default_value_t = 2)]
     pub user_change_connections: usize,
+    /// Spread the signed-in users over the fleet: the device on line N of --creds (from 0) signs
+    /// in as user{(N mod USERS) + 1}@contoso.com (1: every device as user1@contoso.com).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub users: u64,
     /// Measure change propagation: at SIGUSR1 fleetsim notes the envelope (ETag) every device
     /// holds; afterwards it counts, per device, the time from that signal to the first 200 answer
     /// with another ETag, and prints when the first, 50 %, 90 %, 99 % and all of those devices had
@@ -111,7 +115,7 @@ pub fn load_devices(args: &RunArgs) -> anyhow::Result<Vec<Device>> {
         devices.push(Device {
             bearer: Arc::from(cred),
             hostname: Ctx::hostname(&args.common.hostname_prefix, index),
-            state: Mutex::new(DeviceState { etag, ..Default::default() }),
+            state: Mutex::new(DeviceState { etag, user: index as u64 % args.users, ..Default::default() }),
         });
         if args.devices.is_some_and(|max| devices.len() >= max) {
             break;

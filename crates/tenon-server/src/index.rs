@@ -60,6 +60,16 @@ pub struct CheckinIndex {
     slots: RwLock<HashMap<String, Arc<DeviceSlot>>>,
 }
 
+/// See [`CheckinIndex::last_seen_view`].
+pub struct LastSeenView<'a>(std::sync::RwLockReadGuard<'a, HashMap<String, Arc<DeviceSlot>>>);
+
+impl LastSeenView<'_> {
+    /// As [`CheckinIndex::last_seen`].
+    pub fn get(&self, device_id: &str) -> Option<i64> {
+        self.0.get(device_id).map(|s| s.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+}
+
 impl CheckinIndex {
     pub fn insert(&self, device_id: &str, credential_sha256: [u8; 32], env: CurrentEnvelope, revoked: bool) {
         let slot = Arc::new(DeviceSlot {
@@ -70,6 +80,13 @@ impl CheckinIndex {
             last_seen_dirty: AtomicBool::new(false),
         });
         self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string(), slot);
+    }
+
+    /// Every device's last-seen time under one read of the index: for a pass over the whole fleet
+    /// (the portal's device list and overview), which would otherwise take the lock and clone a
+    /// slot per device. Hold it only for that pass; the index's writers wait meanwhile.
+    pub fn last_seen_view(&self) -> LastSeenView<'_> {
+        LastSeenView(self.slots.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn get(&self, device_id: &str) -> Option<Arc<DeviceSlot>> {

@@ -196,6 +196,24 @@ fn contains_ci(hay: &str, needle: &str) -> bool {
     n.is_empty() || h.windows(n.len()).any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
 }
 
+/// Puts in `v[start..end]` the elements a full sort by `cmp` would put there, sorted, in time
+/// linear in `v.len()` (plus sorting the page); the rest of `v` is left in no particular order.
+/// `cmp` must be a total order for the page to be well defined.
+fn select_page<T>(v: &mut [T], start: usize, end: usize, mut cmp: impl FnMut(&T, &T) -> Ordering) {
+    let end = end.min(v.len());
+    if start >= end {
+        return;
+    }
+    if start > 0 {
+        v.select_nth_unstable_by(start, &mut cmp);
+    }
+    let rest = &mut v[start..];
+    if end - start < rest.len() {
+        rest.select_nth_unstable_by(end - start - 1, &mut cmp);
+    }
+    rest[..end - start].sort_unstable_by(cmp);
+}
+
 fn cmp_ci(a: &str, b: &str) -> Ordering {
     a.bytes().map(|c| c.to_ascii_lowercase()).cmp(b.bytes().map(|c| c.to_ascii_lowercase()))
 }
@@ -217,16 +235,35 @@ fn matches(world: &World, id: &str, m: &DeviceMeta, q: &str) -> bool {
         || contains_ci(&m.hostname, q)
         || m.primary.as_ref().is_some_and(|p| contains_ci(p.as_str(), q))
         || m.users.iter().any(|u| contains_ci(u.as_str(), q))
-        || m.primary.as_ref().and_then(|p| display_name(world, p)).is_some_and(|n| n.to_lowercase().contains(q))
+        || m.primary.as_ref().and_then(|p| display_name_ref(world, p)).is_some_and(|n| name_contains(n, q))
+}
+
+/// The display name without a copy (the search tests every device's).
+fn display_name_ref<'w>(world: &'w World, upn: &tenon_core::ids::Upn) -> Option<&'w str> {
+    world.directory.users.get(upn).and_then(|u| u.record.get("displayName")).and_then(|v| v.as_str())
+}
+
+/// `name.to_lowercase().contains(q)`, without allocating for an ASCII name (where the two agree:
+/// an ASCII name lower-cases byte by byte, and cannot contain a non-ASCII `q`).
+fn name_contains(name: &str, q: &str) -> bool {
+    if name.is_ascii() {
+        contains_ci(name, q)
+    } else {
+        name.to_lowercase().contains(q)
+    }
 }
 
 /// Filters, searches, sorts (ties by id, so pages are stable) and cuts out one page.
 pub fn list(world: &World, index: &CheckinIndex, lq: &ListQuery, now: i64) -> Listing {
+    let last_seen = index.last_seen_view();
+    // The time is looked up per device only where the filter or the order needs it; the page's
+    // rows get theirs below.
+    let needs_seen = matches!(lq.filter, Filter::SeenRecently | Filter::Stale) || lq.sort == SortKey::LastSeen;
     let mut hits: Vec<(&str, &DeviceMeta, Option<i64>)> = world
         .devices
         .iter()
         .filter_map(|(id, m)| {
-            let seen = index.last_seen(id);
+            let seen = if needs_seen { last_seen.get(id) } else { None };
             (lq.filter.admits(m, seen, now) && matches(world, id, m, &lq.q)).then_some((id.as_str(), m, seen))
         })
         .collect();
@@ -236,24 +273,28 @@ pub fn list(world: &World, index: &CheckinIndex, lq: &ListQuery, now: i64) -> Li
         SortKey::LastSeen => a.2.cmp(&b.2),
         SortKey::Version => a.1.version.cmp(&b.1.version),
     };
-    hits.sort_unstable_by(|a, b| {
+    let order = |a: &(&str, &DeviceMeta, Option<i64>), b: &(&str, &DeviceMeta, Option<i64>)| {
         let o = by_key(a, b);
         let o = if lq.descending { o.reverse() } else { o };
         o.then_with(|| a.0.cmp(b.0))
-    });
+    };
     let total = hits.len();
     let pages = total.div_ceil(lq.per_page).max(1);
     let page = lq.page.min(pages);
-    let rows = hits
+    // Only the page shown is sorted: selecting its rows is linear in the hits, where sorting them
+    // all (100,000 host names for the first page) took most of the request. The order is total
+    // (ties by id), so the page is the one a full sort would give.
+    let start = (page - 1) * lq.per_page;
+    let end = (start + lq.per_page).min(total);
+    select_page(&mut hits, start, end, order);
+    let rows = hits[start..end]
         .iter()
-        .skip((page - 1) * lq.per_page)
-        .take(lq.per_page)
-        .map(|(id, m, seen)| Row {
+        .map(|(id, m, _)| Row {
             id: id.to_string(),
             hostname: m.hostname.clone(),
             primary: m.primary.as_ref().map(|u| u.as_str().to_string()),
             primary_name: m.primary.as_ref().and_then(|u| display_name(world, u)),
-            last_seen: *seen,
+            last_seen: last_seen.get(id),
             version: m.version,
             active: m.active,
         })
@@ -283,8 +324,9 @@ pub struct Counts {
 pub fn counts(world: &World, index: &CheckinIndex, now: i64) -> Counts {
     let mut c = Counts::default();
     let mut groups = std::collections::HashSet::new();
+    let last_seen = index.last_seen_view();
     for (id, m) in &world.devices {
-        let seen = index.last_seen(id);
+        let seen = last_seen.get(id);
         let admits = |f: Filter| f.admits(m, seen, now) as usize;
         c.active += admits(Filter::Active);
         c.seen_recently += admits(Filter::SeenRecently);
@@ -359,6 +401,32 @@ mod tests {
             ("", Filter::Bitlocker(BitlockerBucket::ActionRequired), SortKey::Hostname, false, 1, 50),
         );
         check("filter=primary-mismatch", ("", Filter::PrimaryMismatch, SortKey::Hostname, false, 1, 50));
+    }
+
+    #[test]
+    fn select_page_is_the_page_of_a_full_sort() {
+        // A scrambled list with many equal keys, ordered by (key, value) like the list's ties by id.
+        let v: Vec<(u32, u32)> = (0..1000u32).map(|i| ((i * 7919) % 37, (i * 104_729) % 1000)).collect();
+        let mut sorted = v.clone();
+        sorted.sort();
+        for (start, end) in [(0, 50), (0, 1), (50, 100), (950, 1000), (990, 1000), (999, 1000), (0, 1000), (400, 437)] {
+            for desc in [false, true] {
+                let cmp = |a: &(u32, u32), b: &(u32, u32)| if desc { b.cmp(a) } else { a.cmp(b) };
+                let mut got = v.clone();
+                select_page(&mut got, start, end, cmp);
+                let want: Vec<_> = if desc { sorted.iter().rev().copied().collect() } else { sorted.clone() };
+                assert_eq!(got[start..end], want[start..end], "{start}..{end} desc={desc}");
+            }
+        }
+        let mut empty: Vec<u32> = vec![];
+        select_page(&mut empty, 0, 0, u32::cmp);
+    }
+
+    #[test]
+    fn name_contains_agrees_with_to_lowercase() {
+        for (name, q) in [("Anna Script", "script"), ("Ärger Björn", "ärger"), ("Ärger", "rger"), ("ABC", "é"), ("x", "")] {
+            assert_eq!(name_contains(name, q), name.to_lowercase().contains(q), "{name} {q}");
+        }
     }
 
     #[test]
