@@ -424,7 +424,9 @@ mod tests {
 
     #[test]
     fn name_contains_agrees_with_to_lowercase() {
-        for (name, q) in [("Anna Script", "script"), ("Ärger Björn", "ärger"), ("Ärger", "rger"), ("ABC", "é"), ("x", "")] {
+        for (name, q) in
+            [("Anna Script", "script"), ("Ärger Björn", "ärger"), ("Ärger", "rger"), ("ABC", "é"), ("x", "")]
+        {
             assert_eq!(name_contains(name, q), name.to_lowercase().contains(q), "{name} {q}");
         }
     }
