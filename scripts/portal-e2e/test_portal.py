@@ -233,8 +233,16 @@ class Portal:
         raise AssertionError("Tab never reached the element")
 
     def wait_for(self, cond, what, timeout=10):
+        def ready(_driver):
+            # The page may be mid-navigation when the condition reads it (a stale or missing
+            # element): that is "not yet", not a failure.
+            try:
+                return cond()
+            except WebDriverException:
+                return False
+
         try:
-            return WebDriverWait(self.d, timeout).until(lambda d: cond())
+            return WebDriverWait(self.d, timeout).until(ready)
         except Exception as e:
             raise AssertionError(f"timed out waiting for {what}; at {self.d.current_url}; page says: {self.text()[:1500]!r}") from e
 
