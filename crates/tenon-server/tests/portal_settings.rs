@@ -5,87 +5,15 @@
 
 mod common;
 
+use common::portal_client::*;
 use common::{Server, SimAgent};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::time::Duration;
 
 const XSS_NAME: &str = "</script><script>alert(1)</script>";
 const ANNA: &str = "anna@contoso.com";
 const BEN: &str = "ben@contoso.com";
 const KEY: &str = "Policies.SetCurrentUserAdministrator";
-
-/// One answer, whatever its status.
-struct Resp {
-    status: u16,
-    location: Option<String>,
-    cookies: Vec<String>,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().redirects(0).timeout(Duration::from_secs(20)).build()
-}
-
-fn read(r: Result<ureq::Response, ureq::Error>) -> Resp {
-    let r = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("request failed: {e}"),
-    };
-    let headers = r
-        .headers_names()
-        .into_iter()
-        .flat_map(|n| r.all(&n).into_iter().map(move |v| (n.clone(), v.to_string())))
-        .collect::<Vec<_>>();
-    Resp {
-        status: r.status(),
-        location: r.header("location").map(str::to_string),
-        cookies: r.all("set-cookie").into_iter().map(str::to_string).collect(),
-        headers,
-        body: r.into_string().unwrap_or_default(),
-    }
-}
-
-fn get(server: &Server, path: &str, cookie: Option<&str>, extra: &[(&str, &str)]) -> Resp {
-    let mut req = agent().get(&format!("{}{path}", server.url));
-    if let Some(c) = cookie {
-        req = req.set("Cookie", c);
-    }
-    for (k, v) in extra {
-        req = req.set(k, v);
-    }
-    read(req.call())
-}
-
-fn post(server: &Server, path: &str, cookie: Option<&str>, fields: &[(&str, &str)]) -> Resp {
-    let mut req = agent().post(&format!("{}{path}", server.url));
-    if let Some(c) = cookie {
-        req = req.set("Cookie", c);
-    }
-    read(req.send_form(fields))
-}
-
-/// Signs in with `token`; returns the `name=value` to send back as `Cookie`.
-fn sign_in(server: &Server, token: &str) -> String {
-    let r = post(server, "/signin", None, &[("token", token)]);
-    assert_eq!(r.status, 303, "sign-in: {}", r.body);
-    assert_eq!(r.location.as_deref(), Some("/"));
-    r.cookies[0].split(';').next().unwrap().to_string()
-}
-
-/// The CSRF token a page's forms carry.
-fn csrf_of(body: &str) -> String {
-    let at = body.find("name=\"csrf\" value=\"").expect("the page has a CSRF field") + "name=\"csrf\" value=\"".len();
-    body[at..at + 64].to_string()
-}
 
 fn fleet(tmp: &Path) -> (Server, String, String, SimAgent) {
     let server = Server::start(&tmp.join("data"), "127.0.0.1:0");

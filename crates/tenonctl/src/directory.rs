@@ -277,8 +277,8 @@ pub fn run(c: &Client, json_out: bool, wait: bool, cmd: DirectoryCmd) -> anyhow:
                 );
             }
             let mut r = end["result"].clone();
-            if let Some(g) = r["resign_generation"].as_u64() {
-                r["resign_generation"] = json!(g);
+            if r["resign_generation"].is_u64() {
+                // The sync's answer does not wait for the re-signing it queued: --wait follows it.
                 r["resign_complete"] = json!(false);
                 c.settle(&mut r, wait)?;
             }

@@ -73,15 +73,16 @@ impl AppState {
         loop {
             let wake = self.directory_wake.notified();
             if self.holds_jobs() {
-                match sync::due_sources(&self.db, self.now()).await {
-                    Ok(due) => {
-                        for source in due {
+                match self.list_sources().await {
+                    Ok(sources) => {
+                        let now = self.now();
+                        for source in sources.into_iter().filter(|s| s.next_run() <= now) {
                             let quiet = |_: tenon_core::dirsync::SyncProgress| {};
                             // A failure is recorded in the source's status and logged by sync_source.
                             let _ = self.sync_source("schedule", &source.name, false, &quiet).await;
                         }
                     }
-                    Err(e) => tracing::warn!(error = format!("{e:#}"), "cannot read the directory sources; will retry"),
+                    Err(e) => tracing::warn!(error = ?e, "cannot read the directory sources; will retry"),
                 }
             }
             tokio::select! {

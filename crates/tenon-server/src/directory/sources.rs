@@ -114,10 +114,10 @@ impl SourceRow {
     }
 }
 
-pub(crate) const SOURCE_COLUMNS: &str = "name, config, secret, interval_secs, created_seq, cursor, last_full_at, \
+const SOURCE_COLUMNS: &str = "name, config, secret, interval_secs, created_seq, cursor, last_full_at, \
      last_run_at, last_success_at, last_error, users, groups, skipped, held_deletions, collisions";
 
-pub(crate) fn source_from_row(row: &sqlx::any::AnyRow) -> anyhow::Result<SourceRow> {
+fn source_from_row(row: &sqlx::any::AnyRow) -> anyhow::Result<SourceRow> {
     let name: String = row.get(0);
     let parse = |col: usize, what: &str| -> anyhow::Result<Value> {
         serde_json::from_str(row.get::<&str, _>(col))

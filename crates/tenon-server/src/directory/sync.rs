@@ -3,7 +3,7 @@
 //! it all in one transaction, and re-sign only the devices of users whose data changed. A read
 //! that fails changes nothing but the source's status.
 
-use super::sources::{open_secret, SourceConfig, SourceRow, LDAP_FULL_EVERY_SECS, SOURCE_COLUMNS};
+use super::sources::{open_secret, SourceConfig, SourceRow, LDAP_FULL_EVERY_SECS};
 use super::Progress;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -505,19 +505,4 @@ fn diff(current: &Directory, projection: &Projection) -> UserChanges {
     }
     out.removed.sort();
     out
-}
-
-/// `SELECT` of every source, for the scheduler.
-pub(crate) async fn due_sources(db: &crate::store::Db, now: i64) -> anyhow::Result<Vec<SourceRow>> {
-    let rows = sqlx::query(&format!("SELECT {SOURCE_COLUMNS} FROM directory_sources ORDER BY created_seq"))
-        .fetch_all(db)
-        .await?;
-    let mut due = Vec::new();
-    for row in &rows {
-        let s = super::sources::source_from_row(row)?;
-        if s.next_run() <= now {
-            due.push(s);
-        }
-    }
-    Ok(due)
 }
