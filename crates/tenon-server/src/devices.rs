@@ -96,6 +96,7 @@ impl AppState {
         tx.commit().await?;
         if let Some(m) = world.devices.get_mut(device_id) {
             m.primary = upn;
+            m.refresh_key();
         }
         self.recompile(&mut world, vec![device_id.to_string()]).await?;
         Ok(())
@@ -133,6 +134,7 @@ impl AppState {
         if let Some(m) = world.devices.get_mut(device_id) {
             m.active = false;
             m.primary = None;
+            m.refresh_key();
         }
         Ok(())
     }

@@ -114,6 +114,55 @@ pub const DEVICES_TO_ASK_SQL: &str = "SELECT device_id FROM recovery_key_rotatio
      UNION SELECT device_id FROM recovery_keys WHERE conflict = 1 AND retired_at IS NULL";
 
 /// Compares two passwords without an early exit (a timing side channel on a secret).
+/// What decides whether a stored recovery-key row is a protector's current key.
+pub struct KeyRowState {
+    pub protector_id: String,
+    pub superseded: bool,
+    pub retired: bool,
+    pub conflict: bool,
+}
+
+impl KeyRowState {
+    fn of(r: &sqlx::any::AnyRow) -> Self {
+        Self {
+            protector_id: r.get("protector_id"),
+            superseded: r.get::<Option<String>, _>("superseded_by").is_some(),
+            retired: r.get::<Option<i64>, _>("retired_at").is_some(),
+            conflict: r.get::<i64, _>("conflict") != 0,
+        }
+    }
+}
+
+/// For rows in id order: whether each is its protector's current key. That is its newest row
+/// neither superseded nor retired (older servers stored a re-upload as another row); a protector
+/// in conflict has several current keys, one per different password, and all of them count.
+/// Every other row is archived.
+pub fn current_rows(rows: impl Iterator<Item = KeyRowState>) -> Vec<bool> {
+    let rows: Vec<KeyRowState> = rows.collect();
+    let live = |r: &KeyRowState| !r.superseded && !r.retired;
+    let mut newest: std::collections::HashMap<&str, usize> = Default::default();
+    for (i, r) in rows.iter().enumerate().filter(|(_, r)| live(r)) {
+        newest.insert(&r.protector_id, i);
+    }
+    rows.iter()
+        .enumerate()
+        .map(|(i, r)| live(r) && (r.conflict || newest.get(r.protector_id.as_str()) == Some(&i)))
+        .collect()
+}
+
+/// One stored recovery key without its password: what the portal's device page lists to anyone
+/// signed in (which protectors are escrowed, since when, current or archived).
+pub struct KeyMeta {
+    pub mount: String,
+    pub protector_id: String,
+    pub received_at: i64,
+    pub superseded_at: Option<i64>,
+    pub retired_at: Option<i64>,
+    pub conflict: bool,
+    pub read_count: i64,
+    pub current: bool,
+}
+
 fn same_password(a: &str, b: &str) -> bool {
     a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
 }
@@ -383,6 +432,33 @@ impl AppState {
         Ok(())
     }
 
+    /// The device's stored recovery keys without their passwords, in the order they were stored.
+    /// Not a read of a key: nothing is opened, counted or rotated.
+    pub async fn recovery_key_metadata(&self, device_id: &str) -> ApiResult<Vec<KeyMeta>> {
+        let rows = sqlx::query(
+            "SELECT mount, protector_id, received_at, superseded_by, superseded_at, read_count, conflict, retired_at
+             FROM recovery_keys WHERE device_id = $1 ORDER BY id",
+        )
+        .bind(device_id)
+        .fetch_all(&self.db)
+        .await?;
+        let currents = current_rows(rows.iter().map(KeyRowState::of));
+        Ok(rows
+            .iter()
+            .zip(currents)
+            .map(|(r, current)| KeyMeta {
+                mount: r.get("mount"),
+                protector_id: r.get("protector_id"),
+                received_at: r.get("received_at"),
+                superseded_at: r.get("superseded_at"),
+                retired_at: r.get("retired_at"),
+                conflict: r.get::<i64, _>("conflict") != 0,
+                read_count: r.get("read_count"),
+                current,
+            })
+            .collect())
+    }
+
     /// An administrator's read of a device's recovery keys: the current key of each protector
     /// (with `all`, every archived one too). In one transaction it counts the read, asks the device
     /// to rotate every current key it returns, and writes the audit row (who, when, which device
@@ -433,27 +509,15 @@ impl AppState {
         .bind(device_id)
         .fetch_all(&mut *tx)
         .await?;
-        // A protector's current key is its newest row that is neither superseded nor retired (older
-        // servers stored a re-upload as another row). A protector in conflict has several current
-        // keys, one per different password: all of them are listed, flagged.
-        let current = |r: &sqlx::any::AnyRow| {
-            r.get::<Option<String>, _>("superseded_by").is_none() && r.get::<Option<i64>, _>("retired_at").is_none()
-        };
-        let mut newest: std::collections::BTreeMap<String, usize> = Default::default();
-        for (i, r) in rows.iter().enumerate() {
-            if current(r) {
-                newest.insert(r.get::<String, _>("protector_id"), i);
-            }
-        }
+        let currents = current_rows(rows.iter().map(KeyRowState::of));
         let mut out = Vec::new();
         let mut read_ids = Vec::new();
         let mut rotate = Vec::new();
         let mut conflicted = Vec::new();
-        for (i, r) in rows.iter().enumerate() {
+        for (r, is_current) in rows.iter().zip(currents) {
             let protector: String = r.get("protector_id");
             let superseded: Option<String> = r.get("superseded_by");
             let conflict = r.get::<i64, _>("conflict") != 0;
-            let is_current = current(r) && (conflict || newest.get(&protector) == Some(&i));
             if !all && !is_current {
                 continue;
             }
@@ -485,6 +549,7 @@ impl AppState {
                 "superseded_at": r.get::<Option<i64>, _>("superseded_at").map(crate::api::rfc3339),
                 "retired_at": r.get::<Option<i64>, _>("retired_at").map(crate::api::rfc3339),
                 "conflict": conflict,
+                "current": is_current,
                 "warning": conflict.then_some(CONFLICT_WARNING),
                 "read_count": r.get::<i64, _>("read_count") + 1,
             }));
@@ -696,4 +761,28 @@ pub async fn rotate_escrow_key(data_dir: &DataDir, db: &AnyPool, now: i64) -> an
         let _ = d.sync_all();
     }
     Ok(RotationSummary { resealed: updates.len(), old_key_file: old_path, new_key_id: new_id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(protector: &str, superseded: bool, retired: bool, conflict: bool) -> KeyRowState {
+        KeyRowState { protector_id: protector.into(), superseded, retired, conflict }
+    }
+
+    #[test]
+    fn the_current_key_is_the_newest_live_row_of_its_protector() {
+        let rows = vec![
+            row("A", true, false, false),  // rotated away
+            row("A", false, false, false), // an older server's duplicate upload
+            row("B", false, true, false),  // protector removed
+            row("A", false, false, false), // A's current key
+            row("C", false, false, true),  // C in conflict: both passwords are current
+            row("C", false, false, true),
+            row("D", false, false, false),
+        ];
+        assert_eq!(current_rows(rows.into_iter()), vec![false, false, false, true, true, true, true]);
+        assert!(current_rows(std::iter::empty()).is_empty());
+    }
 }

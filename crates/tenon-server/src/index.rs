@@ -24,6 +24,13 @@ pub struct DeviceSlot {
     last_seen_dirty: AtomicBool,
 }
 
+/// Never the credential's hash: device metadata that holds a slot is logged in debug output.
+impl std::fmt::Debug for DeviceSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSlot").field("last_seen", &self.last_seen()).finish_non_exhaustive()
+    }
+}
+
 /// Result of authenticating a device credential.
 pub enum DeviceAuth {
     Ok(Arc<DeviceSlot>),
@@ -38,6 +45,12 @@ impl DeviceSlot {
 
     pub fn set_current(&self, env: CurrentEnvelope) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(env);
+    }
+
+    /// When the device last checked in, as this server knows it (`None`: not since it started,
+    /// and not loaded from the database).
+    pub fn last_seen(&self) -> Option<i64> {
+        Some(self.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
     }
 
     pub fn touch(&self, now: i64) {
@@ -60,18 +73,16 @@ pub struct CheckinIndex {
     slots: RwLock<HashMap<String, Arc<DeviceSlot>>>,
 }
 
-/// See [`CheckinIndex::last_seen_view`].
-pub struct LastSeenView<'a>(std::sync::RwLockReadGuard<'a, HashMap<String, Arc<DeviceSlot>>>);
-
-impl LastSeenView<'_> {
-    /// As [`CheckinIndex::last_seen`].
-    pub fn get(&self, device_id: &str) -> Option<i64> {
-        self.0.get(device_id).map(|s| s.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
-    }
-}
-
 impl CheckinIndex {
-    pub fn insert(&self, device_id: &str, credential_sha256: [u8; 32], env: CurrentEnvelope, revoked: bool) {
+    /// A new device's slot (replacing any under that id); the world keeps the same `Arc` in the
+    /// device's metadata.
+    pub fn insert(
+        &self,
+        device_id: &str,
+        credential_sha256: [u8; 32],
+        env: CurrentEnvelope,
+        revoked: bool,
+    ) -> Arc<DeviceSlot> {
         let slot = Arc::new(DeviceSlot {
             credential_sha256,
             current: RwLock::new(Arc::new(env)),
@@ -79,14 +90,8 @@ impl CheckinIndex {
             last_seen: AtomicI64::new(0),
             last_seen_dirty: AtomicBool::new(false),
         });
-        self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string(), slot);
-    }
-
-    /// Every device's last-seen time under one read of the index: for a pass over the whole fleet
-    /// (the portal's device list and overview), which would otherwise take the lock and clone a
-    /// slot per device. Hold it only for that pass; the index's writers wait meanwhile.
-    pub fn last_seen_view(&self) -> LastSeenView<'_> {
-        LastSeenView(self.slots.read().unwrap_or_else(|p| p.into_inner()))
+        self.slots.write().unwrap_or_else(|p| p.into_inner()).insert(device_id.to_string(), slot.clone());
+        slot
     }
 
     pub fn get(&self, device_id: &str) -> Option<Arc<DeviceSlot>> {
@@ -128,7 +133,7 @@ impl CheckinIndex {
 
     /// A device's last-seen time as the index knows it (newer than the database's).
     pub fn last_seen(&self, device_id: &str) -> Option<i64> {
-        self.get(device_id).map(|s| s.last_seen.load(Ordering::Relaxed)).filter(|t| *t > 0)
+        self.get(device_id).and_then(|s| s.last_seen())
     }
 
     /// How many devices were last seen within each bucket (for the metrics): `1h`, `24h`, `7d`,

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod client_policy;
 pub mod datadir;
 pub mod device_health;
+pub mod device_key;
 pub mod devices;
 pub mod directory;
 pub mod error;

@@ -139,10 +139,13 @@ impl AppState {
         tx.commit().await?;
         world.directory_mut().users.remove(&upn);
         for meta in world.devices.values_mut() {
-            if meta.primary.as_ref() == Some(&upn) {
+            let was_primary = meta.primary.as_ref() == Some(&upn);
+            if was_primary {
                 meta.primary = None;
             }
-            meta.users.remove(&upn);
+            if meta.users.remove(&upn) || was_primary {
+                meta.refresh_key();
+            }
         }
         let resign = self.resign.enqueue(affected);
         Ok(UserRemoval { cleared_primary, resign })

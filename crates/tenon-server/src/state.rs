@@ -84,6 +84,24 @@ pub struct DeviceMeta {
     pub health: crate::device_health::DeviceHealth,
     /// The user signed in most often, with their sightings (see `store::devices::note_sightings`).
     pub top_user: Option<(i64, Upn)>,
+    /// The device's slot in the check-in index (the same `Arc`): the portal reads every device's
+    /// last-seen time from here rather than looking each up in the index.
+    pub slot: Arc<crate::index::DeviceSlot>,
+    /// What the portal searches and sorts by; derived from `hostname`, `primary` and `users`:
+    /// whoever changes those calls [`DeviceMeta::refresh_key`].
+    pub key: crate::device_key::SearchKey,
+}
+
+impl DeviceMeta {
+    /// Derives [`DeviceMeta::key`] again, after `hostname`, `primary` or `users` changed.
+    pub fn refresh_key(&mut self) {
+        self.key = crate::device_key::SearchKey::of(&self.hostname, self.primary.as_ref(), &self.users);
+    }
+
+    /// Whether [`DeviceMeta::key`] is what `refresh_key` would derive now (checked in debug builds).
+    pub fn key_is_fresh(&self) -> bool {
+        self.key == crate::device_key::SearchKey::of(&self.hostname, self.primary.as_ref(), &self.users)
+    }
 }
 
 /// The in-memory world: directory, settings and device metadata.
@@ -202,7 +220,13 @@ impl AppState {
         let signed_by = envelope_signer(&d.envelope);
         match world.devices.get_mut(&d.id) {
             None => {
-                index.insert(&d.id, d.credential_sha256, current_envelope(d.version, &d.sha256, d.envelope), !d.active);
+                let slot = index.insert(
+                    &d.id,
+                    d.credential_sha256,
+                    current_envelope(d.version, &d.sha256, d.envelope),
+                    !d.active,
+                );
+                let key = crate::device_key::SearchKey::of(&d.hostname, d.primary.as_ref(), &d.users);
                 world.devices.insert(
                     d.id,
                     DeviceMeta {
@@ -223,6 +247,8 @@ impl AppState {
                         package_requests: d.package_requests,
                         health: d.health,
                         top_user: d.top_user,
+                        slot,
+                        key,
                     },
                 );
             }
@@ -230,6 +256,7 @@ impl AppState {
                 meta.hostname = d.hostname;
                 meta.primary = d.primary;
                 meta.users = d.users;
+                meta.refresh_key();
                 meta.signed_in = d.signed_in;
                 meta.has_reported = d.has_reported;
                 meta.package_requests = d.package_requests;

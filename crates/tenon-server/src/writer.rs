@@ -311,12 +311,13 @@ impl AppState {
         for d in done {
             match d {
                 Done::Enroll { enrolled: e, reply } => {
-                    self.index.insert(
+                    let slot = self.index.insert(
                         e.device_id.as_str(),
                         e.cred_digest,
                         current_envelope(e.issued.version, &e.issued.payload_sha256, e.issued.bytes),
                         false,
                     );
+                    let key = crate::device_key::SearchKey::of(&e.hostname, None, &BTreeSet::new());
                     world.devices.insert(
                         e.device_id.to_string(),
                         DeviceMeta {
@@ -337,6 +338,8 @@ impl AppState {
                             package_requests: Default::default(),
                             health: Default::default(),
                             top_user: None,
+                            slot,
+                            key,
                         },
                     );
                     let _ = reply.send(Ok((e.device_id, e.credential)));
@@ -346,6 +349,7 @@ impl AppState {
                         slot.touch(now);
                     }
                     if let Some(meta) = world.devices.get_mut(&device_id) {
+                        let host_changed = meta.hostname != r.hostname;
                         meta.hostname = r.hostname;
                         meta.has_reported = true;
                         meta.last_report_sha = Some(r.report_sha);
@@ -363,6 +367,9 @@ impl AppState {
                         }
                         if r.audit_claim {
                             meta.ignored_claim = r.ignored_claim;
+                        }
+                        if host_changed || users_changed || primary_changed {
+                            meta.refresh_key();
                         }
                         if users_changed || primary_changed {
                             recompile.push(device_id.clone());

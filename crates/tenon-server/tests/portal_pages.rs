@@ -350,3 +350,139 @@ fn audit_filters_networks_and_packages_show_hostile_values_as_text() {
     let bad = audit_page("from=yesterday%3Cb%3E");
     assert!(bad.contains("is not a time") && bad.contains("yesterday&#60;b&#62;") && bad.contains("packages.upload"));
 }
+
+#[test]
+fn the_device_page_installs_an_assigned_package_on_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_users(tmp.path());
+    let agent = SimAgent::new(tmp.path(), "pc", pc("PC-INST", &[ANNA], json!({})));
+    let id = agent.enroll(&server, &server.enroll_token(1));
+    agent.ok(&["sync", "--once"]);
+    let exe = tmp.path().join("tool-setup.exe");
+    std::fs::write(&exe, b"MZ fake installer").unwrap();
+    for (name, intent) in [("Tool", "available"), ("Old Tool", "uninstall")] {
+        server.ctl_ok(&[
+            "packages",
+            "upload",
+            exe.to_str().unwrap(),
+            "--name",
+            name,
+            "--version",
+            "1",
+            "--detect",
+            r"file:C:\Tool\t.exe",
+        ]);
+        server.ctl_ok(&["packages", "assign", name, "--user", ANNA, "--intent", intent, "--wait"]);
+    }
+    agent.ok(&["sync", "--once"]);
+    let state = || server.ctl_json(&["devices", "show", &id])["packages"]["Tool"]["state"].clone();
+    assert_eq!(state(), json!("waiting"), "available: nothing runs until asked");
+    let runs = || agent.device()["installer_runs"].as_array().cloned().unwrap_or_default();
+    assert!(runs().is_empty());
+
+    let helpdesk = server.ctl_ok(&["admin-tokens", "create", "helpdesk", "--role", "admin"]).trim().to_string();
+    let h = sign_in(&server, &helpdesk);
+    let device = format!("/devices/{id}");
+    let install = format!("{device}/packages/install");
+    let page = get(&server, &device, Some(&h), &[]).body;
+    assert!(
+        page.contains(&format!("action=\"{install}\"")) && page.contains("aria-label=\"Install Tool now\""),
+        "{page}"
+    );
+    assert!(!page.contains("Install Old Tool now") && page.contains("uninstalled by its assignment"), "{page}");
+    let csrf = csrf_of(&page);
+    let requests = || audit(&server).into_iter().filter(|e| e["action"] == "device.install").count();
+    let version = || server.ctl_json(&["devices", "show", &id])["config_version"].as_u64().unwrap();
+    let before = version();
+
+    // Refused: a forged CSRF token, an unknown package, one only to be uninstalled. Nothing requested.
+    let r = post(&server, &install, Some(&h), &[("csrf", "forged"), ("package", "Tool")]);
+    assert_eq!(r.status, 403);
+    let r = post(&server, &install, Some(&h), &[("csrf", &csrf), ("package", "Nope<b>")]);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(r.body.contains("Nothing was requested") && r.body.contains("Nope&#60;b&#62;"), "{}", r.body);
+    let r = post(&server, &install, Some(&h), &[("csrf", &csrf), ("package", "Old Tool")]);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("intent uninstall"), "{}", r.body);
+    // A recovery-keys-only session may not.
+    let officer = server.ctl_ok(&["admin-tokens", "create", "officer", "--role", "recovery-keys"]).trim().to_string();
+    let o = sign_in(&server, &officer);
+    let opage = get(&server, &device, Some(&o), &[]).body;
+    assert!(!opage.contains("Install Tool now"), "{opage}");
+    let r = post(&server, &install, Some(&o), &[("csrf", &csrf_of(&opage)), ("package", "Tool")]);
+    assert_eq!(r.status, 403);
+    assert_eq!((requests(), version()), (0, before));
+
+    // Requested: back to the device page, said once; audited with the session's token; the
+    // device's configuration carries the request and the agent installs at its next sync.
+    let r = post(&server, &install, Some(&h), &[("csrf", &csrf), ("package", "Tool")]);
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert_eq!(r.location.as_deref(), Some(format!("{device}?done=install#packages").as_str()));
+    let done = get(&server, &format!("{device}?done=install"), Some(&h), &[]).body;
+    assert!(done.contains("The install was requested"), "{done}");
+    let rows: Vec<Value> = audit(&server).into_iter().filter(|e| e["action"] == "device.install").collect();
+    assert_eq!(rows.len(), 1);
+    assert!(rows[0]["actor"].as_str().unwrap().starts_with("helpdesk ("), "{rows:?}");
+    assert_eq!(rows[0]["details"]["package"], json!("Tool"));
+    assert!(version() > before);
+    agent.ok(&["sync", "--once"]);
+    agent.ok(&["sync", "--once"]);
+    let r = runs();
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0]["package"], json!("Tool"));
+    assert_eq!(state(), json!("installed"));
+    let page = get(&server, &device, Some(&h), &[]).body;
+    assert!(page.contains("<td>Tool</td><td>available</td><td>installed</td>"), "{page}");
+}
+
+#[test]
+fn the_device_page_lists_escrowed_keys_and_reveals_the_archived_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = server_with_users(tmp.path());
+    let agent = SimAgent::new(tmp.path(), "pc", pc("PC-ARCH", &[], json!({})));
+    let id = agent.enroll(&server, &server.enroll_token(1));
+    sync_until_encrypted(&agent, &server, &id);
+    let (protector, first) = recovery_passwords(&agent)[0].clone();
+    let officer = server.ctl_ok(&["admin-tokens", "create", "officer", "--role", "recovery-keys"]).trim().to_string();
+    let o = sign_in(&server, &officer);
+    let device = format!("/devices/{id}");
+    let reveal = format!("/devices/{id}/recovery-keys");
+
+    // One key, current; the page lists it without its password.
+    let page = get(&server, &device, Some(&o), &[]).body;
+    assert!(page.contains("(1 current, 0 archived)") && page.contains(&protector), "{page}");
+    assert!(!page.contains(&first));
+    // Revealed, then rotated by the device: the first key is archived, superseded by a new one.
+    let r = post(&server, &reveal, Some(&o), &[("csrf", &csrf_of(&page)), ("reason", "ticket 1")]);
+    assert!(r.body.contains(&first) && r.body.contains("current: rotation requested"), "{}", r.body);
+    for _ in 0..4 {
+        agent.ok(&["sync", "--once"]);
+    }
+    let (_, second) = recovery_passwords(&agent)[0].clone();
+    assert_ne!(first, second);
+    let page = get(&server, &device, Some(&o), &[]).body;
+    assert!(page.contains("(1 current, 1 archived)") && page.contains("archived: superseded"), "{page}");
+    assert!(!page.contains(&first) && !page.contains(&second));
+    // An admin-only session sees the list, not the reveal form.
+    let helpdesk = server.ctl_ok(&["admin-tokens", "create", "helpdesk", "--role", "admin"]).trim().to_string();
+    let hpage = get(&server, &device, Some(&sign_in(&server, &helpdesk)), &[]).body;
+    assert!(hpage.contains("(1 current, 1 archived)") && !hpage.contains("Reveal recovery keys"), "{hpage}");
+
+    // Without the box: the current key only. With it: the archived one too, marked; both audited.
+    let csrf = csrf_of(&page);
+    let r = post(&server, &reveal, Some(&o), &[("csrf", &csrf), ("reason", "ticket 2")]);
+    assert!(r.body.contains(&second) && !r.body.contains(&first), "{}", r.body);
+    let r = post(&server, &reveal, Some(&o), &[("csrf", &csrf), ("reason", "ticket 3"), ("archived", "yes")]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains(&second) && r.body.contains(&first), "{}", r.body);
+    let old_row = r.body.split("<tr").find(|row| row.contains(&first)).unwrap();
+    assert!(old_row.contains("class=\"archived\"") && old_row.contains("archived: superseded"), "{old_row}");
+    let rows: Vec<Value> = audit(&server).into_iter().filter(|e| e["action"] == "recovery_key.read").collect();
+    assert_eq!(rows.len(), 3);
+    let last = rows.iter().find(|e| e["details"]["reason"] == json!("ticket 3")).unwrap();
+    assert_eq!(last["details"]["include_superseded"], json!(true));
+    // A refused reveal keeps the box as it was left.
+    let r = post(&server, &reveal, Some(&o), &[("csrf", &csrf), ("reason", ""), ("archived", "yes")]);
+    assert_eq!(r.status, 422);
+    assert!(r.body.contains("name=\"archived\" value=\"yes\" checked"), "{}", r.body);
+}

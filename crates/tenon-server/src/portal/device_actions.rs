@@ -1,5 +1,5 @@
-//! The device page's actions beyond the foundation's: decommission, report history, and revealing
-//! recovery keys. Each calls the same domain function as the admin API (`AppState::decommission`,
+//! The device page's actions beyond the foundation's: decommission, installing a package on
+//! request, report history, and revealing recovery keys (current, or with the archived ones). Each calls the same domain function as the admin API (`AppState::decommission`,
 //! the `reports` table as `tenonctl devices reports`, `AppState::read_recovery_keys_because`), so
 //! the audit rows are the API's, naming the session's admin token.
 
@@ -24,6 +24,43 @@ use std::sync::Arc;
 const HISTORY_ROWS: i64 = 50;
 /// A reason longer than this is refused rather than cut: the audit row must say what was typed.
 const MAX_REASON: usize = 500;
+
+/// `POST /devices/{id}/packages/install`: asks the device to install one package of its plan at
+/// its next sync, as `tenonctl devices install` (`AppState::request_install`, the same audit row).
+pub async fn install(
+    State(p): State<Arc<Portal>>,
+    SignedIn(s): SignedIn,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let id = id.to_lowercase();
+    let form = Form::parse(&body);
+    let refuse = |status: StatusCode, error: String| {
+        let form = ReassignForm { install_error: Some(error), ..Default::default() };
+        let (p, s, id) = (&p, &s, &id);
+        async move { device_page(p, s, id, status, form).await }
+    };
+    if !csrf_matches(s.raw_id(), presented_csrf(&form, &headers)) {
+        return refuse(StatusCode::FORBIDDEN, CSRF_REFUSED.into()).await;
+    }
+    if !s.actor.has_role(ROLE_ADMIN) {
+        return super::pages::needs_admin(&s);
+    }
+    let name = form.get("package").map(str::trim).unwrap_or_default();
+    if name.is_empty() {
+        return refuse(StatusCode::UNPROCESSABLE_ENTITY, "Choose a package to install; nothing was requested.".into())
+            .await;
+    }
+    match p.app.request_install(&s.actor, &id, name).await {
+        Ok(_) => Redirect::to(&format!("{}?done=install#packages", device_href(&id))).into_response(),
+        Err(e @ (ApiError::NotFound(_) | ApiError::BadRequest(_) | ApiError::Conflict(_))) => {
+            let status = e.status();
+            refuse(status, format!("{e}. Nothing was requested.")).await
+        }
+        Err(e) => error_page(e),
+    }
+}
 
 /// `POST /devices/{id}/decommission`: after a confirmation box, as `tenonctl devices decommission`.
 pub async fn decommission(
@@ -158,6 +195,9 @@ pub struct KeyView {
     pub error: String,
     pub received_at: String,
     pub warning: String,
+    pub current: bool,
+    /// "current: rotation requested", "archived: superseded ...", ...
+    pub status: String,
 }
 
 #[derive(Template)]
@@ -183,8 +223,9 @@ pub async fn reveal(
     let id = id.to_lowercase();
     let form = Form::parse(&body);
     let reason = form.get("reason").map(str::trim).unwrap_or_default().to_string();
+    let archived = form.get("archived") == Some("yes");
     let refuse = |status: StatusCode, error: String| {
-        let form = ReassignForm { reveal_error: Some(error), reason: reason.clone(), ..Default::default() };
+        let form = ReassignForm { reveal_error: Some(error), reason: reason.clone(), archived, ..Default::default() };
         let (p, s, id) = (&p, &s, &id);
         async move { device_page(p, s, id, status, form).await }
     };
@@ -222,7 +263,7 @@ pub async fn reveal(
         let world = p.app.world.read().await;
         world.devices.get(&id).map(|m| m.hostname.clone()).unwrap_or_default()
     };
-    let keys = match p.app.read_recovery_keys_because(&s.actor, &id, false, Some(&reason)).await {
+    let keys = match p.app.read_recovery_keys_because(&s.actor, &id, archived, Some(&reason)).await {
         Ok(keys) => keys,
         Err(e @ ApiError::NotFound(_)) => {
             return message(
@@ -239,6 +280,16 @@ pub async fn reveal(
     let keys = keys
         .iter()
         .map(|k| KeyView {
+            current: k["current"] == Value::Bool(true),
+            status: if k["current"] == Value::Bool(true) {
+                "current: rotation requested".into()
+            } else if !str_of(k, "superseded_at").is_empty() {
+                format!("archived: superseded {}", str_of(k, "superseded_at"))
+            } else if !str_of(k, "retired_at").is_empty() {
+                format!("archived: protector removed {}", str_of(k, "retired_at"))
+            } else {
+                "archived: replaced by a newer upload".into()
+            },
             mount: str_of(k, "mount"),
             protector_id: str_of(k, "protector_id"),
             password: str_of(k, "recovery_password"),

@@ -4,9 +4,10 @@
 //! `HashMap` under a short read lock, and only the page shown is copied out.
 
 use crate::device_health::BitlockerBucket;
-use crate::index::CheckinIndex;
+use crate::device_key::cmp_ci;
 use crate::state::{DeviceMeta, World};
 use std::cmp::Ordering;
+use std::collections::HashSet;
 
 /// Rows per page unless the query says otherwise, and the most it may say.
 pub const DEFAULT_PER_PAGE: usize = 50;
@@ -155,7 +156,12 @@ impl ListQuery {
         };
         for (k, v) in pairs {
             match k {
-                "q" => lq.q = v.trim().chars().take(MAX_QUERY).collect::<String>().to_lowercase(),
+                // Control characters cannot be typed into the search box, and the search key
+                // separates its fields with one.
+                "q" => {
+                    lq.q =
+                        v.trim().chars().filter(|c| !c.is_control()).take(MAX_QUERY).collect::<String>().to_lowercase()
+                }
                 "filter" => lq.filter = Filter::parse(v).unwrap_or(Filter::Active),
                 "sort" => lq.sort = SortKey::parse(v).unwrap_or(SortKey::Hostname),
                 "dir" => lq.descending = v == "desc",
@@ -190,12 +196,6 @@ pub struct Listing {
     pub pages: usize,
 }
 
-/// ASCII-case-insensitive substring test; `needle` is already lower-case.
-fn contains_ci(hay: &str, needle: &str) -> bool {
-    let (h, n) = (hay.as_bytes(), needle.as_bytes());
-    n.is_empty() || h.windows(n.len()).any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
-}
-
 /// Puts in `v[start..end]` the elements a full sort by `cmp` would put there, sorted, in time
 /// linear in `v.len()` (plus sorting the page); the rest of `v` is left in no particular order.
 /// `cmp` must be a total order for the page to be well defined.
@@ -214,69 +214,111 @@ fn select_page<T>(v: &mut [T], start: usize, end: usize, mut cmp: impl FnMut(&T,
     rest[..end - start].sort_unstable_by(cmp);
 }
 
-fn cmp_ci(a: &str, b: &str) -> Ordering {
-    a.bytes().map(|c| c.to_ascii_lowercase()).cmp(b.bytes().map(|c| c.to_ascii_lowercase()))
-}
-
 /// The primary user's display name, from the directory record.
 pub fn display_name(world: &World, upn: &tenon_core::ids::Upn) -> Option<String> {
-    world
-        .directory
-        .users
-        .get(upn)
-        .and_then(|u| u.record.get("displayName"))
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
+    display_name_ref(world, upn).map(str::to_string)
 }
 
-fn matches(world: &World, id: &str, m: &DeviceMeta, q: &str) -> bool {
-    q.is_empty()
-        || id.starts_with(q)
-        || contains_ci(&m.hostname, q)
-        || m.primary.as_ref().is_some_and(|p| contains_ci(p.as_str(), q))
-        || m.users.iter().any(|u| contains_ci(u.as_str(), q))
-        || m.primary.as_ref().and_then(|p| display_name_ref(world, p)).is_some_and(|n| name_contains(n, q))
-}
-
-/// The display name without a copy (the search tests every device's).
 fn display_name_ref<'w>(world: &'w World, upn: &tenon_core::ids::Upn) -> Option<&'w str> {
     world.directory.users.get(upn).and_then(|u| u.record.get("displayName")).and_then(|v| v.as_str())
+}
+
+/// One search, prepared once for the whole fleet.
+struct Search<'a> {
+    finder: memchr::memmem::Finder<'a>,
+    q: &'a str,
+    /// `q` could begin a device id (lower-case hex digits and dashes).
+    id_like: bool,
+    /// Users whose display name holds `q`: their devices match too. Found by one pass over the
+    /// directory's users rather than a lookup per device.
+    named: HashSet<&'a tenon_core::ids::Upn>,
+}
+
+impl<'a> Search<'a> {
+    fn new(world: &'a World, q: &'a str) -> Option<Self> {
+        if q.is_empty() {
+            return None;
+        }
+        let named = world
+            .directory
+            .users
+            .iter()
+            .filter(|(_, u)| u.record.get("displayName").and_then(|v| v.as_str()).is_some_and(|n| name_contains(n, q)))
+            .map(|(upn, _)| upn)
+            .collect();
+        Some(Self {
+            finder: memchr::memmem::Finder::new(q.as_bytes()),
+            q,
+            id_like: q.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
+            named,
+        })
+    }
+
+    /// Host name, primary user or a user seen holds `q`, or the id starts with it, or the
+    /// primary user's display name holds it.
+    fn matches(&self, id: &str, m: &DeviceMeta) -> bool {
+        self.finder.find(m.key.text()).is_some()
+            || (self.id_like && id.starts_with(self.q))
+            || (!self.named.is_empty() && m.primary.as_ref().is_some_and(|p| self.named.contains(p)))
+    }
 }
 
 /// `name.to_lowercase().contains(q)`, without allocating for an ASCII name (where the two agree:
 /// an ASCII name lower-cases byte by byte, and cannot contain a non-ASCII `q`).
 fn name_contains(name: &str, q: &str) -> bool {
     if name.is_ascii() {
-        contains_ci(name, q)
+        let (h, n) = (name.as_bytes(), q.as_bytes());
+        n.is_empty() || h.windows(n.len()).any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
     } else {
         name.to_lowercase().contains(q)
     }
 }
 
+/// A device that passed the filter and the search: what ordering it needs, inline, so that
+/// selecting the page compares integers and follows no pointer unless two ranks tie.
+struct Hit<'w> {
+    rank: u128,
+    id: &'w str,
+    meta: &'w DeviceMeta,
+}
+
 /// Filters, searches, sorts (ties by id, so pages are stable) and cuts out one page.
-pub fn list(world: &World, index: &CheckinIndex, lq: &ListQuery, now: i64) -> Listing {
-    let last_seen = index.last_seen_view();
-    // The time is looked up per device only where the filter or the order needs it; the page's
-    // rows get theirs below.
+pub fn list(world: &World, lq: &ListQuery, now: i64) -> Listing {
+    let search = Search::new(world, &lq.q);
+    // The time is read per device only where the filter or the order needs it; the page's rows
+    // get theirs below.
     let needs_seen = matches!(lq.filter, Filter::SeenRecently | Filter::Stale) || lq.sort == SortKey::LastSeen;
-    let mut hits: Vec<(&str, &DeviceMeta, Option<i64>)> = world
+    let mut hits: Vec<Hit> = world
         .devices
         .iter()
         .filter_map(|(id, m)| {
-            let seen = if needs_seen { last_seen.get(id) } else { None };
-            (lq.filter.admits(m, seen, now) && matches(world, id, m, &lq.q)).then_some((id.as_str(), m, seen))
+            debug_assert!(m.key_is_fresh(), "device {id}: its search key was not refreshed after a change");
+            let seen = if needs_seen { m.slot.last_seen() } else { None };
+            let admitted = lq.filter.admits(m, seen, now) && search.as_ref().is_none_or(|s| s.matches(id, m));
+            admitted.then(|| Hit {
+                rank: match lq.sort {
+                    SortKey::Hostname => m.key.host_rank(),
+                    SortKey::User => m.key.user_rank(),
+                    // Offset so that every time ranks above "never" (0).
+                    SortKey::LastSeen => seen.map_or(0, |t| (i128::from(t) - i128::from(i64::MIN) + 1) as u128),
+                    SortKey::Version => u128::from(m.version),
+                },
+                id,
+                meta: m,
+            })
         })
         .collect();
-    let by_key = |a: &(&str, &DeviceMeta, Option<i64>), b: &(&str, &DeviceMeta, Option<i64>)| match lq.sort {
-        SortKey::Hostname => cmp_ci(&a.1.hostname, &b.1.hostname),
-        SortKey::User => a.1.primary.as_ref().map(|u| u.as_str()).cmp(&b.1.primary.as_ref().map(|u| u.as_str())),
-        SortKey::LastSeen => a.2.cmp(&b.2),
-        SortKey::Version => a.1.version.cmp(&b.1.version),
-    };
-    let order = |a: &(&str, &DeviceMeta, Option<i64>), b: &(&str, &DeviceMeta, Option<i64>)| {
-        let o = by_key(a, b);
+    let order = |a: &Hit, b: &Hit| {
+        // Equal ranks of names may still be different names (longer than the rank holds).
+        let o = a.rank.cmp(&b.rank).then_with(|| match lq.sort {
+            SortKey::Hostname => cmp_ci(&a.meta.hostname, &b.meta.hostname),
+            SortKey::User => {
+                a.meta.primary.as_ref().map(|u| u.as_str()).cmp(&b.meta.primary.as_ref().map(|u| u.as_str()))
+            }
+            SortKey::LastSeen | SortKey::Version => Ordering::Equal,
+        });
         let o = if lq.descending { o.reverse() } else { o };
-        o.then_with(|| a.0.cmp(b.0))
+        o.then_with(|| a.id.cmp(b.id))
     };
     let total = hits.len();
     let pages = total.div_ceil(lq.per_page).max(1);
@@ -289,14 +331,14 @@ pub fn list(world: &World, index: &CheckinIndex, lq: &ListQuery, now: i64) -> Li
     select_page(&mut hits, start, end, order);
     let rows = hits[start..end]
         .iter()
-        .map(|(id, m, _)| Row {
-            id: id.to_string(),
-            hostname: m.hostname.clone(),
-            primary: m.primary.as_ref().map(|u| u.as_str().to_string()),
-            primary_name: m.primary.as_ref().and_then(|u| display_name(world, u)),
-            last_seen: last_seen.get(id),
-            version: m.version,
-            active: m.active,
+        .map(|h| Row {
+            id: h.id.to_string(),
+            hostname: h.meta.hostname.clone(),
+            primary: h.meta.primary.as_ref().map(|u| u.as_str().to_string()),
+            primary_name: h.meta.primary.as_ref().and_then(|u| display_name(world, u)),
+            last_seen: h.meta.slot.last_seen(),
+            version: h.meta.version,
+            active: h.meta.active,
         })
         .collect();
     Listing { rows, total, page, pages }
@@ -321,12 +363,11 @@ pub struct Counts {
 }
 
 /// One pass over the devices: the overview at 100,000 devices costs one scan of memory.
-pub fn counts(world: &World, index: &CheckinIndex, now: i64) -> Counts {
+pub fn counts(world: &World, now: i64) -> Counts {
     let mut c = Counts::default();
-    let mut groups = std::collections::HashSet::new();
-    let last_seen = index.last_seen_view();
-    for (id, m) in &world.devices {
-        let seen = last_seen.get(id);
+    let mut groups = HashSet::new();
+    for m in world.devices.values() {
+        let seen = m.slot.last_seen();
         let admits = |f: Filter| f.admits(m, seen, now) as usize;
         c.active += admits(Filter::Active);
         c.seen_recently += admits(Filter::SeenRecently);
@@ -428,19 +469,6 @@ mod tests {
             [("Anna Script", "script"), ("Ärger Björn", "ärger"), ("Ärger", "rger"), ("ABC", "é"), ("x", "")]
         {
             assert_eq!(name_contains(name, q), name.to_lowercase().contains(q), "{name} {q}");
-        }
-    }
-
-    #[test]
-    fn contains_ci_table() {
-        for (hay, needle, expected) in [
-            ("PC-Alpha", "alpha", true),
-            ("pc", "", true),
-            ("PC", "pcx", false),
-            ("Ärger", "ärger", false),
-            ("ab", "b", true),
-        ] {
-            assert_eq!(contains_ci(hay, needle), expected, "{hay} {needle}");
         }
     }
 }

@@ -7,7 +7,8 @@
 //!   POST, and the per-session CSRF token.
 //! - `pages.rs`: the handlers; they gather data and hand it to a template (`templates/portal/`).
 //! - `device_list.rs`: searching, filtering, sorting and paging the fleet from memory.
-//! - `device_actions.rs`: decommission, report history, revealing recovery keys.
+//! - `device_actions.rs`: decommission, installing a package on request, report history,
+//!   revealing recovery keys.
 //! - `fleet_pages.rs`: the audit log, networks and packages pages.
 //! - `directory_pages.rs`: users and groups, a user's effective configuration and its origins.
 //! - `settings_page.rs`: settings per scope, previewed (devices reached) before saving.
@@ -100,6 +101,7 @@ pub fn router(app: Arc<AppState>, opts: PortalOptions) -> Router {
         .route("/devices/{id}", get(pages::device))
         .route("/devices/{id}/primary", post(pages::reassign_primary))
         .route("/devices/{id}/decommission", post(device_actions::decommission))
+        .route("/devices/{id}/packages/install", post(device_actions::install))
         .route("/devices/{id}/reports", get(device_actions::reports))
         .route("/devices/{id}/recovery-keys", post(device_actions::reveal))
         .route("/audit", get(fleet_pages::audit))

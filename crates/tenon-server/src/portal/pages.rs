@@ -303,7 +303,7 @@ struct OverviewPage {
 pub async fn overview(State(p): State<Arc<Portal>>, SignedIn(s): SignedIn) -> Response {
     let counts = {
         let world = p.app.world.read().await;
-        device_list::counts(&world, &p.app.index, p.app.now())
+        device_list::counts(&world, p.app.now())
     };
     let bitlocker = device_list::bitlocker_cards(&counts);
     page(StatusCode::OK, &OverviewPage { layout: Layout::new("Overview", Some(&s)), counts, bitlocker })
@@ -388,7 +388,7 @@ pub async fn devices(
     let now = p.app.now();
     let listing = {
         let world = p.app.world.read().await;
-        device_list::list(&world, &p.app.index, &lq, now)
+        device_list::list(&world, &lq, now)
     };
     let columns = [
         ("Host name", SortKey::Hostname),
@@ -480,6 +480,21 @@ pub struct PackageView {
     pub state: String,
     pub version: String,
     pub detail: String,
+    /// required, available or uninstall.
+    pub intent: String,
+    /// An install may be requested (`tenonctl devices install`): any intent but uninstall.
+    pub installable: bool,
+}
+
+/// A stored recovery key without its password (`AppState::recovery_key_metadata`).
+pub struct KeyMetaView {
+    pub mount: String,
+    pub protector_id: String,
+    pub received_at: String,
+    /// "current", "current, in conflict", "superseded 3 days ago", "retired ...".
+    pub status: String,
+    pub current: bool,
+    pub read_count: i64,
 }
 
 pub struct UserSeen {
@@ -508,6 +523,9 @@ pub struct DeviceDetail {
     pub policies: Vec<PolicyView>,
     pub packages: Vec<PackageView>,
     pub users: Vec<UserSeen>,
+    pub keys: Vec<KeyMetaView>,
+    /// Archived (superseded or retired) keys among `keys`.
+    pub archived_keys: usize,
 }
 
 /// The device page's forms as the administrator left them, with what the server said about them
@@ -520,6 +538,9 @@ pub struct ReassignForm {
     pub decommission_error: Option<String>,
     pub reveal_error: Option<String>,
     pub reason: String,
+    /// The reveal form's "include archived keys" box, as it was left.
+    pub archived: bool,
+    pub install_error: Option<String>,
 }
 
 #[derive(Template)]
@@ -596,13 +617,40 @@ async fn device_detail(p: &Portal, id: &str) -> Result<Option<DeviceDetail>, Api
         .device_packages(id, &reported)
         .await
         .into_iter()
-        .map(|(name, v)| PackageView {
-            name,
-            state: v.get("state").map(text_of).unwrap_or_default(),
-            version: v.get("version").map(text_of).unwrap_or_default(),
-            detail: v.get("detail").map(text_of).unwrap_or_default(),
+        .map(|(name, v)| {
+            let intent = v.get("intent").map(text_of).unwrap_or_default();
+            PackageView {
+                name,
+                state: v.get("state").map(text_of).unwrap_or_default(),
+                version: v.get("version").map(text_of).unwrap_or_default(),
+                detail: v.get("detail").map(text_of).unwrap_or_default(),
+                installable: intent != "uninstall",
+                intent,
+            }
         })
         .collect();
+    let keys: Vec<KeyMetaView> = p
+        .app
+        .recovery_key_metadata(id)
+        .await?
+        .into_iter()
+        .map(|k| KeyMetaView {
+            status: match (k.current, k.retired_at, k.superseded_at) {
+                (true, _, _) if k.conflict => "current, in conflict (the device holds several passwords)".into(),
+                (true, _, _) => "current".into(),
+                // A rotation both supersedes the old key and removes its protector: say the former.
+                (false, _, Some(t)) => format!("archived: superseded {}", when(now, Some(t))),
+                (false, Some(t), None) => format!("archived: protector removed {}", when(now, Some(t))),
+                (false, None, None) => "archived: replaced by a newer upload".into(),
+            },
+            mount: k.mount,
+            protector_id: k.protector_id,
+            received_at: when(now, Some(k.received_at)),
+            current: k.current,
+            read_count: k.read_count,
+        })
+        .collect();
+    let archived_keys = keys.iter().filter(|k| !k.current).count();
     let users = sqlx::query(
         "SELECT upn, last_seen, sightings FROM device_users WHERE device_id = $1 ORDER BY sightings DESC, upn LIMIT 50",
     )
@@ -635,6 +683,8 @@ async fn device_detail(p: &Portal, id: &str) -> Result<Option<DeviceDetail>, Api
         policies,
         packages,
         users,
+        keys,
+        archived_keys,
     }))
 }
 
@@ -674,6 +724,7 @@ pub async fn device(
         q.split('&').find_map(|kv| match kv {
             "done=primary" => Some("The primary user was reassigned."),
             "done=decommissioned" => Some("The device was decommissioned."),
+            "done=install" => Some("The install was requested: the device installs the package at its next sync."),
             _ => None,
         })
     });
