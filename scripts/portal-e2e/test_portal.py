@@ -125,6 +125,12 @@ class Fleet:
         self.ctl("settings", "set", "--group", "Engineering", "Custom.Site", '"Munich"')
         # BitLocker on PC-ANNA (a TPM, not a VM): its recovery key is escrowed at its first syncs.
         self.ctl("settings", "set", "--tenant", "Policies.RequireSecurityFeatures.BitlockerEnabled", "true")
+        # An available package for every device: installed only when asked (the device page's button).
+        exe = os.path.join(self.tmp, "tool-setup.exe")
+        with open(exe, "wb") as f:
+            f.write(b"MZ fake installer")
+        self.ctl("packages", "upload", exe, "--name", "Tool", "--version", "1", "--detect", r"file:C:\Tool\t.exe")
+        self.ctl("packages", "assign", "Tool", "--tenant", "--intent", "available", "--wait")
         token_file = os.path.join(self.tmp, "enroll.token")
         with open(token_file, "w") as f:
             f.write(self.ctl("enroll-token", "create", "--uses", "2", "--ttl", "1h"))
@@ -353,6 +359,21 @@ def main():
             assert key not in p.d.page_source, "the key is not in the audit log"
             p.shot_and_axe("audit-recovery-key")
 
+        @check("install an available package on request from the device page, by keyboard; audited")
+        def install():
+            p.go("/devices/" + device_id)
+            assert re.search(r"Tool\s+available\s+waiting", p.text()), "available: the device waits until asked"
+            button = p.tab_to(lambda el: el.tag_name == "button" and el.get_attribute("aria-label") == "Install now: Tool")
+            button.send_keys(Keys.ENTER)
+            p.wait_for(lambda: "The install was requested" in p.text(), "the confirmation")
+            p.shot_and_axe("device-install-requested")
+            rows = [a for a in fleet.audit() if a.get("action") == "device.install" and "bootstrap" in a.get("actor", "")]
+            assert rows and rows[0]["details"]["package"] == "Tool", "the request is audited with the session's token"
+            fleet.agent("a", "sync", "--once")
+            fleet.agent("a", "sync", "--once")
+            p.go("/devices/" + device_id)
+            p.wait_for(lambda: re.search(r"Tool\s+available\s+installed", p.text()), "the package installed after the agent synced")
+
         @check("users and groups pages: membership, source, origins of the effective configuration")
         def users_groups():
             p.go("/users")
@@ -435,7 +456,7 @@ def main():
             p.wait_for(lambda: "/signin" in p.d.current_url, "the refusal")
             assert "PC-ANNA" not in p.text()
 
-        for step in [signin_page, signin, search, reassign, recovery_key, users_groups, settings, signatures, version_rises, signout]:
+        for step in [signin_page, signin, search, reassign, recovery_key, install, users_groups, settings, signatures, version_rises, signout]:
             step()
     except (WebDriverException, RuntimeError, OSError) as e:
         results.append(("setup", False, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))

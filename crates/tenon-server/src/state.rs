@@ -303,6 +303,9 @@ impl AppState {
     /// reach many devices are queued for the re-signer instead (`self.resign.enqueue`).
     pub async fn recompile(&self, world: &mut World, ids: Vec<String>) -> anyhow::Result<usize> {
         let now = self.now();
+        // A device is recompiled after its primary user or users changed: the portal's search key
+        // must have followed (checked in debug builds, so in every test that changes them).
+        debug_assert!(ids.iter().filter_map(|id| world.devices.get(id)).all(DeviceMeta::key_is_fresh));
         let prepared = self.prepare(
             &world.directory,
             ids.iter().filter_map(|id| world.devices.get(id).map(|m| (id.as_str(), m))),

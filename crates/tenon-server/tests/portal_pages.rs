@@ -386,10 +386,10 @@ fn the_device_page_installs_an_assigned_package_on_request() {
     let install = format!("{device}/packages/install");
     let page = get(&server, &device, Some(&h), &[]).body;
     assert!(
-        page.contains(&format!("action=\"{install}\"")) && page.contains("aria-label=\"Install Tool now\""),
+        page.contains(&format!("action=\"{install}\"")) && page.contains("aria-label=\"Install now: Tool\""),
         "{page}"
     );
-    assert!(!page.contains("Install Old Tool now") && page.contains("uninstalled by its assignment"), "{page}");
+    assert!(!page.contains("Install now: Old Tool") && page.contains("uninstalled by its assignment"), "{page}");
     let csrf = csrf_of(&page);
     let requests = || audit(&server).into_iter().filter(|e| e["action"] == "device.install").count();
     let version = || server.ctl_json(&["devices", "show", &id])["config_version"].as_u64().unwrap();
@@ -408,7 +408,7 @@ fn the_device_page_installs_an_assigned_package_on_request() {
     let officer = server.ctl_ok(&["admin-tokens", "create", "officer", "--role", "recovery-keys"]).trim().to_string();
     let o = sign_in(&server, &officer);
     let opage = get(&server, &device, Some(&o), &[]).body;
-    assert!(!opage.contains("Install Tool now"), "{opage}");
+    assert!(!opage.contains("Install now: Tool"), "{opage}");
     let r = post(&server, &install, Some(&o), &[("csrf", &csrf_of(&opage)), ("package", "Tool")]);
     assert_eq!(r.status, 403);
     assert_eq!((requests(), version()), (0, before));
