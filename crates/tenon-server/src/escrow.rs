@@ -161,6 +161,8 @@ pub struct KeyMeta {
     pub conflict: bool,
     pub read_count: i64,
     pub current: bool,
+    /// A rotation of this key's protector was requested (a read) and the device has not done it yet.
+    pub rotation_open: bool,
 }
 
 fn same_password(a: &str, b: &str) -> bool {
@@ -442,11 +444,20 @@ impl AppState {
         .bind(device_id)
         .fetch_all(&self.db)
         .await?;
+        let open: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT protector_id FROM recovery_key_rotations WHERE device_id = $1 AND completed_at IS NULL",
+        )
+        .bind(device_id)
+        .fetch_all(&self.db)
+        .await?
+        .into_iter()
+        .collect();
         let currents = current_rows(rows.iter().map(KeyRowState::of));
         Ok(rows
             .iter()
             .zip(currents)
             .map(|(r, current)| KeyMeta {
+                rotation_open: current && open.contains(r.get::<&str, _>("protector_id")),
                 mount: r.get("mount"),
                 protector_id: r.get("protector_id"),
                 received_at: r.get("received_at"),

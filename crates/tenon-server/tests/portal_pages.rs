@@ -455,6 +455,8 @@ fn the_device_page_lists_escrowed_keys_and_reveals_the_archived_ones() {
     // Revealed, then rotated by the device: the first key is archived, superseded by a new one.
     let r = post(&server, &reveal, Some(&o), &[("csrf", &csrf_of(&page)), ("reason", "ticket 1")]);
     assert!(r.body.contains(&first) && r.body.contains("current: rotation requested"), "{}", r.body);
+    let page = get(&server, &device, Some(&o), &[]).body;
+    assert!(page.contains("current; rotation requested, not yet done by the device"), "{page}");
     for _ in 0..4 {
         agent.ok(&["sync", "--once"]);
     }
@@ -462,6 +464,7 @@ fn the_device_page_lists_escrowed_keys_and_reveals_the_archived_ones() {
     assert_ne!(first, second);
     let page = get(&server, &device, Some(&o), &[]).body;
     assert!(page.contains("(1 current, 1 archived)") && page.contains("archived: superseded"), "{page}");
+    assert!(!page.contains("rotation requested, not yet done"), "the rotation is done: {page}");
     assert!(!page.contains(&first) && !page.contains(&second));
     // An admin-only session sees the list, not the reveal form.
     let helpdesk = server.ctl_ok(&["admin-tokens", "create", "helpdesk", "--role", "admin"]).trim().to_string();

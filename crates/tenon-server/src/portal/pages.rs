@@ -637,6 +637,7 @@ async fn device_detail(p: &Portal, id: &str) -> Result<Option<DeviceDetail>, Api
         .map(|k| KeyMetaView {
             status: match (k.current, k.retired_at, k.superseded_at) {
                 (true, _, _) if k.conflict => "current, in conflict (the device holds several passwords)".into(),
+                (true, _, _) if k.rotation_open => "current; rotation requested, not yet done by the device".into(),
                 (true, _, _) => "current".into(),
                 // A rotation both supersedes the old key and removes its protector: say the former.
                 (false, _, Some(t)) => format!("archived: superseded {}", when(now, Some(t))),
