@@ -24,8 +24,8 @@
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tenon_agent::platform::windows::software::{file_version, resolve_program, system_directory};
 use tenon_agent::platform::windows::WindowsPlatform;
-use tenon_agent::platform::windows_software::{file_version, resolve_program, system_directory};
 use tenon_agent::platform::{InstallerRun, Platform, PlatformError, RegValue};
 use tenon_core::packages::{
     install_command, uninstall_command, Command, DetectRule, Kind, Package, RegistryCheck, RunEnd,

@@ -7,8 +7,6 @@
 pub mod simulated;
 #[cfg(windows)]
 pub mod windows;
-#[cfg(windows)]
-pub mod windows_software;
 
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};

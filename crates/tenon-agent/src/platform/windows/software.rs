@@ -1,16 +1,17 @@
 //! Software packages on real Windows: detection rules (Windows Installer, file version
 //! resources, HKLM values in either registry view), running an installer inside a job object,
-//! and free disk space. [`super::windows::WindowsPlatform`] delegates its `detect`,
-//! `run_installer` and `free_disk_bytes` here (windows.rs is big enough already).
+//! and free disk space. [`super::WindowsPlatform`] delegates its `detect`, `run_installer` and
+//! `free_disk_bytes` here.
 //!
-//! Like windows.rs this module calls Win32 directly; every `unsafe` block says why it is sound.
-//! Registry reads here choose the view the rule names (`KEY_WOW64_32KEY` or `KEY_WOW64_64KEY`),
-//! unlike windows.rs, whose own values always live in the 64-bit view.
+//! Like the other files of `platform/windows/` this module calls Win32 directly; every `unsafe`
+//! block says why it is sound. Registry reads here choose the view the rule names
+//! (`KEY_WOW64_32KEY` or `KEY_WOW64_64KEY`), unlike registry.rs, whose values always live in the
+//! 64-bit view.
 //!
 //! What Wine 8 does with these calls is written down in tests/windows_software.rs, which runs
 //! them under Wine.
 
-use super::{InstallerRun, PResult, PlatformError};
+use crate::platform::{InstallerRun, PResult, PlatformError};
 use std::ffi::{c_void, OsStr};
 use std::fs::File;
 use std::io::ErrorKind;
