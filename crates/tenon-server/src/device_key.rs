@@ -63,7 +63,7 @@ impl SearchKey {
 
 /// `s` lower-cased into `out`, without the separator (a host name that held one would otherwise
 /// join two fields).
-fn push_clean(out: &mut String, s: &str) {
+pub fn push_clean(out: &mut String, s: &str) {
     if s.is_ascii() {
         out.extend(s.bytes().filter(|b| *b != FIELD_SEPARATOR as u8).map(|b| char::from(b.to_ascii_lowercase())));
     } else {

@@ -166,6 +166,13 @@ fn sign_in_cookie_pages_escaping_and_search() {
     }
     let b = search("script");
     assert!(b.contains("PC-ANNA") && !b.contains("PC-OTHER"), "by display name: {b}");
+    // A display name changed in the directory is searched as it is now.
+    let renamed = tmp.path().join("renamed.json");
+    let users = json!([{"userPrincipalName": ANNA, "id": "u-anna", "displayName": "Anna Zeta", "groups": ["Staff"]}]);
+    std::fs::write(&renamed, users.to_string()).unwrap();
+    server.ctl_ok(&["users", "import", renamed.to_str().unwrap()]);
+    assert!(search("zeta").contains("PC-ANNA"), "the new name");
+    assert!(!search("script").contains("PC-ANNA"), "not the old one");
     let b = search("nobody-like-this");
     assert!(b.contains("No device matches") && !b.contains("PC-ANNA"));
     // Filters and sorting live in the query string.

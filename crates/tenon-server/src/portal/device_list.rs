@@ -223,35 +223,66 @@ fn display_name_ref<'w>(world: &'w World, upn: &tenon_core::ids::Upn) -> Option<
     world.directory.users.get(upn).and_then(|u| u.record.get("displayName")).and_then(|v| v.as_str())
 }
 
+/// Every directory user's display name, lower-cased into one buffer, so that a search by name is
+/// one substring scan of that buffer rather than a pass over the users' records. Built for one
+/// directory ([`NameIndex::is_for`]): every directory write bumps `World::dir_gen`, and a directory
+/// loaded anew is another `Arc`.
+pub struct NameIndex {
+    dir_gen: u64,
+    /// The address of the directory's `Arc` it was built from (compared, never followed).
+    directory: usize,
+    /// The names, each followed by the key separator (which no name and no search holds).
+    text: String,
+    /// Where each name ends in `text`, ascending; `upns[i]` is the user of the name ending at `ends[i]`.
+    ends: Vec<usize>,
+    upns: Vec<tenon_core::ids::Upn>,
+}
+
+impl NameIndex {
+    pub fn build(world: &World) -> Self {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(world.directory.users.len());
+        let mut upns = Vec::with_capacity(world.directory.users.len());
+        for (upn, u) in &world.directory.users {
+            if let Some(name) = u.record.get("displayName").and_then(|v| v.as_str()) {
+                crate::device_key::push_clean(&mut text, name);
+                ends.push(text.len());
+                upns.push(upn.clone());
+                text.push(crate::device_key::FIELD_SEPARATOR);
+            }
+        }
+        Self { dir_gen: world.dir_gen, directory: std::sync::Arc::as_ptr(&world.directory) as usize, text, ends, upns }
+    }
+
+    /// Built from `world`'s directory as it is now.
+    pub fn is_for(&self, world: &World) -> bool {
+        self.dir_gen == world.dir_gen && self.directory == std::sync::Arc::as_ptr(&world.directory) as usize
+    }
+
+    /// The users whose display name holds `q` (lower-case, without control characters).
+    fn matching<'a>(&'a self, finder: &memchr::memmem::Finder<'_>) -> HashSet<&'a tenon_core::ids::Upn> {
+        finder
+            .find_iter(self.text.as_bytes())
+            .map(|at| &self.upns[self.ends.partition_point(|end| *end <= at)])
+            .collect()
+    }
+}
+
 /// One search, prepared once for the whole fleet.
 struct Search<'a> {
     finder: memchr::memmem::Finder<'a>,
     q: &'a str,
     /// `q` could begin a device id (lower-case hex digits and dashes).
     id_like: bool,
-    /// Users whose display name holds `q`: their devices match too. Found by one pass over the
-    /// directory's users rather than a lookup per device.
+    /// Users whose display name holds `q`: their devices match too.
     named: HashSet<&'a tenon_core::ids::Upn>,
 }
 
 impl<'a> Search<'a> {
-    fn new(world: &'a World, q: &'a str) -> Option<Self> {
-        if q.is_empty() {
-            return None;
-        }
-        let named = world
-            .directory
-            .users
-            .iter()
-            .filter(|(_, u)| u.record.get("displayName").and_then(|v| v.as_str()).is_some_and(|n| name_contains(n, q)))
-            .map(|(upn, _)| upn)
-            .collect();
-        Some(Self {
-            finder: memchr::memmem::Finder::new(q.as_bytes()),
-            q,
-            id_like: q.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'),
-            named,
-        })
+    fn new(q: &'a str, names: &'a NameIndex) -> Self {
+        let finder = memchr::memmem::Finder::new(q.as_bytes());
+        let named = names.matching(&finder);
+        Self { finder, q, id_like: q.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'), named }
     }
 
     /// Host name, primary user or a user seen holds `q`, or the id starts with it, or the
@@ -263,17 +294,6 @@ impl<'a> Search<'a> {
     }
 }
 
-/// `name.to_lowercase().contains(q)`, without allocating for an ASCII name (where the two agree:
-/// an ASCII name lower-cases byte by byte, and cannot contain a non-ASCII `q`).
-fn name_contains(name: &str, q: &str) -> bool {
-    if name.is_ascii() {
-        let (h, n) = (name.as_bytes(), q.as_bytes());
-        n.is_empty() || h.windows(n.len()).any(|w| w.iter().zip(n).all(|(a, b)| a.to_ascii_lowercase() == *b))
-    } else {
-        name.to_lowercase().contains(q)
-    }
-}
-
 /// A device that passed the filter and the search: what ordering it needs, inline, so that
 /// selecting the page compares integers and follows no pointer unless two ranks tie.
 struct Hit<'w> {
@@ -282,9 +302,12 @@ struct Hit<'w> {
     meta: &'w DeviceMeta,
 }
 
-/// Filters, searches, sorts (ties by id, so pages are stable) and cuts out one page.
-pub fn list(world: &World, lq: &ListQuery, now: i64) -> Listing {
-    let search = Search::new(world, &lq.q);
+/// Filters, searches, sorts (ties by id, so pages are stable) and cuts out one page. `names` is
+/// asked for the display names only when there is a search, and must be for `world`.
+pub fn list(world: &World, names: impl FnOnce() -> std::sync::Arc<NameIndex>, lq: &ListQuery, now: i64) -> Listing {
+    let names = (!lq.q.is_empty()).then(names);
+    debug_assert!(names.as_ref().is_none_or(|n| n.is_for(world)));
+    let search = names.as_deref().map(|n| Search::new(&lq.q, n));
     // The time is read per device only where the filter or the order needs it; the page's rows
     // get theirs below.
     let needs_seen = matches!(lq.filter, Filter::SeenRecently | Filter::Stale) || lq.sort == SortKey::LastSeen;
@@ -464,11 +487,34 @@ mod tests {
     }
 
     #[test]
-    fn name_contains_agrees_with_to_lowercase() {
-        for (name, q) in
-            [("Anna Script", "script"), ("Ärger Björn", "ärger"), ("Ärger", "rger"), ("ABC", "é"), ("x", "")]
+    fn display_names_match_in_any_case_and_only_within_one_name() {
+        use tenon_core::ids::Upn;
+        let mut world = World::default();
+        for (upn, name) in
+            [("anna@contoso.com", "Anna Script"), ("bjoern@contoso.com", "ÄRGER Björn"), ("x@contoso.com", "")]
         {
-            assert_eq!(name_contains(name, q), name.to_lowercase().contains(q), "{name} {q}");
+            std::sync::Arc::make_mut(&mut world.directory).users.insert(
+                Upn::parse(upn).unwrap(),
+                tenon_core::directory::User { record: serde_json::json!({"displayName": name}), ..Default::default() },
+            );
         }
+        let names = NameIndex::build(&world);
+        let find = |q: &str| {
+            let mut v: Vec<String> = names
+                .matching(&memchr::memmem::Finder::new(q.as_bytes()))
+                .into_iter()
+                .map(|u| u.as_str().to_string())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(find("script"), ["anna@contoso.com"]);
+        assert_eq!(find("ärger b"), ["bjoern@contoso.com"]);
+        assert_eq!(find("n"), ["anna@contoso.com", "bjoern@contoso.com"]);
+        assert!(find("scriptär").is_empty(), "no match across two names");
+        assert!(find("nobody").is_empty());
+        assert!(names.is_for(&world));
+        world.dir_gen += 1;
+        assert!(!names.is_for(&world), "a directory write makes it stale");
     }
 }

@@ -71,6 +71,8 @@ pub(crate) struct Portal {
     signin_limiter: KeyedLimiter<IpAddr>,
     /// The limiter's clock (any monotonic nanoseconds).
     epoch: Instant,
+    /// The directory's display names for the device search, kept until the directory changes.
+    names: std::sync::Mutex<Option<Arc<device_list::NameIndex>>>,
 }
 
 impl Portal {
@@ -83,6 +85,16 @@ impl Portal {
     fn tls(&self) -> bool {
         self.app.tls.is_some()
     }
+
+    /// The display-name index of `world`'s directory: the one kept, or built anew (once per
+    /// directory change, under this lock, so concurrent searches do not each build one).
+    fn names(&self, world: &crate::state::World) -> Arc<device_list::NameIndex> {
+        let mut kept = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        match kept.as_ref() {
+            Some(n) if n.is_for(world) => n.clone(),
+            _ => kept.insert(Arc::new(device_list::NameIndex::build(world))).clone(),
+        }
+    }
 }
 
 /// The portal's routes, ready to merge beside the API's (`api::router`).
@@ -92,6 +104,7 @@ pub fn router(app: Arc<AppState>, opts: PortalOptions) -> Router {
         app,
         opts,
         epoch: Instant::now(),
+        names: Default::default(),
     });
     Router::new()
         .route("/", get(pages::overview))

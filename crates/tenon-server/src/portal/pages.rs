@@ -388,7 +388,7 @@ pub async fn devices(
     let now = p.app.now();
     let listing = {
         let world = p.app.world.read().await;
-        device_list::list(&world, &lq, now)
+        device_list::list(&world, || p.names(&world), &lq, now)
     };
     let columns = [
         ("Host name", SortKey::Hostname),
