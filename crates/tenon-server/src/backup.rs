@@ -1,6 +1,8 @@
 //! `tenon-server backup` and `restore`: one archive with everything a server needs to come back as
 //! itself — the database (an online snapshot, taken while the server serves), the root, signing and
-//! escrow keys, the bootstrap admin token and, when present, the TLS directory.
+//! escrow keys, the bootstrap admin token, when present the TLS directory, and the software packages'
+//! content (`packages/content/SHA256`, unless `--without-packages`), without which a restored server
+//! would hold packages its devices cannot download.
 //!
 //! The archive is a tar file (mode 0600) with a manifest first (`tenon-backup.json`: format, schema
 //! version, and the SHA-256 and size of every member). With `--passphrase-file`, the secret members
@@ -33,6 +35,9 @@ const SEALED: &str = "secrets.tar.sealed";
 /// Directories and files of the data dir that hold secrets.
 const SECRET_DIRS: [&str; 2] = ["keys", "tls"];
 const SECRET_FILES: [&str; 1] = ["admin.token"];
+/// Where package content goes in the archive and in a restored data dir (the server's default
+/// package directory is DATA_DIR/packages).
+const CONTENT_PREFIX: &str = "packages/content/";
 /// Argon2id cost (OWASP's second recommended setting: 19 MiB, 2 passes).
 const KDF_MEMORY_KIB: u32 = 19 * 1024;
 const KDF_PASSES: u32 = 2;
@@ -73,6 +78,39 @@ pub struct BackupSummary {
     pub bytes: u64,
     pub files: usize,
     pub sealed: bool,
+    /// Package content files archived and their bytes; `None` with `--without-packages`.
+    pub packages: Option<(usize, u64)>,
+}
+
+/// The package content to archive: every `DIR/content/SHA256` file, named as in the archive.
+fn package_content(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let content = dir.join("content");
+    let entries = match std::fs::read_dir(&content) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", content.display())),
+    };
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("cannot read {}", content.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if crate::packages::content::is_sha256(&name) && e.file_type()?.is_file() {
+            out.push((format!("{CONTENT_PREFIX}{name}"), e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Streams the file at `path` into the archive as `name` (mode 0600).
+fn tar_append_file(builder: &mut tar::Builder<impl Write>, name: &str, path: &Path, now: i64) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut header = tar::Header::new_gnu();
+    header.set_size(f.metadata()?.len());
+    header.set_mode(0o600);
+    header.set_mtime(now.max(0) as u64);
+    header.set_cksum();
+    builder.append_data(&mut header, name, &mut f).with_context(|| format!("cannot write {name} into the archive"))
 }
 
 /// The newest migration this binary knows.
@@ -145,11 +183,14 @@ fn tar_append(builder: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8], 
 
 /// `tenon-server backup`: works while the server serves (it takes no lock; the database snapshot is
 /// SQLite's `VACUUM INTO`, one consistent read transaction).
+/// `tenon-server backup`. `packages`: the server's package directory (its content is archived), or
+/// `None` to leave the content out.
 pub async fn backup(
     data_dir: &Path,
     database: Option<&str>,
     to: &Path,
     passphrase_file: Option<&Path>,
+    packages: Option<&Path>,
     now: i64,
 ) -> anyhow::Result<BackupSummary> {
     if database.is_some_and(|d| !d.starts_with("sqlite:")) {
@@ -195,6 +236,20 @@ pub async fn backup(
         .context("the database has no migration table; is this a Tenon database?")?;
     conn.close().await?;
     let db_member = hash_file(&snapshot)?;
+    // Listed after the snapshot, so content uploaded meanwhile is in (content is written whole under
+    // its hash before the database names it, and never changes). Hashed here, streamed below.
+    let content = packages.map(package_content).transpose()?.unwrap_or_default();
+    let mut content_members = Vec::with_capacity(content.len());
+    for (name, path) in &content {
+        let m = hash_file(path).with_context(|| {
+            format!(
+                "package content {} went away during the backup (a package removed?); run the backup again",
+                path.display()
+            )
+        })?;
+        content_members.push((name.clone(), m));
+    }
+    let content_bytes: u64 = content_members.iter().map(|(_, m)| m.size).sum();
 
     // 2. The secrets, plain or sealed.
     let secrets = secret_files(data_dir)?;
@@ -239,6 +294,7 @@ pub async fn backup(
         schema_version,
         members: std::iter::once((DATABASE.to_string(), db_member))
             .chain(members.iter().map(|(n, b)| (n.clone(), Member { sha256: sha256_hex(b), size: b.len() as u64 })))
+            .chain(content_members)
             .collect(),
         sealed: sealed_params,
     };
@@ -256,23 +312,26 @@ pub async fn backup(
         let file = opts.open(&part).with_context(|| format!("cannot create {}", part.display()))?;
         let mut builder = tar::Builder::new(std::io::BufWriter::new(file));
         tar_append(&mut builder, MANIFEST, &serde_json::to_vec_pretty(&manifest)?, now)?;
-        // The database is streamed from the snapshot: it can be large, the rest is small.
-        let mut db = std::fs::File::open(&snapshot)?;
-        let mut header = tar::Header::new_gnu();
-        header.set_size(db.metadata()?.len());
-        header.set_mode(0o600);
-        header.set_mtime(now.max(0) as u64);
-        header.set_cksum();
-        builder.append_data(&mut header, DATABASE, &mut db).context("cannot write the database into the archive")?;
+        // The database and package content are streamed from disk: they can be large, the rest is small.
+        tar_append_file(&mut builder, DATABASE, &snapshot, now)?;
         for (name, bytes) in &members {
             tar_append(&mut builder, name, bytes, now)?;
+        }
+        for (name, path) in &content {
+            tar_append_file(&mut builder, name, path, now)?;
         }
         let file = builder.into_inner()?.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
     }
     std::fs::rename(&part, to).with_context(|| format!("cannot write {}", to.display()))?;
     let bytes = std::fs::metadata(to)?.len();
-    Ok(BackupSummary { path: to.to_path_buf(), bytes, files: 1 + secrets.len(), sealed: pass.is_some() })
+    Ok(BackupSummary {
+        path: to.to_path_buf(),
+        bytes,
+        files: 1 + secrets.len() + content.len(),
+        sealed: pass.is_some(),
+        packages: packages.map(|_| (content.len(), content_bytes)),
+    })
 }
 
 /// SHA-256 and size of a file, read in chunks.
@@ -318,6 +377,7 @@ fn write_hashed(path: &Path, reader: &mut impl Read) -> anyhow::Result<Member> {
 /// Whether `name` is a file a data dir may hold (no paths that leave it).
 fn allowed_name(name: &str) -> bool {
     name == DATABASE
+        || name.strip_prefix(CONTENT_PREFIX).is_some_and(crate::packages::content::is_sha256)
         || SECRET_FILES.contains(&name)
         || SECRET_DIRS.iter().any(|d| {
             name.strip_prefix(d)
@@ -446,7 +506,7 @@ pub fn restore(from: &Path, data_dir: &Path, passphrase_file: Option<&Path>) -> 
         for entry in inner.entries()? {
             let mut entry = entry?;
             let name = entry.path()?.to_string_lossy().into_owned();
-            if !allowed_name(&name) || name == DATABASE {
+            if !allowed_name(&name) || name == DATABASE || name.starts_with(CONTENT_PREFIX) {
                 bail!("the sealed keys in {} carry {name:?}, which is not a key file; refusing them", from.display());
             }
             let path = staging.path().join(&name);

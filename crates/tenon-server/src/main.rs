@@ -68,8 +68,8 @@ enum Command {
         database: Option<String>,
     },
     /// Write one archive (mode 0600) with the database, the root, signing and escrow keys, the
-    /// admin token and the TLS directory. Safe while the server serves: the database is copied as
-    /// one consistent snapshot.
+    /// admin token, the TLS directory and the software packages' content. Safe while the server
+    /// serves: the database is copied as one consistent snapshot.
     Backup {
         /// The server's data directory.
         #[arg(long, default_value = "./tenon-data")]
@@ -84,6 +84,14 @@ enum Command {
         /// XChaCha20-Poly1305); restore then needs the same file.
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// The server's package directory, if `serve` was given `--package-dir` (default:
+        /// DATA_DIR/packages).
+        #[arg(long, conflicts_with = "without_packages")]
+        package_dir: Option<PathBuf>,
+        /// Leave the packages' content out (back it up yourself: a restored server without it holds
+        /// packages its devices cannot download).
+        #[arg(long)]
+        without_packages: bool,
     },
     /// Restore a backup into an empty (or new) data directory; the archive is checked whole before
     /// anything is written. Start the server on that directory afterwards.
@@ -415,23 +423,31 @@ fn main() -> ExitCode {
         Command::RotateEscrowKey { data_dir, database } => {
             runtime.block_on(tenon_server::rotate_escrow_key(&data_dir, database.as_deref()))
         }
-        Command::Backup { data_dir, database, to, passphrase_file } => runtime
-            .block_on(tenon_server::backup::backup(
-                &data_dir,
-                database.as_deref(),
-                &to,
-                passphrase_file.as_deref(),
-                tenon_server::state::system_clock()(),
-            ))
-            .map(|s| {
-                println!(
-                    "backup written to {} ({} bytes, {} files{}); keep it where the server's keys may be",
-                    s.path.display(),
-                    s.bytes,
-                    s.files,
-                    if s.sealed { ", keys sealed with the passphrase" } else { ", keys NOT encrypted" }
-                )
-            }),
+        Command::Backup { data_dir, database, to, passphrase_file, package_dir, without_packages } => {
+            let packages = (!without_packages).then(|| package_dir.unwrap_or_else(|| data_dir.join("packages")));
+            runtime
+                .block_on(tenon_server::backup::backup(
+                    &data_dir,
+                    database.as_deref(),
+                    &to,
+                    passphrase_file.as_deref(),
+                    packages.as_deref(),
+                    tenon_server::state::system_clock()(),
+                ))
+                .map(|s| {
+                    println!(
+                        "backup written to {} ({} bytes, {} files{}; {}); keep it where the server's keys may be",
+                        s.path.display(),
+                        s.bytes,
+                        s.files,
+                        if s.sealed { ", keys sealed with the passphrase" } else { ", keys NOT encrypted" },
+                        match s.packages {
+                            Some((n, bytes)) => format!("{n} package content files, {bytes} bytes"),
+                            None => "package content left out (--without-packages)".into(),
+                        }
+                    )
+                })
+        }
         Command::Restore { from, data_dir, passphrase_file } => {
             tenon_server::backup::restore(&from, &data_dir, passphrase_file.as_deref()).map(|n| {
                 println!(

@@ -228,3 +228,78 @@ fn restore_refuses_damaged_sealed_and_foreign_archives_without_touching_the_targ
     assert!(server.ctl(&["devices", "list"]).status.success());
     server.stop();
 }
+
+#[test]
+fn package_content_travels_with_the_backup_unless_left_out() {
+    if common::sqlite_only("the backup archive holds a snapshot of the SQLite file DATA_DIR/tenon.db") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data, "127.0.0.1:0");
+    let addr = server.addr.clone();
+    let exe = tmp.path().join("tool-setup.exe");
+    let installer = b"MZ an installer only this test uploads".to_vec();
+    std::fs::write(&exe, &installer).unwrap();
+    server.ctl_ok(&[
+        "packages",
+        "upload",
+        path(&exe),
+        "--name",
+        "Tool",
+        "--version",
+        "1",
+        "--detect",
+        r"file:C:\Tool\t.exe",
+    ]);
+    let content: Vec<std::path::PathBuf> =
+        std::fs::read_dir(data.join("packages/content")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(content.len(), 1, "{content:?}");
+    let sha = content[0].file_name().unwrap().to_str().unwrap().to_string();
+
+    let with = tmp.path().join("with.backup");
+    let printed = ok(server_cmd(&["backup", "--data-dir", path(&data), "--to", path(&with)]));
+    assert!(printed.contains(&format!("1 package content files, {} bytes", installer.len())), "{printed}");
+    let without = tmp.path().join("without.backup");
+    let printed = ok(server_cmd(&["backup", "--data-dir", path(&data), "--to", path(&without), "--without-packages"]));
+    assert!(printed.contains("package content left out (--without-packages)"), "{printed}");
+    let out = server_cmd(&[
+        "backup",
+        "--data-dir",
+        path(&data),
+        "--to",
+        path(&tmp.path().join("x")),
+        "--without-packages",
+        "--package-dir",
+        path(&data.join("packages")),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "the two flags contradict each other");
+    server.stop();
+
+    // Left out: the restored data dir has no content.
+    let bare = tmp.path().join("bare");
+    ok(server_cmd(&["restore", "--from", path(&without), "--data-dir", path(&bare)]));
+    assert!(!bare.join("packages/content").join(&sha).exists());
+
+    // Carried: restored under its hash, owner-only, and a device installs from it.
+    std::fs::remove_dir_all(&data).unwrap();
+    ok(server_cmd(&["restore", "--from", path(&with), "--data-dir", path(&data)]));
+    let restored = data.join("packages/content").join(&sha);
+    assert_eq!(std::fs::read(&restored).unwrap(), installer);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(data.join("packages/content")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+    let server = Server::start(&data, &addr);
+    server.ctl_ok(&["packages", "assign", "Tool", "--tenant", "--wait"]);
+    let agent = SimAgent::new(tmp.path(), "a", json!({"hostname": "PC-A", "signed_in_users": ["anna@contoso.com"]}));
+    let id = agent.enroll(&server, &server.enroll_token(1));
+    for _ in 0..3 {
+        agent.ok(&["sync", "--once"]);
+    }
+    let state = server.ctl_json(&["devices", "show", &id])["packages"]["Tool"].clone();
+    assert_eq!(state["state"], json!("installed"), "{state}");
+    server.stop();
+}
