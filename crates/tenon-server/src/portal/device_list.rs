@@ -263,7 +263,9 @@ impl NameIndex {
     fn matching<'a>(&'a self, finder: &memchr::memmem::Finder<'_>) -> HashSet<&'a tenon_core::ids::Upn> {
         finder
             .find_iter(self.text.as_bytes())
-            .map(|at| &self.upns[self.ends.partition_point(|end| *end <= at)])
+            // A match lies within one name (no name and no query holds the separator), so the
+            // first name ending after it is its own; `get`, not indexing, all the same.
+            .filter_map(|at| self.upns.get(self.ends.partition_point(|end| *end <= at)))
             .collect()
     }
 }
