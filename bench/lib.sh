@@ -8,6 +8,7 @@
 #                                          it printed "listening on" (the fleet loaded), fails if it
 #                                          exited or took longer than SERVER_START_TIMEOUT (120 s)
 #   rss PID                                VmRSS of a process, e.g. "123456 kB"
+#   free_port                              a TCP port free on 127.0.0.1 now
 #   stop_server PID                        SIGTERM and wait for it to exit
 # BENCH_SERVER_LIMITS: the flags that turn the per-address, per-token and per-device rate limits off,
 # which a fleet simulated from one address needs.
@@ -49,6 +50,8 @@ start_server() {
     sleep 0.05
   done
 }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 rss() { awk '/VmRSS/ {print $2 " " $3}' "/proc/$1/status"; }
 

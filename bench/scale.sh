@@ -50,7 +50,6 @@ cleanup() {
 }
 trap cleanup EXIT
 now() { date +%s.%N; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 skip() { echo "$2" >"$work/$1.skipped"; echo "   ($1) skipped: $2"; }
 
 # One column: NAME "URL[,URL...]" ADMIN_URL ADMIN_TOKEN_FILE CREDS PID... (the servers, for their

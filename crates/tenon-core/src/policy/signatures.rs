@@ -375,13 +375,17 @@ pub fn link_images<'a>(html_src: &str, base: &str, images: impl IntoIterator<Ite
         let file = percent_decode(image_file_name(&value));
         let Some(image) = images.clone().into_iter().find(|i| i.eq_ignore_ascii_case(&file)) else { continue };
         out.push_str(&html_src[last..range.start]);
-        out.push_str(&percent_encode(&format!("{base}_files")));
-        out.push('/');
-        out.push_str(&percent_encode(image));
+        out.push_str(&image_href(base, image));
         last = range.end;
     }
     out.push_str(&html_src[last..]);
     out
+}
+
+/// The `src` that [`link_images`] gives an image of the signature written as `BASE.htm`:
+/// `BASE_files/IMAGE`, each part percent-encoded.
+pub fn image_href(base: &str, image: &str) -> String {
+    format!("{}/{}", percent_encode(&format!("{base}_files")), percent_encode(image))
 }
 
 fn percent_encode(s: &str) -> String {
@@ -604,6 +608,7 @@ mod tests {
         let images = vec!["logo.png".to_string(), "a b.gif".to_string()];
         let check = |html: &str, expected: &str| assert_eq!(link_images(html, "Corp (a@x.com)", &images), expected);
         check("<img src=\"logo.png\">", "<img src=\"Corp%20(a@x.com)_files/logo.png\">");
+        assert_eq!(image_href("My Sig", "a b.png"), "My%20Sig_files/a%20b.png");
         check("<img width=3 src='images/LOGO.png'>", "<img width=3 src='Corp%20(a@x.com)_files/logo.png'>");
         check("<IMG SRC=a%20b.gif>", "<IMG SRC=Corp%20(a@x.com)_files/a%20b.gif>");
         check(

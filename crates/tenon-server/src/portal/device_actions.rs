@@ -277,18 +277,15 @@ pub async fn reveal(
         Err(e) => return error_page(e),
     };
     let str_of = |k: &Value, f: &str| k.get(f).and_then(Value::as_str).unwrap_or_default().to_string();
+    let opt_of = |k: &Value, f: &str| k.get(f).and_then(Value::as_str).map(str::to_string);
     let keys = keys
         .iter()
         .map(|k| KeyView {
             current: k["current"] == Value::Bool(true),
             status: if k["current"] == Value::Bool(true) {
                 "current: rotation requested".into()
-            } else if !str_of(k, "superseded_at").is_empty() {
-                format!("archived: superseded {}", str_of(k, "superseded_at"))
-            } else if !str_of(k, "retired_at").is_empty() {
-                format!("archived: protector removed {}", str_of(k, "retired_at"))
             } else {
-                "archived: replaced by a newer upload".into()
+                super::pages::archived_status(opt_of(k, "superseded_at"), opt_of(k, "retired_at"))
             },
             mount: str_of(k, "mount"),
             protector_id: str_of(k, "protector_id"),

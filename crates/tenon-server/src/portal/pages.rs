@@ -486,6 +486,17 @@ pub struct PackageView {
     pub installable: bool,
 }
 
+/// Why a stored recovery key is no longer current, for the device page and the reveal page (the
+/// times as the page shows them).
+pub(super) fn archived_status(superseded_at: Option<String>, retired_at: Option<String>) -> String {
+    match (superseded_at, retired_at) {
+        // A rotation both supersedes the old key and removes its protector: say the former.
+        (Some(t), _) => format!("archived: superseded {t}"),
+        (None, Some(t)) => format!("archived: protector removed {t}"),
+        (None, None) => "archived: replaced by a newer upload".into(),
+    }
+}
+
 /// A stored recovery key without its password (`AppState::recovery_key_metadata`).
 pub struct KeyMetaView {
     pub mount: String,
@@ -639,10 +650,9 @@ async fn device_detail(p: &Portal, id: &str) -> Result<Option<DeviceDetail>, Api
                 (true, _, _) if k.conflict => "current, in conflict (the device holds several passwords)".into(),
                 (true, _, _) if k.rotation_open => "current; rotation requested, not yet done by the device".into(),
                 (true, _, _) => "current".into(),
-                // A rotation both supersedes the old key and removes its protector: say the former.
-                (false, _, Some(t)) => format!("archived: superseded {}", when(now, Some(t))),
-                (false, Some(t), None) => format!("archived: protector removed {}", when(now, Some(t))),
-                (false, None, None) => "archived: replaced by a newer upload".into(),
+                (false, retired, superseded) => {
+                    archived_status(superseded.map(|t| when(now, Some(t))), retired.map(|t| when(now, Some(t))))
+                }
             },
             mount: k.mount,
             protector_id: k.protector_id,

@@ -24,7 +24,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tenon_core::ids::{GroupName, Upn};
 use tenon_core::policy::signatures::{
-    directory_values, file_base, image_file_name, image_references, link_images, render, DefaultUse, SignatureTemplate,
+    directory_values, file_base, image_file_name, image_href, image_references, link_images, render, DefaultUse,
+    SignatureTemplate,
 };
 
 /// How many directory users the preview's user field suggests (any UPN can be typed).
@@ -397,20 +398,6 @@ fn data_url(name: &str, b64: &str) -> String {
     format!("data:{mime};base64,{compact}")
 }
 
-/// As tenon-core's `link_images` writes a path (private there): percent-encoded but for
-/// unreserved and a few safe characters.
-fn path_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~()@!$',;=+".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// `GET /signatures/{name}/preview.html?user=UPN`: the `.htm` the agent would write for the
 /// user, as its own document, with the images inlined as `data:` URLs (on the device they sit in
 /// `BASE_files/`). Framed by the signature page in `<iframe sandbox>`.
@@ -453,14 +440,14 @@ pub async fn preview_html(
         Err(why) => return message(StatusCode::NOT_FOUND, Some(&s), "No such user", why, None),
     };
     let (mut htm, _, _) = render_for(&t, &record, &upn);
-    let base = path_encode(&format!("{}_files", file_base(&t.name, &upn, false)));
+    let base = file_base(&t.name, &upn, false);
     for (image, data) in &t.images {
         // Only standard base64 is stored (`validate` decodes it); check again before inlining.
         let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
         if base64::engine::general_purpose::STANDARD.decode(&compact).is_err() {
             continue;
         }
-        htm = htm.replace(&format!("{base}/{}", path_encode(image)), &data_url(image, data));
+        htm = htm.replace(&image_href(&base, image), &data_url(image, data));
     }
     let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], htm).into_response();
     let h = resp.headers_mut();
@@ -533,11 +520,5 @@ mod tests {
         let t = template_of(&form("<img src=\"img/logo.png\">", "", ""), Some(&existing)).unwrap();
         assert_eq!(t.images.keys().collect::<Vec<_>>(), ["Logo.png"]);
         assert_eq!((t.groups, t.default), (vec!["Staff".to_string()], Some(DefaultUse::New)));
-    }
-
-    #[test]
-    fn image_paths_are_encoded_as_link_images_writes_them() {
-        let html = link_images("<img src=\"a b.png\">", "My Sig", [&"a b.png".to_string()]);
-        assert!(html.contains(&format!("{}/{}", path_encode("My Sig_files"), path_encode("a b.png"))), "{html}");
     }
 }
